@@ -1,0 +1,186 @@
+"""Native JSON-RPC methods (PROTOCOL.md section 2) as plain async functions on the manager.
+
+Inputs: a `Call` (manager, the calling connection as `Owner`, raw params).
+Outputs: result dicts, or an `RpcError` raised for the dispatcher to answer. `dispatch()` runs
+one parsed request and returns its response (None for notifications); work that must follow
+the response on the wire (execute's notifications) is queued on `Call.after_response`.
+Docs: https://www.jsonrpc.org/specification#request_object
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import structlog
+
+from ccx import __version__
+from ccx.log import get_logger
+from ccx.manager import SessionManager
+from ccx.protocol import (
+    ControlParams,
+    ExecuteParams,
+    InputParams,
+    InternalError,
+    InvalidParams,
+    InvalidState,
+    MethodNotFound,
+    NoParams,
+    Request,
+    RpcError,
+    SessionParams,
+    SessionsParams,
+    error_response,
+    response,
+    structure_params,
+)
+from ccx.session import CHANNEL_CHUNKS, CHUNK_BYTES, Owner, Session
+
+log = get_logger("ccx.api")
+
+PROTOCOL_VERSION = 1
+
+
+@attrs.define
+class Call:
+    """One method call: who asks, with what, and what must happen once it is answered."""
+
+    manager: SessionManager
+    owner: Owner | None
+    params: Any
+    after_response: list[Callable[[], None]] = attrs.field(factory=list)
+
+
+Handler = Callable[[Call], Awaitable[dict[str, object]]]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+async def execute(call: Call) -> dict[str, object]:
+    params = structure_params(call.params, ExecuteParams)
+    session = await call.manager.execute(params, call.owner)
+    call.after_response.append(session.announce)
+    return {"session_id": session.id, "status": "started", "pid": session.group.pid,
+            "pgid": session.group.pgid}
+
+
+def _target(call: Call, session_id: str | None) -> Session:
+    if session_id is not None:
+        return call.manager.get(session_id)
+    owned = call.manager.owned_by(call.owner) if call.owner is not None else []
+    if len(owned) != 1:
+        raise InvalidParams(
+            "Invalid params: session_id is required unless this connection owns exactly one "
+            f"live session (it owns {len(owned)})"
+        )
+    return owned[0]
+
+
+async def control(call: Call) -> dict[str, object]:
+    params = structure_params(call.params, ControlParams)
+    session = _target(call, params.session_id)
+    if params.type == "PAUSE":
+        state = await session.pause()
+    elif params.type == "RESUME":
+        state = session.resume()
+    else:
+        state = session.cancel()
+    return {"session_id": session.id, "status": state.value}
+
+
+async def input_(call: Call) -> dict[str, object]:
+    params = structure_params(call.params, InputParams)
+    session = call.manager.get(params.session_id)
+    if params.encoding == "base64":
+        try:
+            data = base64.b64decode(params.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidParams("Invalid params: data is not valid base64") from None
+    else:
+        data = params.data.encode("utf-8", errors="surrogatepass")
+    if session.state.ended:
+        raise InvalidState(f"session has ended ({session.state.value})",
+                           {"status": session.state.value})
+    written = await session.write_input(data, eof=params.eof)
+    return {"session_id": session.id, "bytes": written}
+
+
+async def sessions(call: Call) -> dict[str, object]:
+    structure_params(call.params, SessionsParams)
+    return {"sessions": [attrs.asdict(s.info()) for s in call.manager.all()]}
+
+
+async def status(call: Call) -> dict[str, object]:
+    params = structure_params(call.params, SessionParams)
+    return attrs.asdict(call.manager.get(params.session_id).info())
+
+
+async def ping(call: Call) -> dict[str, object]:
+    return {"pong": True, "time": _now()}
+
+
+async def server_info(call: Call) -> dict[str, object]:
+    structure_params(call.params if isinstance(call.params, dict) else None, NoParams)
+    settings = call.manager.settings
+    capabilities = ["execute", "control", "input", "stdin", "base64", "batch", "timeout"]
+    if settings.allow_shell:
+        capabilities.append("shell")
+    return {
+        "name": "ccx",
+        "version": __version__,
+        "protocol": PROTOCOL_VERSION,
+        "limits": {
+            "max_sessions": settings.max_sessions,
+            "max_sessions_per_connection": settings.max_sessions_per_connection,
+            "max_message_bytes": settings.max_message_bytes,
+            "chunk_bytes": CHUNK_BYTES,
+            "channel_chunks": CHANNEL_CHUNKS,
+            "kill_grace": settings.kill_grace,
+            "allowed_commands": list(settings.allowed_commands)
+            if settings.allowed_commands is not None else None,
+            "allow_shell": settings.allow_shell,
+        },
+        "capabilities": capabilities,
+    }
+
+
+METHODS: dict[str, Handler] = {
+    "execute": execute,
+    "control": control,
+    "input": input_,
+    "sessions": sessions,
+    "status": status,
+    "ping": ping,
+    "server.info": server_info,
+}
+
+
+async def dispatch(request: Request, call: Call) -> dict[str, object] | None:
+    """Run one request; return its response, or None for a notification. Never raises
+    anything but cancellation: errors become JSON-RPC errors, bugs become -32603."""
+    started = time.monotonic()
+    outcome = "ok"
+    with structlog.contextvars.bound_contextvars(request_id=request.id, method=request.method):
+        try:
+            handler = METHODS.get(request.method)
+            if handler is None:
+                raise MethodNotFound(f"Method not found: {request.method}")
+            result = await handler(call)
+            reply = response(request.id, result)
+        except RpcError as exc:
+            outcome = f"error {exc.code}"
+            reply = error_response(request.id, exc)
+        except Exception as exc:
+            log.exception("request_crashed")
+            outcome = "error -32603"
+            reply = error_response(request.id, InternalError(f"Internal error: {exc!r}"))
+        log.info("request", outcome=outcome,
+                 duration_ms=round((time.monotonic() - started) * 1000, 3))
+    return None if request.is_notification else reply

@@ -1,0 +1,185 @@
+"""Server settings: one frozen `Settings` built from `CCX_*` environment variables and CLI flags.
+
+Inputs: a mapping of environment variables (usually `os.environ`) and optional overrides.
+Outputs: a validated `Settings`, or `ConfigError` whose message names the variable at fault.
+Docs: https://www.attrs.org/en/stable/api.html#attrs.frozen
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot run with; the message says which and why."""
+
+
+@attrs.frozen
+class Option:
+    """One setting: its env variable, its type, its default and its help line."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected 0/1/true/false, got {text!r}")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _optional_csv(text: str) -> tuple[str, ...] | None:
+    return _csv(text)
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in {"debug", "info", "warning", "error", "critical"}:
+        raise ValueError("expected one of debug, info, warning, error, critical")
+    return level
+
+
+def _log_format(text: str) -> str:
+    fmt = text.strip().lower()
+    if fmt not in {"json", "console"}:
+        raise ValueError("expected json or console")
+    return fmt
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "CCX_HOST", str, "127.0.0.1", "address to bind"),
+    Option("port", "CCX_PORT", int, 8003, "TCP port (0 = any free port)"),
+    Option("token", "CCX_TOKEN", _optional_str, None,
+           "shared secret clients must present (Bearer header or ?token=)"),
+    Option("insecure", "CCX_INSECURE", _bool, False,
+           "allow a non-loopback bind without a token"),
+    Option("allowed_commands", "CCX_ALLOWED_COMMANDS", _optional_csv, None,
+           "comma-separated executable names or absolute paths; unset = any"),
+    Option("allow_shell", "CCX_ALLOW_SHELL", _bool, False, "allow execute with shell=true"),
+    Option("allowed_origins", "CCX_ALLOWED_ORIGINS", _csv, (),
+           "extra allowed Origin values, comma separated; * allows all"),
+    Option("max_sessions", "CCX_MAX_SESSIONS", int, 64, "live sessions, whole server"),
+    Option("max_sessions_per_connection", "CCX_MAX_SESSIONS_PER_CONNECTION", int, 16,
+           "live sessions owned by one connection"),
+    Option("max_message_bytes", "CCX_MAX_MESSAGE_BYTES", int, 1024 * 1024,
+           "largest client frame in bytes (bigger closes with 1009)"),
+    Option("kill_grace", "CCX_KILL_GRACE", float, 5.0,
+           "seconds between SIGTERM and SIGKILL on cancel"),
+    Option("ws_ping_interval", "CCX_WS_PING_INTERVAL", float, 0.0,
+           "seconds between server pings (0 = off)"),
+    Option("retention", "CCX_RETENTION", float, 3600.0,
+           "seconds an ended session stays visible to sessions/status"),
+    Option("log_level", "CCX_LOG_LEVEL", _log_level, "info", "debug, info, warning, error"),
+    Option("log_format", "CCX_LOG_FORMAT", _log_format, "json", "json or console"),
+)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything `ccx serve` needs to know, validated once at start-up."""
+
+    host: str = "127.0.0.1"
+    port: int = 8003
+    token: str | None = None
+    insecure: bool = False
+    allowed_commands: tuple[str, ...] | None = None
+    allow_shell: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    max_sessions: int = 64
+    max_sessions_per_connection: int = 16
+    max_message_bytes: int = 1024 * 1024
+    kill_grace: float = 5.0
+    ws_ping_interval: float = 0.0
+    retention: float = 3600.0
+    log_level: str = "info"
+    log_format: str = "json"
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"CCX_PORT: {self.port} is not a TCP port (0-65535)")
+        for name in ("max_sessions", "max_sessions_per_connection", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
+        for name in ("kill_grace", "ws_ping_interval", "retention"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"CCX_{name.upper()}: must not be negative")
+        if self.allowed_commands is not None and not self.allowed_commands:
+            raise ConfigError("CCX_ALLOWED_COMMANDS: set but empty; unset it to allow any")
+
+    @property
+    def is_loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+    def check_exposure(self) -> None:
+        """Refuse a non-loopback bind without a token unless CCX_INSECURE=1."""
+        if not self.is_loopback and self.token is None and not self.insecure:
+            raise ConfigError(
+                f"refusing to bind {self.host} without CCX_TOKEN: anyone who can reach it could "
+                "run commands. Set CCX_TOKEN, bind 127.0.0.1, or set CCX_INSECURE=1."
+            )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Read every `CCX_*` variable, then apply *overrides* (CLI flags; None = not given)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            raw = environ.get(option.env)
+            if raw is None:
+                continue
+            try:
+                values[option.name] = option.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{option.env}={raw!r}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+if __name__ == "__main__":
+    settings = Settings.from_env({"CCX_PORT": "9000", "CCX_ALLOWED_COMMANDS": "echo, /bin/cat"})
+    assert settings.port == 9000 and settings.allowed_commands == ("echo", "/bin/cat")
+    assert Settings.from_env({}, host="::1").is_loopback
+    try:
+        Settings.from_env({"CCX_HOST": "0.0.0.0"}).check_exposure()
+    except ConfigError:
+        pass
+    else:
+        raise AssertionError("non-loopback bind without token must be refused")
+    print("ccx.config: PASS")

@@ -1,0 +1,65 @@
+"""Structured logging: JSON lines (or console) on stderr with bound context ids.
+
+Inputs: a level and a format ("json" or "console").
+Outputs: structlog configured process-wide; `get_logger()` for modules; the context ids
+`connection_id`, `request_id`, `session_id` come from `structlog.contextvars`.
+Docs: https://www.structlog.org/en/stable/contextvars.html
+      https://www.structlog.org/en/stable/standard-library.html
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    """Send every log event to stderr, one JSON object per line unless *fmt* is "console"."""
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A logger that carries *name* as `logger` in every event."""
+    return structlog.get_logger().bind(logger=name)
+
+
+if __name__ == "__main__":
+    import io
+    import json
+
+    configure("info", "json")
+    buffer = io.StringIO()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=buffer))
+    with structlog.contextvars.bound_contextvars(session_id="s1"):
+        get_logger("demo").info("spawned", pid=1)
+    event = json.loads(buffer.getvalue())
+    assert event["session_id"] == "s1" and event["event"] == "spawned", event
+    print("ccx.log: PASS")

@@ -1,0 +1,254 @@
+"""The session registry: policy (allow-list, shell, limits), spawning, lookup, shutdown of all.
+
+Inputs: `Settings`, validated `ExecuteParams`, and the `Owner` (connection) asking.
+Outputs: running `Session`s whose tasks live in the manager's nursery (so a session is not
+torn down by the task that asked for it), lookups by id, and ended sessions kept for
+`CCX_RETENTION` seconds.
+Docs: https://trio.readthedocs.io/en/stable/reference-core.html#nurseries-and-spawning
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+
+import attrs
+import structlog
+import trio
+
+from ccx.config import Settings
+from ccx.log import get_logger
+from ccx.process import resolve_executable, spawn
+from ccx.protocol import (
+    ExecuteParams,
+    InvalidParams,
+    LimitReached,
+    NotAllowed,
+    SessionNotFound,
+    SpawnFailed,
+)
+from ccx.session import Owner, Session, SessionOptions
+
+log = get_logger("ccx.manager")
+
+SHELL = "/bin/sh"
+MAX_ENDED_KEPT = 1000  # ended sessions remembered at most, whatever CCX_RETENTION says
+HIDDEN_FROM_CHILDREN = ("CCX_TOKEN",)
+
+
+def _normalize(path: str) -> str:
+    """Resolve symlinked directories (/bin -> /usr/bin) but not the file itself.
+
+    Following a symlinked file would let a multi-call binary (busybox) pass for any of its
+    names, so the file name is kept as written.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(directory), name)
+
+
+@attrs.frozen
+class Launch:
+    """What execute resolved: the argv, the executable that will run, cwd and environment."""
+
+    argv: list[str]
+    executable: str
+    cwd: str | None
+    env: dict[str, str]
+
+
+@attrs.define(eq=False)
+class SessionManager:
+    """Owns every session; the API layer asks it to start, find and stop them."""
+
+    settings: Settings
+    _nursery: trio.Nursery | None = None
+    _sessions: dict[str, Session] = attrs.field(factory=dict)
+    _ended_at: dict[str, float] = attrs.field(factory=dict)
+    _accepting: bool = True
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+    started_total: int = 0
+    spawn_failures_total: int = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host session tasks until cancelled; cancelling it still empties every group."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ------------------------------------------------------------------------------ lookups
+
+    def live(self) -> list[Session]:
+        return [s for s in self._sessions.values() if not s.done]
+
+    def owned_by(self, owner: Owner) -> list[Session]:
+        return [s for s in self.live() if s.owner is owner]
+
+    def all(self) -> Iterator[Session]:
+        self._forget_expired()
+        return iter(list(self._sessions.values()))
+
+    def get(self, session_id: object) -> Session:
+        self._forget_expired()
+        session = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None:
+            raise SessionNotFound(f"unknown session: {session_id}", {"session_id": session_id})
+        return session
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        expired = [sid for sid, at in self._ended_at.items()
+                   if now - at > self.settings.retention]
+        overflow = len(self._ended_at) - len(expired) - MAX_ENDED_KEPT
+        if overflow > 0:  # oldest first: dicts keep insertion order
+            expired += [sid for sid in self._ended_at if sid not in expired][:overflow]
+        for sid in expired:
+            self._ended_at.pop(sid, None)
+            self._sessions.pop(sid, None)
+
+    # ------------------------------------------------------------------------------ policy
+
+    def _allowed_paths(self) -> set[str]:
+        allowed: set[str] = set()
+        for entry in self.settings.allowed_commands or ():
+            if "/" in entry:
+                allowed.add(_normalize(entry))
+            else:
+                found = resolve_executable(entry, path=os.environ.get("PATH"), cwd=None)
+                if found:
+                    allowed.add(_normalize(found))
+        return allowed
+
+    def resolve(self, params: ExecuteParams) -> Launch:
+        """Turn execute params into a `Launch`, or raise the documented error."""
+        if params.shell:
+            if not self.settings.allow_shell:
+                raise NotAllowed("shell is not allowed on this server (CCX_ALLOW_SHELL=0)")
+            if not isinstance(params.command, str):
+                raise InvalidParams("Invalid params: shell=true needs command as a string")
+            argv = [SHELL, "-c", params.command]
+        elif isinstance(params.command, str):
+            try:
+                argv = shlex.split(params.command)
+            except ValueError as exc:
+                raise InvalidParams(f"Invalid params: command: {exc}") from None
+        else:
+            argv = list(params.command)
+        if not argv or not argv[0]:
+            raise InvalidParams("Invalid params: command is empty")
+        if any("\0" in part for part in argv):
+            raise InvalidParams("Invalid params: command contains a NUL byte")
+        cwd = params.cwd
+        if cwd is not None and not os.path.isdir(cwd):
+            raise InvalidParams(f"Invalid params: cwd does not exist: {cwd}", {"cwd": cwd})
+        env = self._child_env(params.env)
+        executable = resolve_executable(argv[0], path=env.get("PATH"), cwd=cwd)
+        if self.settings.allowed_commands is not None and (
+            executable is None or _normalize(executable) not in self._allowed_paths()
+        ):
+            raise NotAllowed(f"command not allowed: {argv[0]}",
+                             {"executable": executable or argv[0]})
+        if executable is None:
+            raise SpawnFailed(f"executable not found: {argv[0]}", {"executable": argv[0]})
+        return Launch(argv, executable, cwd, env)
+
+    @staticmethod
+    def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in HIDDEN_FROM_CHILDREN}
+        for key, value in extra.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise InvalidParams(f"Invalid params: env: bad variable {key!r}")
+            env[key] = value
+        return env
+
+    def _check_limits(self, owner: Owner | None) -> None:
+        if not self._accepting:
+            raise LimitReached("server is shutting down")
+        live = self.live()
+        if len(live) >= self.settings.max_sessions:
+            raise LimitReached(f"session limit reached ({self.settings.max_sessions} per server)",
+                               {"limit": self.settings.max_sessions, "scope": "server"})
+        per_connection = self.settings.max_sessions_per_connection
+        if owner is not None and sum(s.owner is owner for s in live) >= per_connection:
+            raise LimitReached(f"session limit reached ({per_connection} per connection)",
+                               {"limit": per_connection, "scope": "connection"})
+
+    # ------------------------------------------------------------------------------ life
+
+    async def execute(self, params: ExecuteParams, owner: Owner | None) -> Session:
+        """Check policy and limits, spawn the group, start its session task.
+
+        The session sends nothing until `Session.announce()` (after the execute response).
+        """
+        if params.timeout is not None and params.timeout <= 0:
+            raise InvalidParams("Invalid params: timeout must be positive")
+        if params.kill_grace is not None and params.kill_grace < 0:
+            raise InvalidParams("Invalid params: kill_grace must not be negative")
+        launch = self.resolve(params)
+        self._check_limits(owner)
+        assert self._nursery is not None, "SessionManager.run() is not running"
+        try:
+            group = await spawn(launch.argv, executable=launch.executable, cwd=launch.cwd,
+                                env=launch.env, stdin=params.stdin)
+        except OSError as exc:
+            self.spawn_failures_total += 1
+            log.warning("spawn_failed", command=launch.argv, error=str(exc))
+            raise SpawnFailed(f"cannot start {launch.argv[0]}: {exc.strerror or exc}",
+                              {"executable": launch.executable, "errno": exc.errno}) from None
+        options = SessionOptions(
+            encoding=params.encoding,
+            timeout=params.timeout,
+            kill_grace=self.settings.kill_grace if params.kill_grace is None
+            else params.kill_grace,
+            stdin=params.stdin,
+        )
+        session = Session(uuid.uuid4().hex, group, options, owner, on_done=self._on_done)
+        self._sessions[session.id] = session
+        self.started_total += 1
+        with structlog.contextvars.bound_contextvars(session_id=session.id):
+            log.info("spawned", command=launch.argv, executable=launch.executable,
+                     pid=group.pid, pgid=group.pgid, cwd=launch.cwd)
+        # No checkpoint between spawn and here: the group cannot be orphaned by cancellation.
+        self._nursery.start_soon(self._run_session, session)
+        self._notify()
+        return session
+
+    async def _run_session(self, session: Session) -> None:
+        try:
+            await session.run()
+        except Exception:  # a bug in one session must not take the server down
+            log.exception("session_crashed", session_id=session.id)
+
+    def _on_done(self, session: Session) -> None:
+        self._ended_at[session.id] = time.monotonic()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def release(self, owner: Owner) -> None:
+        """The owner's connection closed: cancel every session it owns (PROTOCOL.md 5)."""
+        for session in self.owned_by(owner):
+            session.owner = None
+            session.cancel()
+
+    async def shutdown(self, *, timeout: float) -> None:
+        """Refuse new sessions, cancel all (grace capped at the server's), wait for them.
+
+        **Cancellation**: waits at most *timeout*; sessions still running then are cancelled
+        from outside, which still runs their shielded kill path.
+        """
+        self._accepting = False
+        for session in self.live():
+            session.cancel(grace=self.settings.kill_grace)
+        with trio.move_on_after(timeout):
+            while self.live():
+                await self._changed.wait()
+            return
+        log.error("shutdown_timeout", live=[s.id for s in self.live()])
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()

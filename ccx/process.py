@@ -1,0 +1,272 @@
+"""Spawn, signal and reap process groups. No networking, no JSON.
+
+Inputs: argv, the resolved executable, cwd, env, stdin mode, kill grace.
+Outputs: a running `Group` (own session and group, pgid == pid) with its pipes; `stop_group`
+(the one kill path: SIGTERM, SIGCONT, grace, SIGKILL, wait until empty) and the `StopStep` it
+reached; group inspection through /proc; the child-subreaper switch.
+Docs: https://trio.readthedocs.io/en/stable/reference-io.html#spawning-subprocesses
+      https://man7.org/linux/man-pages/man2/kill.2.html
+      https://man7.org/linux/man-pages/man2/PR_SET_CHILD_SUBREAPER.2const.html
+      https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+
+import attrs
+import trio
+
+from ccx.log import get_logger
+
+log = get_logger("ccx.process")
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+POLL_FIRST_S = 0.001  # first look at /proc after a signal; processes often die within 1 ms
+POLL_MAX_S = 0.05  # later looks back off to this, so a stubborn group costs little CPU
+AFTER_KILL_TIMEOUT_S = 10.0  # SIGKILL cannot be ignored; only D-state can outlast this
+STOP_SEEN_TIMEOUT_S = 1.0  # how long PAUSE waits to see every member in state T
+
+
+class StopStep(enum.Enum):
+    """How far `stop_group` had to go before the group was empty."""
+
+    ALREADY_EMPTY = "already_empty"
+    TERMINATED = "terminated"  # gone after SIGTERM, within the grace
+    KILLED = "killed"  # needed SIGKILL
+
+
+@attrs.frozen
+class Member:
+    """One process of a group as /proc shows it."""
+
+    pid: int
+    state: str  # R, S, D, T, t, Z, ...
+    ppid: int
+
+
+@attrs.define(eq=False)
+class Group:
+    """A spawned process and the group it leads (pgid == pid by construction)."""
+
+    process: trio.Process
+    argv: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def pgid(self) -> int:
+        return self.process.pid
+
+
+def become_subreaper() -> bool:
+    """Make this process adopt orphaned descendants, so killed grandchildren can be reaped.
+
+    Returns False where the kernel does not offer it (non-Linux); ccx still works there, but
+    zombies of orphaned grandchildren are then left to PID 1.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def resolve_executable(name: str, *, path: str | None, cwd: str | None) -> str | None:
+    """The absolute path that exec would run for argv[0] *name*, or None if there is none.
+
+    A name with a slash is taken relative to *cwd*; a bare name is looked up on *path* (the
+    child's PATH), exactly as `execvp` would, so the allow-list judges what really runs.
+    """
+    if "/" in name:
+        candidate = os.path.join(cwd or os.getcwd(), name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+        return None
+    found = shutil.which(name, path=path if path is not None else os.defpath)
+    return os.path.abspath(found) if found else None
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    executable: str,
+    cwd: str | None,
+    env: Mapping[str, str],
+    stdin: bool,
+) -> Group:
+    """Start *argv* as the leader of a new session and process group, with piped output.
+
+    `start_new_session` (setsid) rather than `process_group=0`: the child also loses any
+    controlling terminal, so job control from our tty cannot reach it (jupyter_client does
+    the same). Raises OSError (FileNotFoundError, PermissionError...) when exec fails.
+    """
+    process = await trio.lowlevel.open_process(
+        list(argv),
+        executable=executable,
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    return Group(process, list(argv))
+
+
+def signal_group(pgid: int, *signals: signal.Signals) -> bool:
+    """Send each of *signals* to the whole group; False if the group no longer exists."""
+    try:
+        for sig in signals:
+            os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed credentials (setuid); the rest still got it
+        log.warning("signal_denied", pgid=pgid)
+    return True
+
+
+def _read_stat(pid: int) -> tuple[str, int, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: the fields start after the last ")".
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def group_members(pgid: int) -> list[Member]:
+    """Every process whose process group is *pgid*, zombies included."""
+    try:
+        os.killpg(pgid, 0)  # cheap answer for the common case: nobody left at all
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
+    return list(_scan_group(pgid))
+
+
+def _scan_group(pgid: int) -> Iterator[Member]:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        stat = _read_stat(int(entry.name))
+        if stat is not None and stat[2] == pgid:
+            yield Member(int(entry.name), stat[0], stat[1])
+
+
+def reap_adopted(members: Sequence[Member], *, leader: int) -> None:
+    """Reap zombies we adopted as subreaper. Never the leader: trio waits for that one."""
+    me = os.getpid()
+    for member in members:
+        if member.state == "Z" and member.ppid == me and member.pid != leader:
+            try:
+                os.waitpid(member.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def live_members(group: Group) -> list[Member]:
+    """Members that still run (zombies count as gone; ours are reaped on the way)."""
+    members = group_members(group.pgid)
+    reap_adopted(members, leader=group.pid)
+    return [m for m in members if m.state != "Z"]
+
+
+async def wait_group_empty(group: Group) -> None:
+    """Wait until the leader is reaped and no other member of the group is alive.
+
+    **Cancellation**: safe to cancel at any point; nothing is left half-done.
+    """
+    await group.process.wait()  # a zombie leader still counts as a member: reap it first
+    delay = POLL_FIRST_S
+    while live_members(group):
+        await trio.sleep(delay)
+        delay = min(delay * 2, POLL_MAX_S)
+
+
+async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S) -> bool:
+    """After SIGSTOP: wait until every live member shows state T; False if *timeout* hit."""
+    delay = POLL_FIRST_S
+    with trio.move_on_after(timeout):
+        while any(m.state not in ("T", "t") for m in live_members(group)):
+            await trio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX_S)
+        return True
+    return False
+
+
+async def stop_group(group: Group, *, grace: float) -> StopStep:
+    """Make the group empty. The one kill path: every way a session ends goes through here.
+
+    Timeline: SIGTERM then SIGCONT to the group (TERM first, so a stopped member wakes up with
+    the TERM already pending instead of running on for a moment), wait up to *grace* seconds
+    for every member to go, then SIGKILL to the group and wait again, up to
+    `AFTER_KILL_TIMEOUT_S` (only an uninterruptible D-state member can outlast it; that is
+    logged as an error). Zombies are reaped on the way (the leader by trio).
+
+    **Cancellation**: shielded; it always finishes, bounded by grace + AFTER_KILL_TIMEOUT_S.
+    """
+    with trio.CancelScope(shield=True):
+        step = await _escalate(group, grace)
+    return step
+
+
+async def _escalate(group: Group, grace: float) -> StopStep:
+    if group.process.returncode is not None and not live_members(group):
+        return StopStep.ALREADY_EMPTY
+    signal_group(group.pgid, signal.SIGTERM, signal.SIGCONT)
+    log.info("signal_sent", pgid=group.pgid, signals=["SIGTERM", "SIGCONT"])
+    with trio.move_on_after(grace):
+        await wait_group_empty(group)
+        return StopStep.TERMINATED
+    signal_group(group.pgid, signal.SIGKILL)
+    log.info("signal_sent", pgid=group.pgid, signals=["SIGKILL"])
+    with trio.move_on_after(AFTER_KILL_TIMEOUT_S):
+        await wait_group_empty(group)
+        return StopStep.KILLED
+    log.error("group_outlived_sigkill", pgid=group.pgid,
+              members=[attrs.asdict(m) for m in live_members(group)])
+    return StopStep.KILLED
+
+
+def signal_name(returncode: int | None) -> str | None:
+    """"SIGSEGV" for a returncode of -11; None when the process exited by itself."""
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"SIG{-returncode}"
+
+
+async def _self_check() -> None:
+    tree = "sleep 60 & sleep 60 & trap '' TERM; sleep 60"
+    group = await spawn(["sh", "-c", tree], executable="/bin/sh", cwd=None,
+                        env=os.environ, stdin=False)
+    await trio.sleep(0.2)
+    assert len(live_members(group)) >= 3, live_members(group)
+    signal_group(group.pgid, signal.SIGSTOP)
+    assert await wait_group_stopped(group), "group not seen stopped"
+    step = await stop_group(group, grace=0.5)
+    assert step is StopStep.KILLED, step  # the TERM-trapping leader needed SIGKILL
+    assert not live_members(group) and not group_members(group.pgid), "orphans left"
+    for stream in (group.process.stdout, group.process.stderr):
+        assert stream is not None
+        await stream.aclose()
+    print("ccx.process: PASS")
+
+
+if __name__ == "__main__":
+    become_subreaper()
+    trio.run(_self_check)

@@ -1,0 +1,185 @@
+"""The ccx server: listener, HTTP routing, the session manager, and orderly shutdown.
+
+Inputs: `Settings`.
+Outputs: a running server (`Server.run`, started with `nursery.start` to learn the bound
+port), `/health` and `/metrics` answers, WebSocket connections on `/ws` and `/ws/mcp`, and a
+shutdown that cancels every session, delivers their completions, closes connections with 1001.
+Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listeners
+      https://prometheus.io/docs/instrumenting/exposition_formats/
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import socket
+
+import attrs
+import trio
+
+from ccx import __version__
+from ccx.config import Settings
+from ccx.log import get_logger
+from ccx.manager import SessionManager
+from ccx.process import become_subreaper
+from ccx.transport.http import BadHead, Head, read_head, send_plain
+from ccx.transport.websocket import (
+    CLOSE_GOING_AWAY,
+    WS_PATHS,
+    Connection,
+    serve_websocket,
+    token_ok,
+)
+
+log = get_logger("ccx.server")
+
+SHUTDOWN_MARGIN_S = 1.5  # beyond kill_grace: time to deliver completions and close sockets
+KEEPALIVE_IDLE_S = 60  # TCP keepalive finds peers that vanished without a FIN or RST
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_COUNT = 6
+
+
+@attrs.define(eq=False)
+class Server:
+    """Serve the contract on `settings.host:settings.port` until `stop()` is called."""
+
+    settings: Settings
+    manager: SessionManager = attrs.field(init=False)
+    connections: set[Connection] = attrs.field(factory=set)
+    port: int | None = None
+    _stopping: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.manager = SessionManager(self.settings)
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{self.port}/ws"
+
+    def stop(self) -> None:
+        """Begin an orderly shutdown (what SIGTERM and SIGINT do)."""
+        self._stopping.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, serve, and on `stop()` shut down in order. Returns when all is closed.
+
+        **Cancellation**: cancelling it skips the orderly part, but every session still goes
+        through its shielded kill path, so no process outlives the server.
+        """
+        become_subreaper()
+        listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.manager.run)
+            async with trio.open_nursery() as handlers:
+                accepting = trio.CancelScope()
+                handlers.start_soon(self._accept, listeners, handlers, accepting)
+                log.info("listening", host=self.settings.host, port=self.port,
+                         version=__version__)
+                task_status.started(self)
+                await self._stopping.wait()
+                accepting.cancel()
+                log.info("shutting_down", sessions=len(self.manager.live()))
+                await self.manager.shutdown(timeout=self.settings.kill_grace + SHUTDOWN_MARGIN_S)
+                for connection in list(self.connections):
+                    handlers.start_soon(connection.close, CLOSE_GOING_AWAY, "server shutting down")
+                with trio.move_on_after(SHUTDOWN_MARGIN_S):
+                    while self.connections:  # noqa: ASYNC110 (a bounded poll at shutdown)
+                        await trio.sleep(0.01)
+                handlers.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _accept(
+        self,
+        listeners: list[trio.SocketListener],
+        handlers: trio.Nursery,
+        accepting: trio.CancelScope,
+    ) -> None:
+        with accepting:
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        """One TCP connection: route it; never let its failure reach the server."""
+        try:
+            _set_keepalive(stream.socket)
+            try:
+                head = await read_head(stream)
+            except BadHead as exc:
+                await send_plain(stream, exc.status, f"{exc}\n")
+                return
+            if head is not None:
+                await self._route(stream, head)
+        except Exception:
+            log.exception("connection_crashed")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _route(self, stream: trio.SocketStream, head: Head) -> None:
+        path = head.path
+        if path in WS_PATHS and head.is_websocket_upgrade:
+            await serve_websocket(stream, head, self.manager, self.settings, self.connections)
+        elif path in WS_PATHS:
+            await send_plain(stream, 426, "this endpoint speaks WebSocket only\n",
+                             headers=[("Upgrade", "websocket")])
+        elif path in ("/health", "/metrics") and head.method not in ("GET", "HEAD"):
+            await send_plain(stream, 405, "method not allowed\n", headers=[("Allow", "GET")])
+        elif path == "/health":
+            body = {"status": "ok", "version": __version__, "sessions": len(self.manager.live())}
+            await send_plain(stream, 200, body, head_only=head.method == "HEAD")
+        elif path == "/metrics":
+            if not token_ok(self.settings, head):
+                await send_plain(stream, 401, "missing or wrong token\n",
+                                 headers=[("WWW-Authenticate", "Bearer")])
+            else:
+                await send_plain(stream, 200, self.metrics(),
+                                 content_type="text/plain; version=0.0.4; charset=utf-8",
+                                 head_only=head.method == "HEAD")
+        else:
+            await send_plain(stream, 404, "not found\n")
+
+    def metrics(self) -> str:
+        """Prometheus text exposition of what the server knows now."""
+        by_status = collections.Counter(s.state.value for s in self.manager.all())
+        lines = [
+            "# HELP ccx_sessions Sessions known to the server, by status.",
+            "# TYPE ccx_sessions gauge",
+            *(f'ccx_sessions{{status="{status}"}} {count}'
+              for status, count in sorted(by_status.items())),
+            "# HELP ccx_connections Open WebSocket connections.",
+            "# TYPE ccx_connections gauge",
+            f"ccx_connections {len(self.connections)}",
+            "# HELP ccx_sessions_started_total Sessions started since the server started.",
+            "# TYPE ccx_sessions_started_total counter",
+            f"ccx_sessions_started_total {self.manager.started_total}",
+            "# HELP ccx_spawn_failures_total execute calls whose process could not start.",
+            "# TYPE ccx_spawn_failures_total counter",
+            f"ccx_spawn_failures_total {self.manager.spawn_failures_total}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _set_keepalive(sock: trio.socket.SocketType) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except (OSError, AttributeError):  # not every platform has every option
+        pass
+
+
+async def serve(settings: Settings) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut it down in order (`ccx serve`)."""
+    settings.check_exposure()
+    server = Server(settings)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await nursery.start(server.run)
+            async for signum in signals:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                server.stop()
+                break

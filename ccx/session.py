@@ -1,0 +1,464 @@
+"""One supervised session: a nursery owning the process group, two pumps, a channel and a sender.
+
+Inputs: a spawned `Group`, its `SessionOptions`, and an `Owner` that delivers notifications.
+Outputs: `process.started/output/paused/resumed/completed` notifications in order, with one
+`seq` counter; control (`pause`, `resume`, `cancel`, `write_input`) through a state table;
+`info()` for `status` and `sessions`.
+
+Back-pressure: each pump reads at most `CHUNK_BYTES` and awaits `send()` on a channel of
+`CHANNEL_CHUNKS` slots; the sender awaits the owner's (WebSocket) send. A slow client stalls
+the sender, the channel fills, the pumps stop reading, the pipe fills, the child blocks in
+write(2). Memory per session stays under CHANNEL_CHUNKS x CHUNK_BYTES plus one message.
+Docs: https://trio.readthedocs.io/en/stable/reference-core.html#using-channels-to-pass-values-between-tasks
+      https://docs.python.org/3/library/codecs.html#codecs.getincrementaldecoder
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import collections
+import enum
+import os
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+import attrs
+import structlog
+import trio
+
+from ccx.log import get_logger
+from ccx.process import (
+    Group,
+    StopStep,
+    live_members,
+    signal_group,
+    signal_name,
+    stop_group,
+    wait_group_stopped,
+)
+from ccx.protocol import InvalidState, notification
+
+log = get_logger("ccx.session")
+
+CHUNK_BYTES = 64 * 1024  # most raw bytes one process.output carries (PROTOCOL.md section 3)
+UTF8_CARRY_BYTES = 3  # an incremental decoder holds back at most 3 bytes of a split character
+CHANNEL_CHUNKS = 8  # channel slots: 8 x 64 KiB = 512 KiB in flight per session, at most
+DRAIN_MAX_READS = 64  # after the group is gone, read what the pipe still holds, not more
+
+
+class OwnerGone(Exception):
+    """The owner (a connection) can no longer deliver messages."""
+
+
+class Owner(Protocol):
+    """Who receives a session's notifications: a connection, in practice."""
+
+    async def send_message(self, message: dict[str, object]) -> None:
+        """Deliver one message; wait while the peer is slow; raise `OwnerGone` if closed."""
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLING = "cancelling"
+    EXITED = "exited"
+    KILLED = "killed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+    @property
+    def ended(self) -> bool:
+        return self in ENDED
+
+
+ENDED = frozenset({State.EXITED, State.KILLED, State.CANCELLED, State.TIMEOUT})
+
+# Control requests allowed in each live state, and the state they lead to. A missing key means
+# the request is refused with InvalidState (-32004); CANCEL on an ended session is answered
+# before this table is consulted (it returns the final status).
+TRANSITIONS: dict[State, dict[str, State]] = {
+    State.RUNNING: {"PAUSE": State.PAUSED, "RESUME": State.RUNNING, "CANCEL": State.CANCELLING},
+    State.PAUSED: {"PAUSE": State.PAUSED, "RESUME": State.RUNNING, "CANCEL": State.CANCELLING},
+    State.CANCELLING: {"CANCEL": State.CANCELLING},
+}
+
+
+@attrs.frozen
+class SessionOptions:
+    encoding: str = "utf-8"  # or "base64"
+    timeout: float | None = None
+    kill_grace: float = 5.0
+    stdin: bool = False
+
+
+@attrs.frozen
+class SessionInfo:
+    """What `status` returns (PROTOCOL.md section 2)."""
+
+    session_id: str
+    command: list[str]
+    pid: int
+    pgid: int
+    status: str
+    started_at: str
+    ended_at: str | None
+    exit_code: int | None
+    signal: str | None
+    stdout_bytes: int
+    stderr_bytes: int
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+@attrs.define(eq=False)
+class Session:
+    """A running command and everything it owns. `run()` is its whole life, in one nursery."""
+
+    id: str
+    group: Group
+    options: SessionOptions
+    owner: Owner | None
+    on_done: Callable[[Session], None] = lambda _: None
+    state: State = State.RUNNING
+    started_at: float = attrs.field(factory=time.time)
+    ended_at: float | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stop_step: StopStep | None = None
+    _stop_reason: State | None = None  # CANCELLED or TIMEOUT once a stop was asked for
+    _started_monotonic: float = attrs.field(factory=time.monotonic)
+    _cancel_requested: trio.Event = attrs.field(factory=trio.Event)
+    _announced: trio.Event = attrs.field(factory=trio.Event)
+    _done: trio.Event = attrs.field(factory=trio.Event)
+    _group_gone: bool = False
+    _live_reads: set[trio.CancelScope] = attrs.field(factory=set)
+    _control_overflow: collections.deque[str] = attrs.field(factory=collections.deque)
+    _stdin_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    _seq: int = 0
+    _grace_cap: float | None = None
+    _send: trio.MemorySendChannel[tuple[str, bytes] | str] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[tuple[str, bytes] | str] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[tuple[str, bytes] | str](
+            CHANNEL_CHUNKS
+        )
+
+    # ------------------------------------------------------------------------------ queries
+
+    @property
+    def returncode(self) -> int | None:
+        return self.group.process.returncode
+
+    @property
+    def done(self) -> bool:
+        """True once `process.completed` was handed to the owner and the task ended."""
+        return self._done.is_set()
+
+    async def wait_done(self) -> None:
+        await self._done.wait()
+
+    def info(self) -> SessionInfo:
+        returncode = self.returncode if self.state.ended else None
+        return SessionInfo(
+            session_id=self.id,
+            command=self.group.argv,
+            pid=self.group.pid,
+            pgid=self.group.pgid,
+            status=self.state.value,
+            started_at=_iso(self.started_at) or "",
+            ended_at=_iso(self.ended_at),
+            exit_code=returncode if returncode is not None and returncode >= 0 else None,
+            signal=signal_name(returncode),
+            stdout_bytes=self.stdout_bytes,
+            stderr_bytes=self.stderr_bytes,
+        )
+
+    # ------------------------------------------------------------------------------ control
+
+    def _transition(self, request: str) -> State:
+        try:
+            return TRANSITIONS[self.state][request]
+        except KeyError:
+            raise InvalidState(
+                f"cannot {request} a session that is {self.state.value}",
+                {"status": self.state.value},
+            ) from None
+
+    async def pause(self) -> State:
+        """SIGSTOP to the group; returns once every member is seen stopped (or after 1 s)."""
+        target = self._transition("PAUSE")
+        if self.state is not target:
+            self.state = target
+            signal_group(self.group.pgid, signal.SIGSTOP)
+            log.info("signal_sent", signals=["SIGSTOP"], pgid=self.group.pgid)
+            self._post_control("process.paused")
+            await wait_group_stopped(self.group)
+        return self.state
+
+    def resume(self) -> State:
+        """SIGCONT to the group. Idempotent."""
+        target = self._transition("RESUME")
+        if self.state is not target:
+            self.state = target
+            signal_group(self.group.pgid, signal.SIGCONT)
+            log.info("signal_sent", signals=["SIGCONT"], pgid=self.group.pgid)
+            self._post_control("process.resumed")
+        return self.state
+
+    def cancel(self, *, reason: State = State.CANCELLED, grace: float | None = None) -> State:
+        """Ask the session to stop (the escalation runs in `run()`); returns the status now.
+
+        *grace* caps the kill grace (server shutdown uses it). An ended session returns its
+        final status; a second cancel changes nothing.
+        """
+        if grace is not None:
+            self._grace_cap = grace if self._grace_cap is None else min(grace, self._grace_cap)
+        if self.state.ended or self.state is State.CANCELLING:
+            return self.state
+        self.state = self._transition("CANCEL")
+        self._stop_reason = reason
+        self._cancel_requested.set()
+        log.info("cancel_requested", reason=reason.value)
+        return self.state
+
+    async def write_input(self, data: bytes, *, eof: bool) -> int:
+        """Write *data* to the child's stdin, waiting for the pipe; close it when *eof*.
+
+        **Cancellation**: if cancelled mid-write, part of *data* may have been written.
+        """
+        stdin = self.group.process.stdin
+        if stdin is None or not self.options.stdin:
+            raise InvalidState("session was started without stdin", {"status": self.state.value})
+        async with self._stdin_lock:
+            try:
+                if data:
+                    await stdin.send_all(data)
+                if eof:
+                    await stdin.aclose()
+            except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                raise InvalidState("stdin is closed", {"status": self.state.value}) from None
+        return len(data)
+
+    def announce(self) -> None:
+        """The execute response went out: notifications may follow it now."""
+        self._announced.set()
+
+    # ------------------------------------------------------------------------------ life
+
+    async def run(self) -> None:
+        """Supervise the group until it is empty and `process.completed` is delivered.
+
+        **Cancellation**: cancelling this task still runs the shielded kill path, so the
+        group is empty when it returns; the completion is then sent only if the owner can
+        still take it.
+        """
+        process = self.group.process
+        assert process.stdout is not None and process.stderr is not None
+        structlog.contextvars.unbind_contextvars("request_id", "method")  # this task's copy
+        with structlog.contextvars.bound_contextvars(session_id=self.id):
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, process.stdout, "stdout", self._send.clone())
+                    nursery.start_soon(self._pump, process.stderr, "stderr", self._send.clone())
+                    nursery.start_soon(self._send_loop)
+                    try:
+                        await self._supervise()
+                    finally:
+                        await self._finish()
+            finally:
+                with trio.CancelScope(shield=True):
+                    for stream in (process.stdin, process.stdout, process.stderr):
+                        if stream is not None:
+                            await stream.aclose()
+                self._done.set()
+                self.on_done(self)
+
+    async def _supervise(self) -> None:
+        """Return when the leader exits, a stop is requested, or the timeout passes."""
+        deadline = (
+            trio.current_time() + self.options.timeout
+            if self.options.timeout is not None
+            else float("inf")
+        )
+        with trio.move_on_at(deadline):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_when_requested, nursery.cancel_scope)
+                await self.group.process.wait()
+                nursery.cancel_scope.cancel()
+        if self.group.process.returncode is None and self._stop_reason is None:
+            self.cancel(reason=State.TIMEOUT)
+            log.info("timeout", timeout_s=self.options.timeout)
+        if self._stop_reason is None:  # the leader ended by itself: its status is final now
+            self._decide()
+
+    async def _cancel_when_requested(self, scope: trio.CancelScope) -> None:
+        await self._cancel_requested.wait()
+        scope.cancel()
+
+    def _decide(self) -> None:
+        if self.state.ended:
+            return
+        returncode = self.group.process.returncode
+        if self._stop_reason is not None:
+            self.state = self._stop_reason
+        elif returncode is not None and returncode < 0:
+            self.state = State.KILLED
+        else:
+            self.state = State.EXITED
+        self.ended_at = time.time()
+
+    async def _finish(self) -> None:
+        """The one exit path: empty the group, decide the status, let the pumps drain."""
+        with trio.CancelScope(shield=True):
+            if self._stop_reason is None and not self.state.ended:
+                self._stop_reason = State.CANCELLED  # cancelled from outside (shutdown, bug)
+            grace = self.options.kill_grace
+            if self._grace_cap is not None:
+                grace = min(grace, self._grace_cap)
+            self.stop_step = await stop_group(self.group, grace=grace)
+            self._decide()
+            self._group_gone = True
+            for scope in list(self._live_reads):
+                scope.cancel()
+            self._send.close()
+
+    # ------------------------------------------------------------------------------ output
+
+    async def _pump(
+        self,
+        stream: trio.abc.ReceiveStream,
+        name: str,
+        send: trio.MemorySendChannel[tuple[str, bytes] | str],
+    ) -> None:
+        """Move bytes from one pipe into the channel until EOF, or until the group is gone."""
+        max_bytes = CHUNK_BYTES
+        if self.options.encoding == "utf-8":  # room for the bytes the decoder carries over
+            max_bytes -= UTF8_CARRY_BYTES
+        async with send:
+            while True:
+                data = await self._read_live(stream, max_bytes)
+                if data is None:
+                    break
+                if not data:
+                    return
+                self._count(name, len(data))
+                await send.send((name, data))
+            fd = stream.fileno()  # type: ignore[attr-defined]
+            for _ in range(DRAIN_MAX_READS):
+                try:
+                    data = os.read(fd, max_bytes)
+                except (BlockingIOError, OSError):
+                    return
+                if not data:
+                    return
+                self._count(name, len(data))
+                await send.send((name, data))
+
+    async def _read_live(self, stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes | None:
+        """One read, abandoned (None) once the group is gone: a daemon may hold the pipe."""
+        with trio.CancelScope() as scope:
+            self._live_reads.add(scope)
+            if self._group_gone:
+                scope.cancel()
+            try:
+                return bytes(await stream.receive_some(max_bytes))
+            finally:
+                self._live_reads.discard(scope)
+        return None
+
+    def _count(self, name: str, size: int) -> None:
+        if name == "stdout":
+            self.stdout_bytes += size
+        else:
+            self.stderr_bytes += size
+
+    def _post_control(self, method: str) -> None:
+        """Queue process.paused/resumed behind the output already read; never blocks."""
+        try:
+            self._send.send_nowait(method)
+        except trio.WouldBlock:
+            self._control_overflow.append(method)  # channel full: the sender wakes soon
+        except trio.ClosedResourceError:
+            pass
+
+    async def _send_loop(self) -> None:
+        """The only writer of this session's notifications, so `seq` has one source."""
+        decoders = {
+            name: codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for name in ("stdout", "stderr")
+        }
+        await self._announced.wait()
+        await self._emit("process.started", {
+            "pid": self.group.pid, "pgid": self.group.pgid, "command": self.group.argv,
+        })
+        async with self._receive:
+            async for item in self._receive:
+                if isinstance(item, str):
+                    await self._emit(item, {})
+                else:
+                    await self._output(item[0], item[1], decoders[item[0]])
+                while self._control_overflow:
+                    await self._emit(self._control_overflow.popleft(), {})
+        for name, decoder in decoders.items():
+            await self._output(name, b"", decoder, final=True)
+        await self._emit("process.completed", self._completion())
+        log.info("completed", status=self.state.value, exit_code=self.info().exit_code,
+                 signal=self.info().signal, stdout_bytes=self.stdout_bytes,
+                 stderr_bytes=self.stderr_bytes, stop_step=self.stop_step.value
+                 if self.stop_step else None)
+
+    async def _output(
+        self, name: str, data: bytes, decoder: codecs.IncrementalDecoder, *, final: bool = False
+    ) -> None:
+        params: dict[str, object] = {"stream": name}
+        if self.options.encoding == "base64":
+            if not data:
+                return
+            params["data"] = base64.b64encode(data).decode("ascii")
+            params["encoding"] = "base64"
+        else:
+            text = decoder.decode(data, final=final)
+            if not text:
+                return
+            params["data"] = text
+        params["seq"] = self._seq
+        self._seq += 1
+        await self._emit("process.output", params)
+
+    def _completion(self) -> dict[str, object]:
+        info = self.info()
+        return {
+            "status": info.status,
+            "exit_code": info.exit_code,
+            "signal": info.signal,
+            "duration_s": round(time.monotonic() - self._started_monotonic, 6),
+            "stdout_bytes": self.stdout_bytes,
+            "stderr_bytes": self.stderr_bytes,
+        }
+
+    async def _emit(self, method: str, params: dict[str, object]) -> None:
+        owner = self.owner
+        if owner is None:
+            return
+        message = notification(method, {"session_id": self.id, **params})
+        try:
+            await owner.send_message(message)
+        except OwnerGone:
+            # Nobody can receive this session any more; its owner's closing cancels it.
+            # Keep consuming so the pumps never block on a dead reader.
+            if self.owner is owner:
+                self.owner = None
+
+
+def group_alive(session: Session) -> bool:
+    """True while any process of the session's group is alive (used by tests and selftest)."""
+    return bool(live_members(session.group))

@@ -1,0 +1,223 @@
+"""One WebSocket connection: handshake policy (token, origin), frames in, responses out.
+
+Inputs: a TCP stream whose request head was already read (`Head`), the `SessionManager`.
+Outputs: a `Connection` that is the `Owner` of the sessions it starts: it reads frames, runs
+each request in its own task (at most `MAX_IN_FLIGHT` at once, so a flood back-pressures),
+sends responses and session notifications, and cancels its sessions when it closes.
+Docs: https://trio-websocket.readthedocs.io/en/stable/api.html
+      https://websockets.spec.whatwg.org/ and RFC 6455 section 7.4 (close codes)
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import structlog
+import trio
+import trio_websocket
+
+from ccx import api
+from ccx.config import Settings
+from ccx.log import get_logger
+from ccx.manager import SessionManager
+from ccx.protocol import Invalid, encode, error_response, parse_frame
+from ccx.session import OwnerGone
+from ccx.transport.http import Head, ReplayStream
+
+log = get_logger("ccx.websocket")
+
+MAX_IN_FLIGHT = 64  # requests of one connection being handled at once; more waits to be read
+HANDSHAKE_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
+CLOSE_TOO_BIG = 1009
+CLOSE_GOING_AWAY = 1001
+WS_PATHS = ("/ws", "/ws/mcp")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+_connection_ids = itertools.count(1)
+
+
+def token_ok(settings: Settings, head: Head) -> bool:
+    """True when no token is set, or the request carries it (Bearer header or ?token=)."""
+    if settings.token is None:
+        return True
+    expected = settings.token.encode()
+    auth = head.header("authorization") or ""
+    if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), expected):
+        return True
+    query = parse_qs(urlsplit(head.target).query)
+    return any(hmac.compare_digest(v.encode(), expected) for v in query.get("token", []))
+
+
+def origin_ok(settings: Settings, origin: str | None) -> bool:
+    """No Origin, a loopback origin, or one listed in CCX_ALLOWED_ORIGINS (or `*`)."""
+    if origin is None:
+        return True
+    if "*" in settings.allowed_origins or origin in settings.allowed_origins:
+        return True
+    try:
+        parts = urlsplit(origin)
+        hostname = parts.netloc.rsplit("@", 1)[-1]
+        if hostname.startswith("["):
+            host = hostname[: hostname.index("]") + 1]
+        else:
+            host = hostname.split(":", 1)[0]
+        _ = parts.port  # raises ValueError for a malformed port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and host.lower() in LOOPBACK_HOSTS
+
+
+@attrs.define(eq=False)
+class Connection:
+    """A live WebSocket peer: reads requests, answers, and owns the sessions it starts."""
+
+    ws: trio_websocket.WebSocketConnection
+    manager: SessionManager
+    settings: Settings
+    id: str = attrs.field(factory=lambda: f"c{next(_connection_ids)}")
+    closed: bool = False
+    _in_flight: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
+
+    async def send_message(self, message: dict[str, object] | list[dict[str, object]]) -> None:
+        """Send one JSON-RPC message (or batch); raise `OwnerGone` once the peer is gone."""
+        if self.closed:
+            raise OwnerGone(self.id)
+        try:
+            await self.ws.send_message(encode(message))
+        except trio_websocket.ConnectionClosed:
+            self.closed = True
+            raise OwnerGone(self.id) from None
+
+    async def serve(self) -> None:
+        """Read frames until the peer goes; then cancel what this connection owns.
+
+        **Cancellation**: cancelling it (server shutdown) ends the request tasks; sessions are
+        released (cancelled) either way.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.settings.ws_ping_interval > 0:
+                    nursery.start_soon(self._keepalive)
+                await self._read_frames(nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            self.manager.release(self)
+
+    async def _read_frames(self, nursery: trio.Nursery) -> None:
+        limit = self.settings.max_message_bytes
+        while True:
+            try:
+                message = await self.ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            size = len(message.encode("utf-8", "surrogatepass")) if isinstance(message, str) \
+                else len(message)
+            if size > limit:  # trio-websocket counts characters; the contract counts bytes
+                log.warning("frame_too_big", bytes=size, limit=limit)
+                with trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await self.ws.aclose(CLOSE_TOO_BIG, f"message exceeds {limit} bytes")
+                return
+            await self._in_flight.acquire()
+            nursery.start_soon(self._handle_frame, message)
+
+    async def _handle_frame(self, message: str | bytes) -> None:
+        try:
+            frame = parse_frame(message)
+            replies: list[dict[str, object]] = []
+            hooks = []
+            for item in frame.items:
+                if isinstance(item, Invalid):
+                    replies.append(error_response(item.id, item.error))
+                    continue
+                call = api.Call(self.manager, self, item.params)
+                try:
+                    reply = await api.dispatch(item, call)
+                finally:
+                    hooks += call.after_response
+                if reply is not None:
+                    replies.append(reply)
+            try:
+                if replies:
+                    await self.send_message(replies if frame.is_batch else replies[0])
+            except OwnerGone:
+                pass
+            finally:
+                for hook in hooks:  # e.g. let execute's notifications follow its response
+                    hook()
+        finally:
+            self._in_flight.release()
+
+    async def _keepalive(self) -> None:
+        """Ping every CCX_WS_PING_INTERVAL s. No pong is demanded: a reader that is merely
+        slow must not be cut off, and back-pressure may hold the ping behind output."""
+        while True:
+            await trio.sleep(self.settings.ws_ping_interval)
+            with trio.move_on_after(self.settings.ws_ping_interval):
+                try:
+                    await self.ws.ping()
+                except trio_websocket.ConnectionClosed:
+                    return
+
+    async def close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            await self.ws.aclose(code, reason)
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+async def serve_websocket(
+    stream: trio.abc.Stream,
+    head: Head,
+    manager: SessionManager,
+    settings: Settings,
+    connections: set[Connection],
+) -> None:
+    """Finish the handshake on *stream* (401/403 refusals included) and serve the connection.
+
+    **Cancellation**: the connection is closed and its sessions released on the way out.
+    """
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as handshake:
+            request = await trio_websocket.wrap_server_stream(
+                nursery, ReplayStream(stream, head.raw),
+                max_message_size=settings.max_message_bytes,
+            )
+        if handshake.cancelled_caught:
+            nursery.cancel_scope.cancel()
+            return
+        if not token_ok(settings, head):
+            log.warning("handshake_rejected", status=401, path=head.path)
+            await request.reject(401, extra_headers=[(b"WWW-Authenticate", b"Bearer")],
+                                 body=b"missing or wrong token\n")
+            nursery.cancel_scope.cancel()
+            return
+        if not origin_ok(settings, head.header("origin")):
+            log.warning("handshake_rejected", status=403, origin=head.header("origin"))
+            await request.reject(403, body=b"origin not allowed\n")
+            nursery.cancel_scope.cancel()
+            return
+        ws = await request.accept()
+        connection = Connection(ws, manager, settings)
+        connections.add(connection)
+        with structlog.contextvars.bound_contextvars(connection_id=connection.id):
+            log.info("connected", path=head.path, remote=_peer(stream))
+            try:
+                await connection.serve()
+            finally:
+                connections.discard(connection)
+                with trio.CancelScope(shield=True):
+                    await connection.close(1000, "")
+                log.info("disconnected", close_code=int(ws.closed.code) if ws.closed else None)
+        nursery.cancel_scope.cancel()
