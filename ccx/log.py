@@ -47,8 +47,11 @@ def configure(level: str = "info", fmt: str = "json") -> None:
 
 
 def get_logger(name: str) -> Any:
-    """A logger that carries *name* as `logger` in every event."""
-    return structlog.get_logger().bind(logger=name)
+    """A lazy logger that carries *name* as `component` in every event.
+
+    Lazy: modules create loggers at import time, before `configure()` runs.
+    """
+    return structlog.get_logger(component=name)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class Server:
                 for connection in list(self.connections):
                     handlers.start_soon(connection.close, CLOSE_GOING_AWAY, "server shutting down")
                 with trio.move_on_after(SHUTDOWN_MARGIN_S):
-                    while self.connections:  # noqa: ASYNC110 (a bounded poll at shutdown)
+                    while self.connections:
                         await trio.sleep(0.01)
                 handlers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()

@@ -199,7 +199,7 @@ class Session:
         if self.state is not target:
             self.state = target
             signal_group(self.group.pgid, signal.SIGSTOP)
-            log.info("signal_sent", signals=["SIGSTOP"], pgid=self.group.pgid)
+            log.info("signal_sent", signals=["SIGSTOP"], pgid=self.group.pgid, session_id=self.id)
             self._post_control("process.paused")
             await wait_group_stopped(self.group)
         return self.state
@@ -210,7 +210,7 @@ class Session:
         if self.state is not target:
             self.state = target
             signal_group(self.group.pgid, signal.SIGCONT)
-            log.info("signal_sent", signals=["SIGCONT"], pgid=self.group.pgid)
+            log.info("signal_sent", signals=["SIGCONT"], pgid=self.group.pgid, session_id=self.id)
             self._post_control("process.resumed")
         return self.state
 
@@ -227,7 +227,7 @@ class Session:
         self.state = self._transition("CANCEL")
         self._stop_reason = reason
         self._cancel_requested.set()
-        log.info("cancel_requested", reason=reason.value)
+        log.info("cancel_requested", reason=reason.value, session_id=self.id)
         return self.state
 
     async def write_input(self, data: bytes, *, eof: bool) -> int:

@@ -1,0 +1,335 @@
+"""The `ccx` command: serve, run, ps, pause, resume, cancel, status, health, selftest.
+
+Inputs: argv, `CCX_*` environment (server settings; `CCX_URL`/`CCX_TOKEN` for client commands).
+Outputs: a running server (`ccx serve`), or a client action with a meaningful exit code:
+`ccx run` exits with the remote exit code (128+N for a signal, 124 timeout, 130 after Ctrl-C,
+141 when the local stdout pipe closed).
+Docs: https://docs.python.org/3/library/argparse.html
+      https://trio.readthedocs.io/en/stable/reference-io.html#signals
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+from ccx import __version__
+from ccx.config import OPTIONS, ConfigError, Settings
+from ccx.log import configure
+
+DEFAULT_URL = "ws://127.0.0.1:8003/ws"
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: no server to talk to
+READ_BYTES = 64 * 1024
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("CCX_URL", DEFAULT_URL),
+                        help=f"server URL (env CCX_URL, default {DEFAULT_URL})")
+    parser.add_argument("--token", default=os.environ.get("CCX_TOKEN"),
+                        help="server token (env CCX_TOKEN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccx", description=(
+        "Run long-lived commands behind a WebSocket JSON-RPC 2.0 API."))
+    parser.add_argument("--version", action="version", version=f"ccx {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server",
+                                description="Run the ccx server. Every flag mirrors a CCX_* "
+                                "environment variable; a flag wins over its variable.")
+    for option in OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        help_text = f"{option.help} (env {option.env}, default {option.default!r})"
+        if option.parse.__name__ == "_bool":
+            serve.add_argument(flag, dest=option.name, action="store_const", const="1",
+                               default=None, help=help_text)
+        else:
+            serve.add_argument(flag, dest=option.name, default=None, metavar=option.env,
+                               help=help_text)
+
+    run = commands.add_parser("run", help="run a command remotely, streaming its output",
+                              description="Run CMD on the server. stdout/stderr arrive byte-"
+                              "exact; local stdin is forwarded when it is not a terminal.")
+    _add_client_options(run)
+    run.add_argument("--cwd", help="working directory on the server")
+    run.add_argument("--env", action="append", default=[], metavar="K=V",
+                     help="extra environment variable (repeatable)")
+    run.add_argument("--timeout", type=float, help="seconds before the server cancels it")
+    run.add_argument("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL")
+    run.add_argument("--shell", action="store_true", help="run CMD with /bin/sh -c")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    for name, help_text in (("pause", "SIGSTOP a session's group"),
+                            ("resume", "SIGCONT a session's group"),
+                            ("cancel", "cancel a session (TERM, grace, KILL)")):
+        sub = commands.add_parser(name, help=help_text)
+        _add_client_options(sub)
+        sub.add_argument("session_id")
+
+    status = commands.add_parser("status", help="show one session")
+    _add_client_options(status)
+    status.add_argument("session_id")
+    status.add_argument("--json", action="store_true")
+
+    ps = commands.add_parser("ps", help="list sessions")
+    _add_client_options(ps)
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
+
+    health = commands.add_parser("health", help="exit 0 when the server's /health is ok")
+    _add_client_options(health)
+
+    commands.add_parser("selftest", help="boot a private server and check it for real")
+    return parser
+
+
+# ----------------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ccx.server import serve
+
+    env = dict(os.environ)
+    for option in OPTIONS:  # flags become the env values they mirror, then parse as env
+        value = getattr(args, option.name)
+        if value is not None:
+            env[option.env] = value
+    try:
+        settings = Settings.from_env(env)
+        settings.check_exposure()
+    except ConfigError as exc:
+        print(f"ccx serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure(settings.log_level, settings.log_format)
+    try:
+        trio.run(serve, settings)
+    except OSError as exc:  # e.g. address in use
+        print(f"ccx serve: cannot listen on {settings.host}:{settings.port}: {exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def _exit_code(completed: Any, interrupted: bool) -> int:
+    if completed.status == "timeout":
+        return EXIT_TIMEOUT
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if completed.exit_code is not None:
+        return int(completed.exit_code)
+    if completed.signal:
+        try:
+            return 128 + int(signal.Signals[completed.signal])
+        except KeyError:
+            pass
+    return 128 + signal.SIGTERM
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from ccx.client import Completed, Output, ServerError, connect
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        print("ccx run: no command given (ccx run -- CMD ARGS)", file=sys.stderr)
+        return EXIT_USAGE
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"ccx run: --env wants K=V, got {item!r}", file=sys.stderr)
+            return EXIT_USAGE
+        env[key] = value
+    forward_stdin = not os.isatty(0)
+    interrupted = False
+    async with connect(args.url, args.token) as client:
+        try:
+            session = await client.execute(
+                " ".join(argv) if args.shell else argv, shell=args.shell, cwd=args.cwd,
+                env=env or None, timeout=args.timeout, kill_grace=args.kill_grace,
+                stdin=forward_stdin, encoding="base64")
+        except ServerError as exc:
+            print(f"ccx run: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE if exc.code == -32602 else 1
+
+        async def forward_stdin_task() -> None:
+            try:
+                while True:
+                    data = await trio.to_thread.run_sync(os.read, 0, READ_BYTES,
+                                                         abandon_on_cancel=True)
+                    await session.send(data, eof=not data)
+                    if not data:
+                        return
+            except (ServerError, OSError):
+                return  # the child closed its stdin or ended: nothing more to forward
+
+        async def watch_interrupts(cancel_scope: trio.CancelScope) -> None:
+            nonlocal interrupted
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    if interrupted:  # second Ctrl-C: leave now
+                        cancel_scope.cancel()
+                        return
+                    interrupted = True
+                    await session.cancel()
+
+        result = None
+        with trio.CancelScope() as outer:
+            async with trio.open_nursery() as nursery:
+                if forward_stdin:
+                    nursery.start_soon(forward_stdin_task)
+                nursery.start_soon(watch_interrupts, outer)
+                try:
+                    async for event in session.events():
+                        if isinstance(event, Output):
+                            fd = 1 if event.stream == "stdout" else 2
+                            await trio.to_thread.run_sync(_write_all, fd, event.data)
+                        elif isinstance(event, Completed):
+                            result = event
+                except BrokenPipeError:  # `| head -1` closed our stdout: stop the job
+                    with trio.move_on_after(5):
+                        await session.cancel()
+                    return EXIT_BROKEN_PIPE
+                nursery.cancel_scope.cancel()
+        if result is None:
+            return EXIT_INTERRUPTED
+        return _exit_code(result, interrupted)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ccx.client import ConnectionLost
+
+    try:
+        return trio.run(_run, args)
+    except (OSError, ConnectionLost) as exc:
+        print(f"ccx run: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except Exception as exc:  # trio-websocket handshake errors (401, 403...)
+        print(f"ccx run: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+# ----------------------------------------------------------------------------------- queries
+
+
+def _client_call(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
+    from ccx.client import connect
+
+    async def go() -> Any:
+        async with connect(args.url, args.token) as client:
+            return await client.call(method, params)
+
+    return trio.run(go)
+
+
+def _age(started_at: str) -> str:
+    seconds = max(0, int(time.time() - datetime.fromisoformat(started_at).timestamp()))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n}{unit}"
+        n //= 1024
+    return f"{n}T"
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from ccx.client import ConnectionLost, ServerError
+
+    try:
+        if args.command == "ps":
+            sessions = _client_call(args, "sessions", {})["sessions"]
+            if args.json:
+                print(json.dumps(sessions, indent=2))
+                return 0
+            print(f"{'ID':32}  {'STATUS':10} {'PID':>7} {'AGE':>5} {'OUT':>6}  COMMAND")
+            for s in sessions:
+                out = _bytes(s["stdout_bytes"] + s["stderr_bytes"])
+                print(f"{s['session_id']:32}  {s['status']:10} {s['pid']:>7} "
+                      f"{_age(s['started_at']):>5} {out:>6}  {' '.join(s['command'])}")
+        elif args.command == "status":
+            info = _client_call(args, "status", {"session_id": args.session_id})
+            if args.json:
+                print(json.dumps(info, indent=2))
+            else:
+                for key, value in info.items():
+                    print(f"{key:13} {value}")
+        else:
+            result = _client_call(args, "control", {"session_id": args.session_id,
+                                                    "type": args.command.upper()})
+            print(result["status"])
+    except ServerError as exc:
+        print(f"ccx {args.command}: {exc.message}", file=sys.stderr)
+        return 1
+    except (OSError, ConnectionLost) as exc:
+        print(f"ccx {args.command}: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return 0
+
+
+def health_url(url: str) -> tuple[str, int, bool]:
+    parts = urlsplit(url)
+    secure = parts.scheme in ("wss", "https")
+    return parts.hostname or "127.0.0.1", parts.port or (443 if secure else 80), secure
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    host, port, secure = health_url(args.url)
+    connection_class = http.client.HTTPSConnection if secure else http.client.HTTPConnection
+    try:
+        connection = connection_class(host, port, timeout=5)
+        connection.request("GET", "/health")
+        reply = connection.getresponse()
+        body = json.loads(reply.read() or b"{}")
+    except (OSError, ValueError) as exc:
+        print(f"ccx health: {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    ok = reply.status == 200 and body.get("status") == "ok"
+    print(json.dumps(body))
+    return 0 if ok else 1
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from ccx.selftest import main as selftest
+
+    return selftest()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"serve": cmd_serve, "run": cmd_run, "health": cmd_health,
+                "selftest": cmd_selftest}
+    return handlers.get(args.command, cmd_query)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

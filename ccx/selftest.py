@@ -1,0 +1,214 @@
+"""`ccx selftest`: boot a private server on a free loopback port and check the product for real.
+
+Inputs: none (uses this Python to make child processes).
+Outputs: one `PASS name` / `FAIL name: why` line per check, then `N passed, N failed`; the
+exit code is 0 only if every check passed. Runs in well under 20 s.
+Docs: ../shared/PROTOCOL.md, ../shared/DESIGN.md
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+import trio_websocket
+
+from ccx.client import Client, Output, ServerError, connect
+from ccx.config import Settings
+from ccx.process import group_members
+from ccx.server import Server
+
+PY = sys.executable
+CHECK_TIMEOUT_S = 10.0
+FLOOD_BYTES = 48 * 1024 * 1024  # what the slow-reader child writes
+RSS_BUDGET_BYTES = 64 * 1024 * 1024
+
+
+def _alive(pgid: int) -> bool:
+    return any(m.state != "Z" for m in group_members(pgid))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def _gone(pgid: int, timeout: float = 5.0) -> bool:
+    with trio.move_on_after(timeout):
+        while _alive(pgid):
+            await trio.sleep(0.01)
+        return True
+    return False
+
+
+async def check_stream_exact(server: Server, client: Client) -> None:
+    code = ("import os, sys\n"
+            "data = bytes(range(256)) * 4096\n"
+            "sys.stdout.buffer.write(data); sys.stdout.flush()\n"
+            "sys.stderr.buffer.write('é€😀'.encode()[:5]); sys.stderr.flush()\n"
+            "import time; time.sleep(0.05)\n"
+            "sys.stderr.buffer.write('é€😀'.encode()[5:])\n")
+    session = await client.execute([PY, "-c", code], encoding="base64")
+    out = [e async for e in session.events() if isinstance(e, Output)]
+    stdout = b"".join(e.data for e in out if e.stream == "stdout")
+    assert stdout == bytes(range(256)) * 4096, f"stdout differs ({len(stdout)} bytes)"
+    assert [e.seq for e in out] == list(range(len(out))), "seq not contiguous"
+    session = await client.execute([PY, "-c", code])
+    text = b"".join(e.data for e in [e async for e in session.events()]
+                    if isinstance(e, Output) and e.stream == "stderr").decode()
+    assert text == "é€😀", f"split UTF-8 corrupted: {text!r}"
+
+
+async def check_exit_code(server: Server, client: Client) -> None:
+    session = await client.execute([PY, "-c", "raise SystemExit(7)"])
+    result = await session.wait()
+    assert (result.status, result.exit_code) == ("exited", 7), result
+
+
+async def check_pause_resume(server: Server, client: Client) -> None:
+    code = "import time\nwhile True:\n    print(time.time(), flush=True); time.sleep(0.01)"
+    session = await client.execute([PY, "-c", code])
+    await trio.sleep(0.2)
+    assert await session.pause() == "paused"
+    states = {m.state for m in group_members(session.pgid)}
+    assert states <= {"T", "t"}, f"group not stopped: {states}"
+    before = (await client.status(session.id))["stdout_bytes"]
+    await trio.sleep(0.3)
+    after = (await client.status(session.id))["stdout_bytes"]
+    assert after - before < 4096, f"output continued while paused ({after - before} bytes)"
+    assert await session.resume() == "running"
+    await trio.sleep(0.2)
+    assert (await client.status(session.id))["stdout_bytes"] > after, "no output after RESUME"
+    await session.cancel()
+    assert (await session.wait()).status == "cancelled"
+
+
+async def check_cancel_tree(server: Server, client: Client) -> None:
+    session = await client.execute(["sh", "-c", "sleep 100 & sleep 100 & wait"])
+    await trio.sleep(0.2)
+    assert len([m for m in group_members(session.pgid) if m.state != "Z"]) == 3
+    assert await session.cancel() == "cancelling"
+    result = await session.wait()
+    assert result.status == "cancelled", result
+    assert not _alive(session.pgid), "survivors after process.completed"
+
+
+async def check_term_ignored(server: Server, client: Client) -> None:
+    code = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\ntime.sleep(100)")
+    session = await client.execute([PY, "-c", code], kill_grace=0.5)
+    async for event in session.events():
+        if isinstance(event, Output):
+            break
+    started = time.monotonic()
+    await session.cancel()
+    result = await session.wait()
+    elapsed = time.monotonic() - started
+    assert result.status == "cancelled" and result.signal == "SIGKILL", result
+    assert 0.4 < elapsed < 5, f"killed after {elapsed:.2f} s, grace was 0.5 s"
+    assert not _alive(session.pgid)
+
+
+async def check_slow_reader(server: Server, client: Client) -> None:
+    code = (f"import sys\nchunk = b'x' * 65536\n"
+            f"for _ in range({FLOOD_BYTES // 65536}):\n    sys.stdout.buffer.write(chunk)\n")
+    rss_before = _rss_bytes()
+    async with trio_websocket.open_websocket_url(server.url) as ws:
+        request = {"jsonrpc": "2.0", "id": 1, "method": "execute",
+                   "params": {"command": [PY, "-c", code], "encoding": "base64"}}
+        await ws.send_message(json.dumps(request))
+        session_id = json.loads(await ws.get_message())["result"]["session_id"]
+        await trio.sleep(1.0)  # read nothing: the child must block
+        stalled = (await client.status(session_id))["stdout_bytes"]
+        assert stalled < FLOOD_BYTES // 2, f"child not throttled ({stalled} bytes read)"
+        received, digest = 0, hashlib.sha256()
+        import base64
+        while True:
+            message = json.loads(await ws.get_message())
+            if message.get("method") == "process.output":
+                data = base64.b64decode(message["params"]["data"])
+                received += len(data)
+                digest.update(data)
+            elif message.get("method") == "process.completed":
+                break
+    growth = _rss_bytes() - rss_before
+    assert received == FLOOD_BYTES, f"lost bytes: {FLOOD_BYTES - received}"
+    expected = hashlib.sha256(b"x" * FLOOD_BYTES).hexdigest()
+    assert digest.hexdigest() == expected, "bytes corrupted"
+    assert growth < RSS_BUDGET_BYTES, f"RSS grew {growth >> 20} MiB"
+
+
+async def check_allow_list(server: Server, client: Client) -> None:
+    settings = Settings(port=0, allowed_commands=("echo",))
+    async with trio.open_nursery() as nursery:
+        strict = await nursery.start(Server(settings).run)
+        async with connect(strict.url) as other:
+            for command in (["cat"], ["/bin/cat"], [PY, "-c", "print(1)"]):
+                try:
+                    await other.execute(command)
+                except ServerError as exc:
+                    assert exc.code == -32001, exc
+                else:
+                    raise AssertionError(f"{command} was allowed")
+            result = await (await other.execute(["echo", "ok"])).wait()
+            assert result.exit_code == 0
+        strict.stop()
+
+
+async def check_disconnect_kills(server: Server, client: Client) -> None:
+    async with connect(server.url) as other:
+        session = await other.execute(["sh", "-c", "sleep 100 & sleep 100"])
+        await trio.sleep(0.1)
+    assert await _gone(session.pgid), "sessions of a closed connection survived"
+
+
+CHECKS: list[tuple[str, Callable[[Server, Client], Awaitable[None]]]] = [
+    ("execute streams output byte-exact (base64 and split UTF-8)", check_stream_exact),
+    ("non-zero exit code is reported", check_exit_code),
+    ("PAUSE stops the group and output, RESUME restarts it", check_pause_resume),
+    ("CANCEL kills a 3-process tree with no survivors", check_cancel_tree),
+    ("a TERM-ignoring child is SIGKILLed after the grace", check_term_ignored),
+    ("a slow reader throttles the child: bounded RSS, no byte lost", check_slow_reader),
+    ("the allow-list refuses what it must", check_allow_list),
+    ("a closed connection kills its sessions", check_disconnect_kills),
+]
+
+
+async def run_checks() -> tuple[int, int]:
+    passed = failed = 0
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(Server(Settings(port=0, kill_grace=2.0)).run)
+        async with connect(server.url) as client:
+            for name, check in CHECKS:
+                try:
+                    with trio.fail_after(CHECK_TIMEOUT_S):
+                        await check(server, client)
+                except Exception as exc:
+                    failed += 1
+                    print(f"FAIL {name}: {exc!r}", flush=True)
+                else:
+                    passed += 1
+                    print(f"PASS {name}", flush=True)
+        server.stop()
+    return passed, failed
+
+
+def main() -> int:
+    from ccx.log import configure
+
+    configure(os.environ.get("CCX_LOG_LEVEL", "critical").lower(), "console")
+    passed, failed = trio.run(run_checks)
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""nox sessions for ccx: tests, lint (ruff), typecheck (mypy --strict), selftest.
+
+Run `nox -l` to list them; `nox -s tests -- -k pause` passes arguments through to pytest.
+Docs: https://nox.thea.codes/en/stable/
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """The pytest suite: real processes, sockets and signals on 127.0.0.1."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def selftest(session: nox.Session) -> None:
+    """The product-level check: `ccx selftest` against a private in-process server."""
+    session.install("-e", ".")
+    session.run("ccx", "selftest")
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "ccx", "tests", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    session.run("mypy", "ccx")

@@ -1,0 +1,210 @@
+"""Shared fixtures for the ccx test suite.
+
+Rules for every test here (as trio-websocket's tests state theirs):
+- servers bind 127.0.0.1 on a port the OS picks (port 0); nothing leaves the machine;
+- children are real processes (`sys.executable -c ...`, `sh -c ...`), signals are real;
+- every test runs under a deadline (pytest-timeout, see pyproject), so a hang fails instead of
+  stalling CI;
+- every server fixture asserts at teardown that no process group it started is still alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from ccx.config import Settings
+from ccx.process import group_members
+from ccx.server import Server
+
+PY = sys.executable
+
+
+def py(code: str) -> list[str]:
+    """argv running *code* in a fresh Python interpreter."""
+    return [PY, "-c", code]
+
+
+def alive(pid: int) -> bool:
+    """True if *pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    return raw[raw.rfind(b")") + 2 :].split()[0] != b"Z"
+
+
+def group_alive(pgid: int) -> bool:
+    return any(m.state != "Z" for m in group_members(pgid))
+
+
+class RawClient:
+    """A bare JSON-RPC client over trio-websocket: what an independent client would do."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+        self._next_id = 0
+        self.notifications: list[dict[str, Any]] = []
+        self._responses: dict[Any, dict[str, Any]] = {}
+
+    async def send(self, message: Any) -> None:
+        await self.ws.send_message(message if isinstance(message, str | bytes)
+                                   else json.dumps(message))
+
+    async def receive(self) -> Any:
+        return json.loads(await self.ws.get_message())
+
+    async def request(self, method: str, params: Any = None, **kw: Any) -> dict[str, Any]:
+        """Send one request; return its whole response; keep notifications seen meanwhile."""
+        self._next_id += 1
+        request_id = self._next_id
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None or kw:
+            message["params"] = {**(params or {}), **kw}
+        await self.send(message)
+        return await self.response(request_id)
+
+    async def response(self, request_id: Any) -> dict[str, Any]:
+        while request_id not in self._responses:
+            message = await self.receive()
+            if isinstance(message, dict) and "method" in message:
+                self.notifications.append(message)
+            elif isinstance(message, dict):
+                self._responses[message.get("id")] = message
+            else:
+                raise AssertionError(f"unexpected batch: {message}")
+        return self._responses.pop(request_id)
+
+    async def result(self, method: str, params: Any = None, **kw: Any) -> dict[str, Any]:
+        reply = await self.request(method, params, **kw)
+        assert "result" in reply, reply
+        return reply["result"]  # type: ignore[no-any-return]
+
+    async def error(self, method: str, params: Any = None, **kw: Any) -> dict[str, Any]:
+        reply = await self.request(method, params, **kw)
+        assert "error" in reply, reply
+        return reply["error"]  # type: ignore[no-any-return]
+
+    async def notification(self, method: str, session_id: str | None = None) -> dict[str, Any]:
+        """The next notification called *method* (for *session_id*), waiting if needed."""
+        while True:
+            for i, message in enumerate(self.notifications):
+                params = message.get("params", {})
+                if message["method"] == method and session_id in (None, params.get("session_id")):
+                    del self.notifications[i]
+                    return params  # type: ignore[no-any-return]
+            message = await self.receive()
+            if isinstance(message, dict) and "method" in message:
+                self.notifications.append(message)
+            elif isinstance(message, dict):
+                self._responses[message.get("id")] = message
+
+    async def run_to_completion(
+        self, session_id: str
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Every process.output of *session_id* in arrival order, and its process.completed."""
+        outputs: list[dict[str, Any]] = []
+        pending = [m for m in self.notifications
+                   if m.get("params", {}).get("session_id") == session_id]
+        self.notifications = [m for m in self.notifications if m not in pending]
+        while True:
+            if pending:
+                message = pending.pop(0)
+            else:
+                message = await self.receive()
+            if not isinstance(message, dict) or "method" not in message:
+                if isinstance(message, dict):
+                    self._responses[message.get("id")] = message
+                continue
+            params = message["params"]
+            if params.get("session_id") != session_id:
+                self.notifications.append(message)
+                continue
+            if message["method"] == "process.output":
+                outputs.append(params)
+            elif message["method"] == "process.completed":
+                return outputs, params
+
+    async def execute(self, command: Any, **params: Any) -> dict[str, Any]:
+        return await self.result("execute", {"command": command, **params})
+
+    async def run(self, command: Any, **params: Any) -> tuple[bytes, bytes, dict[str, Any]]:
+        """Execute and collect: (stdout, stderr, completed), checking seq is contiguous."""
+        started = await self.execute(command, **params)
+        outputs, completed = await self.run_to_completion(started["session_id"])
+        assert [o["seq"] for o in outputs] == list(range(len(outputs)))
+        return join(outputs, "stdout"), join(outputs, "stderr"), completed
+
+
+def join(outputs: list[dict[str, Any]], stream: str) -> bytes:
+    import base64
+
+    parts = []
+    for o in outputs:
+        if o["stream"] != stream:
+            continue
+        if o.get("encoding") == "base64":
+            parts.append(base64.b64decode(o["data"]))
+        else:
+            parts.append(o["data"].encode("utf-8"))
+    return b"".join(parts)
+
+
+ServerFactory = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_server(nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
+    """Start in-process servers with given settings; at teardown stop them and check that
+    every process group they started is empty."""
+    servers: list[Server] = []
+
+    async def factory(**overrides: Any) -> Server:
+        settings = Settings(**{"port": 0, "kill_grace": 2.0, **overrides})
+        server: Server = await nursery.start(Server(settings).run)
+        servers.append(server)
+        return server
+
+    yield factory
+    with trio.fail_after(30):
+        for server in servers:
+            server.stop()
+        for server in servers:
+            while server.port is not None and server.manager.live():
+                await trio.sleep(0.01)
+    for server in servers:
+        for session in server.manager.all():
+            assert not group_alive(session.group.pgid), f"leftover group {session.group.pgid}"
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> Server:
+    return await start_server()
+
+
+@pytest.fixture
+async def connect(nursery: trio.Nursery) -> Callable[..., Awaitable[RawClient]]:
+    async def factory(server: Server, path: str = "/ws", **kw: Any) -> RawClient:
+        ws = await trio_websocket.connect_websocket(
+            nursery, "127.0.0.1", server.port or 0, path, use_ssl=False, **kw
+        )
+        return RawClient(ws)
+
+    return factory
+
+
+@pytest.fixture
+async def client(server: Server, connect: Callable[..., Awaitable[RawClient]]) -> RawClient:
+    return await connect(server)
+
+
+def env_without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in names}
