@@ -213,7 +213,8 @@ async def _run(args: argparse.Namespace) -> int:
                     with trio.move_on_after(5):
                         await session.cancel()
                     return EXIT_BROKEN_PIPE
-                nursery.cancel_scope.cancel()
+                finally:
+                    nursery.cancel_scope.cancel()
         if result is None:
             return EXIT_INTERRUPTED
         return _exit_code(result, interrupted)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -21,7 +22,7 @@ import trio
 
 from ccx.config import Settings
 from ccx.log import get_logger
-from ccx.process import resolve_executable, spawn
+from ccx.process import resolve_executable, signal_group, spawn
 from ccx.protocol import (
     ExecuteParams,
     InvalidParams,
@@ -198,14 +199,18 @@ class SessionManager:
             log.warning("spawn_failed", command=launch.argv, error=str(exc))
             raise SpawnFailed(f"cannot start {launch.argv[0]}: {exc.strerror or exc}",
                               {"executable": launch.executable, "errno": exc.errno}) from None
-        options = SessionOptions(
-            encoding=params.encoding,
-            timeout=params.timeout,
-            kill_grace=self.settings.kill_grace if params.kill_grace is None
-            else params.kill_grace,
-            stdin=params.stdin,
-        )
-        session = Session(uuid.uuid4().hex, group, options, owner, on_done=self._on_done)
+        try:
+            options = SessionOptions(
+                encoding=params.encoding,
+                timeout=params.timeout,
+                kill_grace=self.settings.kill_grace if params.kill_grace is None
+                else params.kill_grace,
+                stdin=params.stdin,
+            )
+            session = Session(uuid.uuid4().hex, group, options, owner, on_done=self._on_done)
+        except BaseException:  # a group nobody supervises must not survive: kill it now
+            signal_group(group.pgid, signal.SIGKILL)
+            raise
         self._sessions[session.id] = session
         self.started_total += 1
         with structlog.contextvars.bound_contextvars(session_id=session.id):

@@ -208,3 +208,116 @@ async def client(server: Server, connect: Callable[..., Awaitable[RawClient]]) -
 
 def env_without(*names: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers added for the contract tests (tests/test_contract_*.py). They look at the system the
+# way an outside observer would (/proc, raw TCP), independently of ccx's own helpers.
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of *pid* from /proc/<pid>/stat, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def group_pids(pgid: int, *, zombies: bool = False) -> dict[int, str]:
+    """{pid: state} of every process whose process group is *pgid* (zombies only if asked)."""
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = proc_stat(int(entry))
+        if stat is not None and stat[2] == pgid and (zombies or stat[0] != "Z"):
+            found[int(entry)] = stat[0]
+    return found
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
+                   interval: float = 0.02) -> None:
+    """Poll *predicate* until true; fail (trio.TooSlowError) after *timeout* seconds."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(interval)
+
+
+async def session_events(client: RawClient, session_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every notification of *session_id* in arrival order (already buffered ones first), up
+    to and including its process.completed. Other messages stay buffered in *client*."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    keep: list[dict[str, Any]] = []
+    for message in client.notifications:
+        if message.get("params", {}).get("session_id") == session_id:
+            events.append((message["method"], message["params"]))
+        else:
+            keep.append(message)
+    client.notifications = keep
+    while not any(method == "process.completed" for method, _ in events):
+        message = await client.receive()
+        if isinstance(message, dict) and "method" in message:
+            if message.get("params", {}).get("session_id") == session_id:
+                events.append((message["method"], message["params"]))
+            else:
+                client.notifications.append(message)
+        elif isinstance(message, dict):
+            client._responses[message.get("id")] = message
+    return events
+
+
+async def close_code(client: RawClient, timeout: float = 10.0) -> int | None:
+    """Read (and keep) messages until the server closes the WebSocket; return its close code."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                message = await client.receive()
+            except trio_websocket.ConnectionClosed as exc:
+                return exc.reason.code if exc.reason is not None else None
+            if isinstance(message, dict) and "method" in message:
+                client.notifications.append(message)
+            elif isinstance(message, dict):
+                client._responses[message.get("id")] = message
+
+
+async def http_exchange(port: int, request: bytes,
+                        timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Send raw *request* bytes on a fresh TCP connection; return (status, headers, body)."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    raise AssertionError(f"connection closed inside the head: {data!r}")
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "-1"))
+            while length < 0 or len(body) < length:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                body += chunk
+    return status, headers, body
+
+
+async def http_get(port: int, target: str, headers: dict[str, str] | None = None,
+                   method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    lines += ["Connection: close", "", ""]
+    return await http_exchange(port, "\r\n".join(lines).encode("latin-1"))

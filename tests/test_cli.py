@@ -1,0 +1,198 @@
+"""The `ccx` command as users run it: a real `ccx serve` process and `ccx run/ps/...` processes.
+
+Rules: servers bind 127.0.0.1 on port 0 (the port is read from the "listening" log line);
+every test has a deadline; the server fixture SIGTERMs the server and checks it exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CCX = str(Path(sys.executable).with_name("ccx"))
+PY = sys.executable
+
+
+class ServeProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/ws"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "CCX_URL": self.url, **extra}
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+    proc = subprocess.Popen(
+        [CCX, "serve", "--port", "0", *args], stderr=subprocess.PIPE,
+        env={**os.environ, "CCX_LOG_FORMAT": "json", **(env or {})},
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        event = json.loads(line)
+        if event.get("event") == "listening":
+            return ServeProcess(proc, int(event["port"]))
+    proc.kill()
+    raise AssertionError("ccx serve did not start")
+
+
+def stop_serve(server: ServeProcess) -> list[dict[str, object]]:
+    server.proc.send_signal(signal.SIGTERM)
+    _, err = server.proc.communicate(timeout=15)
+    assert server.proc.returncode == 0, err
+    return [json.loads(line) for line in err.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def serve() -> Iterator[ServeProcess]:
+    server = start_serve("--kill-grace", "1")
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            stop_serve(server)
+
+
+def ccx(server: ServeProcess, *args: str, input: bytes | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([CCX, *args], env=server.env(), input=input, capture_output=True,
+                          timeout=timeout)
+
+
+def test_run_streams_byte_exact_and_passes_exit_code(serve: ServeProcess) -> None:
+    code = "import sys; sys.stdout.buffer.write(bytes(range(256))*100); sys.stderr.write('e'); sys.exit(5)"
+    done = ccx(serve, "run", "--", PY, "-c", code)
+    assert done.stdout == bytes(range(256)) * 100
+    assert done.stderr == b"e"
+    assert done.returncode == 5
+
+
+def test_run_forwards_piped_stdin(serve: ServeProcess) -> None:
+    done = ccx(serve, "run", "--", "cat", input=b"hi\n" * 1000)
+    assert done.stdout == b"hi\n" * 1000 and done.returncode == 0
+
+
+def test_run_pipe_is_exact(serve: ServeProcess) -> None:
+    done = subprocess.run(f"{CCX} run -- seq 1 1000000 | tail -1", shell=True,
+                          env=serve.env(), capture_output=True, timeout=60)
+    assert done.stdout == b"1000000\n"
+
+
+def test_run_into_closed_pipe_cancels_quietly(serve: ServeProcess) -> None:
+    done = subprocess.run(f"{CCX} run -- yes | head -1", shell=True, env=serve.env(),
+                          capture_output=True, timeout=30)
+    assert done.stdout == b"y\n"
+    assert b"Traceback" not in done.stderr
+    listing = json.loads(ccx(serve, "ps", "--json").stdout)
+    deadline = time.monotonic() + 10
+    while any(s["status"] in ("running", "cancelling") for s in listing):
+        assert time.monotonic() < deadline, listing
+        time.sleep(0.1)
+        listing = json.loads(ccx(serve, "ps", "--json").stdout)
+    assert [s["status"] for s in listing] == ["cancelled"]
+
+
+def test_run_signal_and_timeout_exit_codes(serve: ServeProcess) -> None:
+    killed = ccx(serve, "run", "--", PY, "-c", "import os, signal; os.kill(os.getpid(), 9)")
+    assert killed.returncode == 128 + 9
+    timed_out = ccx(serve, "run", "--timeout", "0.5", "--", "sleep", "30")
+    assert timed_out.returncode == 124
+
+
+def test_ctrl_c_cancels_remote_session(serve: ServeProcess) -> None:
+    proc = subprocess.Popen([CCX, "run", "--", "sh", "-c", "echo ready; sleep 100 & wait"],
+                            env=serve.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    pid = json.loads(ccx(serve, "ps", "--json").stdout)[0]["pgid"]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=15)
+    assert proc.returncode == 130
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, "remote group survived Ctrl-C"
+        time.sleep(0.05)
+
+
+def test_ps_status_pause_resume_cancel(serve: ServeProcess) -> None:
+    proc = subprocess.Popen([CCX, "run", "--", "sleep", "100"], env=serve.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not (listing := json.loads(ccx(serve, "ps", "--json").stdout)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        sid = listing[0]["session_id"]
+        assert ccx(serve, "pause", sid).stdout == b"paused\n"
+        assert json.loads(ccx(serve, "status", sid, "--json").stdout)["status"] == "paused"
+        assert ccx(serve, "resume", sid).stdout == b"running\n"
+        table = ccx(serve, "ps").stdout.decode()
+        assert sid in table and "sleep 100" in table
+        assert ccx(serve, "cancel", sid).stdout == b"cancelling\n"
+        proc.wait(timeout=10)
+        assert ccx(serve, "status", "nope").returncode == 1
+    finally:
+        proc.kill()
+
+
+def test_health(serve: ServeProcess) -> None:
+    done = ccx(serve, "health")
+    assert done.returncode == 0 and json.loads(done.stdout)["status"] == "ok"
+    unreachable = subprocess.run([CCX, "health", "--url", "ws://127.0.0.1:1/ws"],
+                                 capture_output=True, timeout=10)
+    assert unreachable.returncode != 0
+
+
+def test_serve_sigterm_cancels_sessions_and_exits_zero() -> None:
+    server = start_serve("--kill-grace", "1")
+    proc = subprocess.Popen(
+        [CCX, "run", "--", PY, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); time.sleep(100)"],
+        env=server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    pgid = json.loads(ccx(server, "ps", "--json").stdout)[0]["pgid"]
+    started = time.monotonic()
+    events = stop_serve(server)
+    assert time.monotonic() - started < 1 + 2  # kill_grace + 2 s
+    assert not os.path.exists(f"/proc/{pgid}")
+    proc.wait(timeout=10)
+    assert proc.returncode != 0  # the run client saw its session cancelled
+    completed = [e for e in events if e.get("event") == "completed"]
+    assert completed and completed[0]["status"] == "cancelled"
+
+
+def test_serve_refuses_public_bind_without_token() -> None:
+    done = subprocess.run([CCX, "serve", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, timeout=15,
+                          env={k: v for k, v in os.environ.items() if k != "CCX_TOKEN"})
+    assert done.returncode == 2 and b"CCX_TOKEN" in done.stderr
+
+
+def test_serve_help_lists_every_option() -> None:
+    from ccx.config import OPTIONS
+
+    text = subprocess.run([CCX, "serve", "--help"], capture_output=True, timeout=15).stdout
+    for option in OPTIONS:
+        assert option.env.encode() in text, option.env
+
+
+def test_selftest_passes() -> None:
+    done = subprocess.run([CCX, "selftest"], capture_output=True, timeout=60)
+    lines = done.stdout.decode().splitlines()
+    assert done.returncode == 0, done.stdout.decode()
+    assert lines[-1].endswith("0 failed") and not any(li.startswith("FAIL") for li in lines)
