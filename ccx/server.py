@@ -37,6 +37,10 @@ SHUTDOWN_MARGIN_S = 1.5  # beyond kill_grace: time to deliver completions and cl
 KEEPALIVE_IDLE_S = 60  # TCP keepalive finds peers that vanished without a FIN or RST
 KEEPALIVE_INTERVAL_S = 10
 KEEPALIVE_COUNT = 6
+# Unacknowledged data older than this drops the connection. A live peer that merely stops
+# reading still answers zero-window probes, so back-pressure never trips it; a vanished one
+# does, and its sessions are then cancelled instead of blocking forever.
+USER_TIMEOUT_MS = 120_000
 
 
 @attrs.define(eq=False)
@@ -168,6 +172,7 @@ def _set_keepalive(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
     except (OSError, AttributeError):  # not every platform has every option
         pass
 
