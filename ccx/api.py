@@ -23,6 +23,7 @@ from ccx import __version__
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.protocol import (
+    AttachParams,
     ControlParams,
     ExecuteParams,
     InputParams,
@@ -113,8 +114,18 @@ async def input_(call: Call) -> dict[str, object]:
 
 
 async def sessions(call: Call) -> dict[str, object]:
-    structure_params(call.params, SessionsParams)
-    return {"sessions": [attrs.asdict(s.info()) for s in call.manager.all()]}
+    params = structure_params(call.params, SessionsParams)
+    return {"sessions": [attrs.asdict(s.info()) for s in call.manager.all(params.tag)]}
+
+
+async def attach(call: Call) -> dict[str, object]:
+    params = structure_params(call.params, AttachParams)
+    if call.owner is None:
+        raise InvalidState("attach needs a connection to deliver to")
+    session = call.manager.attach(params.session_id, params.since_seq, call.owner)
+    call.after_response.append(session.announce)
+    return {"session_id": session.id, "status": session.state.value, "pid": session.group.pid,
+            "pgid": session.group.pgid, "next_seq": session.next_seq}
 
 
 async def status(call: Call) -> dict[str, object]:
@@ -129,7 +140,8 @@ async def ping(call: Call) -> dict[str, object]:
 async def server_info(call: Call) -> dict[str, object]:
     structure_params(call.params if isinstance(call.params, dict) else None, NoParams)
     settings = call.manager.settings
-    capabilities = ["execute", "control", "input", "stdin", "base64", "batch", "timeout"]
+    capabilities = ["execute", "control", "input", "stdin", "base64", "batch", "timeout",
+                    "linger", "attach", "replay"]
     if settings.allow_shell:
         capabilities.append("shell")
     return {
@@ -146,6 +158,9 @@ async def server_info(call: Call) -> dict[str, object]:
             "allowed_commands": list(settings.allowed_commands)
             if settings.allowed_commands is not None else None,
             "allow_shell": settings.allow_shell,
+            "max_linger": settings.max_linger,
+            "replay_bytes": settings.replay_bytes,
+            "retention": settings.retention,
         },
         "capabilities": capabilities,
     }
@@ -156,6 +171,7 @@ METHODS: dict[str, Handler] = {
     "control": control,
     "input": input_,
     "sessions": sessions,
+    "attach": attach,
     "status": status,
     "ping": ping,
     "server.info": server_info,

@@ -89,7 +89,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("ws_ping_interval", "CCX_WS_PING_INTERVAL", float, 0.0,
            "seconds between server pings (0 = off)"),
     Option("retention", "CCX_RETENTION", float, 3600.0,
-           "seconds an ended session stays visible to sessions/status"),
+           "seconds an ended session (and output nobody received) is kept"),
+    Option("max_linger", "CCX_MAX_LINGER", float, 86400.0,
+           "largest linger an execute may ask for (larger values are clamped)"),
+    Option("replay_bytes", "CCX_REPLAY_BYTES", int, 8 * 1024 * 1024,
+           "per session: unsent output held before the child is throttled, and again "
+           "recently sent output kept for replay"),
     Option("log_level", "CCX_LOG_LEVEL", _log_level, "info", "debug, info, warning, error"),
     Option("log_format", "CCX_LOG_FORMAT", _log_format, "json", "json or console"),
 )
@@ -121,16 +126,19 @@ class Settings:
     kill_grace: float = 5.0
     ws_ping_interval: float = 0.0
     retention: float = 3600.0
+    max_linger: float = 86400.0
+    replay_bytes: int = 8 * 1024 * 1024
     log_level: str = "info"
     log_format: str = "json"
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"CCX_PORT: {self.port} is not a TCP port (0-65535)")
-        for name in ("max_sessions", "max_sessions_per_connection", "max_message_bytes"):
+        for name in ("max_sessions", "max_sessions_per_connection", "max_message_bytes",
+                     "replay_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
-        for name in ("kill_grace", "ws_ping_interval", "retention"):
+        for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"CCX_{name.upper()}: must not be negative")
         if self.allowed_commands is not None and not self.allowed_commands:

@@ -30,14 +30,17 @@ from ccx.protocol import (
     NotAllowed,
     SessionNotFound,
     SpawnFailed,
+    notification,
 )
-from ccx.session import Owner, Session, SessionOptions
+from ccx.session import Owner, OwnerGone, Session, SessionOptions
 
 log = get_logger("ccx.manager")
 
 SHELL = "/bin/sh"
 MAX_ENDED_KEPT = 1000  # ended sessions remembered at most, whatever CCX_RETENTION says
 HIDDEN_FROM_CHILDREN = ("CCX_TOKEN",)
+SHUTDOWN_POLL_S = 0.01
+DETACH_NOTICE_TIMEOUT_S = 10.0  # how long we try to tell a connection it lost a session
 
 
 def _normalize(path: str) -> str:
@@ -67,7 +70,6 @@ class SessionManager:
     settings: Settings
     _nursery: trio.Nursery | None = None
     _sessions: dict[str, Session] = attrs.field(factory=dict)
-    _ended_at: dict[str, float] = attrs.field(factory=dict)
     _accepting: bool = True
     _changed: trio.Event = attrs.field(factory=trio.Event)
     started_total: int = 0
@@ -83,14 +85,19 @@ class SessionManager:
     # ------------------------------------------------------------------------------ lookups
 
     def live(self) -> list[Session]:
+        """Sessions whose task still runs (process alive, or output not yet handed over)."""
         return [s for s in self._sessions.values() if not s.done]
 
-    def owned_by(self, owner: Owner) -> list[Session]:
-        return [s for s in self.live() if s.owner is owner]
+    def running(self) -> list[Session]:
+        """Sessions whose process group may still have members: what limits count."""
+        return [s for s in self._sessions.values() if s.running]
 
-    def all(self) -> Iterator[Session]:
+    def owned_by(self, owner: Owner) -> list[Session]:
+        return [s for s in self._sessions.values() if s.owner is owner and not s.done]
+
+    def all(self, tag: str | None = None) -> Iterator[Session]:
         self._forget_expired()
-        return iter(list(self._sessions.values()))
+        return iter([s for s in self._sessions.values() if tag is None or s.options.tag == tag])
 
     def get(self, session_id: object) -> Session:
         self._forget_expired()
@@ -100,15 +107,14 @@ class SessionManager:
         return session
 
     def _forget_expired(self) -> None:
-        now = time.monotonic()
-        expired = [sid for sid, at in self._ended_at.items()
-                   if now - at > self.settings.retention]
-        overflow = len(self._ended_at) - len(expired) - MAX_ENDED_KEPT
-        if overflow > 0:  # oldest first: dicts keep insertion order
-            expired += [sid for sid in self._ended_at if sid not in expired][:overflow]
-        for sid in expired:
-            self._ended_at.pop(sid, None)
-            self._sessions.pop(sid, None)
+        """Drop ended sessions older than CCX_RETENTION (and the oldest beyond the cap)."""
+        now = time.time()
+        ended = sorted((s.ended_at, s.id) for s in self._sessions.values()
+                       if s.ended_at is not None and not s.running)
+        overflow = len(ended) - MAX_ENDED_KEPT
+        for index, (ended_at, sid) in enumerate(ended):
+            if index < overflow or now - ended_at > self.settings.retention:
+                self._sessions.pop(sid).abandon()
 
     # ------------------------------------------------------------------------------ policy
 
@@ -168,7 +174,7 @@ class SessionManager:
     def _check_limits(self, owner: Owner | None) -> None:
         if not self._accepting:
             raise LimitReached("server is shutting down")
-        live = self.live()
+        live = self.running()
         if len(live) >= self.settings.max_sessions:
             raise LimitReached(f"session limit reached ({self.settings.max_sessions} per server)",
                                {"limit": self.settings.max_sessions, "scope": "server"})
@@ -188,6 +194,8 @@ class SessionManager:
             raise InvalidParams("Invalid params: timeout must be positive")
         if params.kill_grace is not None and params.kill_grace < 0:
             raise InvalidParams("Invalid params: kill_grace must not be negative")
+        if params.linger < 0:
+            raise InvalidParams("Invalid params: linger must not be negative")
         launch = self.resolve(params)
         self._check_limits(owner)
         assert self._nursery is not None, "SessionManager.run() is not running"
@@ -206,6 +214,9 @@ class SessionManager:
                 kill_grace=self.settings.kill_grace if params.kill_grace is None
                 else params.kill_grace,
                 stdin=params.stdin,
+                linger=min(params.linger, self.settings.max_linger),
+                tag=params.tag,
+                replay_bytes=self.settings.replay_bytes,
             )
             session = Session(uuid.uuid4().hex, group, options, owner, on_done=self._on_done)
         except BaseException:  # a group nobody supervises must not survive: kill it now
@@ -228,7 +239,6 @@ class SessionManager:
             log.exception("session_crashed", session_id=session.id)
 
     def _on_done(self, session: Session) -> None:
-        self._ended_at[session.id] = time.monotonic()
         self._notify()
 
     def _notify(self) -> None:
@@ -236,13 +246,53 @@ class SessionManager:
         self._changed = trio.Event()
 
     def release(self, owner: Owner) -> None:
-        """The owner's connection closed: cancel every session it owns (PROTOCOL.md 5)."""
+        """The owner's connection closed: detach its sessions; cancel those without linger
+        (PROTOCOL.md 5); start the linger clock of the others."""
         for session in self.owned_by(owner):
-            session.owner = None
+            session.detach()
+            if session.options.linger > 0 and not session.state.ended:
+                log.info("detached", session_id=session.id, linger_s=session.options.linger)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._linger, session, session.generation)
+            else:
+                session.cancel()
+
+    async def _linger(self, session: Session, generation: int) -> None:
+        await trio.sleep(session.options.linger)
+        if session.generation == generation and session.owner is None:
+            log.info("linger_expired", session_id=session.id)
             session.cancel()
 
+    def attach(self, session_id: object, since_seq: int, owner: Owner) -> Session:
+        """Move *session_id* to *owner* and queue its replay (PROTOCOL.md section 8).
+
+        The caller must `announce()` the session once the attach result is sent.
+        """
+        session = self.get(session_id)
+        session.check_replay(since_seq)
+        previous = session.owner
+        session.attach(owner, since_seq)
+        assert self._nursery is not None
+        if previous is not None and previous is not owner:
+            self._nursery.start_soon(self._tell_detached, previous, session.id)
+        if not session.delivering:  # its task ended with output held: deliver it now
+            self._nursery.start_soon(session.deliver)
+        log.info("attached", session_id=session.id, since_seq=since_seq,
+                 next_seq=session.next_seq)
+        return session
+
+    @staticmethod
+    async def _tell_detached(previous: Owner, session_id: str) -> None:
+        with trio.move_on_after(DETACH_NOTICE_TIMEOUT_S):
+            try:
+                await previous.send_message(notification("process.detached",
+                                                         {"session_id": session_id}))
+            except OwnerGone:
+                pass
+
     async def shutdown(self, *, timeout: float) -> None:
-        """Refuse new sessions, cancel all (grace capped at the server's), wait for them.
+        """Refuse new sessions, cancel all (grace capped at the server's), wait for them to
+        end and hand over their completions.
 
         **Cancellation**: waits at most *timeout*; sessions still running then are cancelled
         from outside, which still runs their shielded kill path.
@@ -251,8 +301,12 @@ class SessionManager:
         for session in self.live():
             session.cancel(grace=self.settings.kill_grace)
         with trio.move_on_after(timeout):
-            while self.live():
-                await self._changed.wait()
+            # A session that has ended with nobody to deliver to waits for an attach that
+            # cannot come any more: it does not hold the shutdown up.
+            while any(s.running or s.owner is not None for s in self.live()):
+                await trio.sleep(SHUTDOWN_POLL_S)
+            for session in self.live():
+                session.abandon()
             return
         log.error("shutdown_timeout", live=[s.id for s in self.live()])
         if self._nursery is not None:

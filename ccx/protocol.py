@@ -218,6 +218,8 @@ class ExecuteParams:
     stdin: bool = False
     encoding: Encoding = "utf-8"
     kill_grace: float | None = None
+    linger: float = 0.0
+    tag: str | None = None
 
 
 @attrs.frozen
@@ -242,6 +244,12 @@ class SessionParams:
 @attrs.frozen
 class SessionsParams:
     tag: str | None = None
+
+
+@attrs.frozen
+class AttachParams:
+    session_id: str
+    since_seq: int = -1
 
 
 @attrs.frozen

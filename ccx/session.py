@@ -1,14 +1,17 @@
-"""One supervised session: a nursery owning the process group, two pumps, a channel and a sender.
+"""One supervised session: a nursery owning the process group, pumps, a channel and a sender.
 
 Inputs: a spawned `Group`, its `SessionOptions`, and an `Owner` that delivers notifications.
 Outputs: `process.started/output/paused/resumed/completed` notifications in order, with one
 `seq` counter; control (`pause`, `resume`, `cancel`, `write_input`) through a state table;
-`info()` for `status` and `sessions`.
+`attach`/`detach` of owners with replay (PROTOCOL.md section 8); `info()` for `status`.
 
 Back-pressure: each pump reads at most `CHUNK_BYTES` and awaits `send()` on a channel of
-`CHANNEL_CHUNKS` slots; the sender awaits the owner's (WebSocket) send. A slow client stalls
-the sender, the channel fills, the pumps stop reading, the pipe fills, the child blocks in
-write(2). Memory per session stays under CHANNEL_CHUNKS x CHUNK_BYTES plus one message.
+`CHANNEL_CHUNKS` slots; the collector turns chunks into notifications in the `Outbox` and
+stops taking from the channel while the outbox holds `replay_bytes` of unsent output; the
+deliverer awaits the owner's (WebSocket) send. A slow or absent client stalls delivery, the
+outbox fills, the channel fills, the pumps stop reading, the pipe fills, the child blocks in
+write(2). Memory per session: two `replay_bytes` budgets (unsent, recently sent) plus the
+channel; nothing is dropped.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#using-channels-to-pass-values-between-tasks
       https://docs.python.org/3/library/codecs.html#codecs.getincrementaldecoder
 """
@@ -31,6 +34,7 @@ import structlog
 import trio
 
 from ccx.log import get_logger
+from ccx.outbox import Held, Outbox
 from ccx.process import (
     Group,
     StopStep,
@@ -93,11 +97,14 @@ class SessionOptions:
     timeout: float | None = None
     kill_grace: float = 5.0
     stdin: bool = False
+    linger: float = 0.0  # seconds to keep running without an owner (PROTOCOL.md section 8)
+    tag: str | None = None
+    replay_bytes: int = 8 * 1024 * 1024  # each of the unsent and the recently-sent budgets
 
 
 @attrs.frozen
 class SessionInfo:
-    """What `status` returns (PROTOCOL.md section 2)."""
+    """What `status` returns (PROTOCOL.md section 2), plus `tag`."""
 
     session_id: str
     command: list[str]
@@ -110,6 +117,7 @@ class SessionInfo:
     signal: str | None
     stdout_bytes: int
     stderr_bytes: int
+    tag: str | None
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -133,21 +141,31 @@ class Session:
     stdout_bytes: int = 0
     stderr_bytes: int = 0
     stop_step: StopStep | None = None
+    generation: int = 0  # bumped whenever the owner changes
     _stop_reason: State | None = None  # CANCELLED or TIMEOUT once a stop was asked for
     _started_monotonic: float = attrs.field(factory=time.monotonic)
     _cancel_requested: trio.Event = attrs.field(factory=trio.Event)
-    _announced: trio.Event = attrs.field(factory=trio.Event)
     _done: trio.Event = attrs.field(factory=trio.Event)
     _group_gone: bool = False
     _live_reads: set[trio.CancelScope] = attrs.field(factory=set)
     _control_overflow: collections.deque[str] = attrs.field(factory=collections.deque)
     _stdin_lock: trio.Lock = attrs.field(factory=trio.Lock)
-    _seq: int = 0
     _grace_cap: float | None = None
+    _outbox: Outbox = attrs.field(init=False)
+    _gate_open: bool = False  # closed until the execute/attach response is on its way
+    _owner_broken: bool = False  # the owner's connection failed; wait for release or attach
+    _collected_all: bool = False  # process.completed is queued; nothing more will be
+    _completion: Held | None = None
+    _delivering: bool = False
+    _send_scope: trio.CancelScope | None = None
+    _wake: trio.Event = attrs.field(factory=trio.Event)  # for the deliverer
+    _room: trio.Event = attrs.field(factory=trio.Event)  # for the collector
+    _scope: trio.CancelScope | None = None
     _send: trio.MemorySendChannel[tuple[str, bytes] | str] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[tuple[str, bytes] | str] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._outbox = Outbox(self.options.replay_bytes)
         self._send, self._receive = trio.open_memory_channel[tuple[str, bytes] | str](
             CHANNEL_CHUNKS
         )
@@ -160,8 +178,17 @@ class Session:
 
     @property
     def done(self) -> bool:
-        """True once `process.completed` was handed to the owner and the task ended."""
+        """True once the session task ended: group empty, completion handed over or held."""
         return self._done.is_set()
+
+    @property
+    def running(self) -> bool:
+        """True while the process group may still have members (what limits count)."""
+        return not self._group_gone
+
+    @property
+    def next_seq(self) -> int:
+        return self._outbox.next_seq
 
     async def wait_done(self) -> None:
         await self._done.wait()
@@ -180,6 +207,7 @@ class Session:
             signal=signal_name(returncode),
             stdout_bytes=self.stdout_bytes,
             stderr_bytes=self.stderr_bytes,
+            tag=self.options.tag,
         )
 
     # ------------------------------------------------------------------------------ control
@@ -249,17 +277,57 @@ class Session:
         return len(data)
 
     def announce(self) -> None:
-        """The execute response went out: notifications may follow it now."""
-        self._announced.set()
+        """The execute (or attach) response went out: notifications may follow it now."""
+        self._gate_open = True
+        self._poke()
+
+    # ------------------------------------------------------------------------------ owners
+
+    def attach(self, owner: Owner, since_seq: int) -> None:
+        """Make *owner* the receiver and queue what it asked to get again (PROTOCOL.md 8).
+
+        The caller checked `check_replay(since_seq)` first. Nothing is sent to *owner* until
+        `announce()`; the old owner gets nothing more from here on (an in-flight hand-over is
+        abandoned, and re-queued by the rewind).
+        """
+        self.generation += 1
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+        self.owner = owner
+        self._owner_broken = False
+        self._gate_open = False
+        tail = []
+        if self.state is State.PAUSED:
+            tail.append(Held("process.paused",
+                             notification("process.paused", {"session_id": self.id})))
+        if self._completion is not None:
+            tail.append(self._completion)
+        self._outbox.rewind(since_seq, tail)
+        self._poke()
+        self._room_changed()
+
+    def check_replay(self, since_seq: int) -> None:
+        self._outbox.check_replay(since_seq)
+
+    def detach(self) -> None:
+        """The owner is gone: keep running and hold output for a later `attach`."""
+        self.generation += 1
+        self.owner = None
+        self._owner_broken = False
+        self._poke()
+
+    @property
+    def delivering(self) -> bool:
+        return self._delivering
 
     # ------------------------------------------------------------------------------ life
 
     async def run(self) -> None:
-        """Supervise the group until it is empty and `process.completed` is delivered.
+        """Supervise the group until it is empty and `process.completed` is delivered (or,
+        with no owner to take them, held with the unsent output for a later `attach`).
 
         **Cancellation**: cancelling this task still runs the shielded kill path, so the
-        group is empty when it returns; the completion is then sent only if the owner can
-        still take it.
+        group is empty when it returns. `abandon()` cancels it once nobody can attach.
         """
         process = self.group.process
         assert process.stdout is not None and process.stderr is not None
@@ -267,9 +335,11 @@ class Session:
         with structlog.contextvars.bound_contextvars(session_id=self.id):
             try:
                 async with trio.open_nursery() as nursery:
+                    self._scope = nursery.cancel_scope
                     nursery.start_soon(self._pump, process.stdout, "stdout", self._send.clone())
                     nursery.start_soon(self._pump, process.stderr, "stderr", self._send.clone())
-                    nursery.start_soon(self._send_loop)
+                    nursery.start_soon(self._collect)
+                    nursery.start_soon(self.deliver)
                     try:
                         await self._supervise()
                     finally:
@@ -281,6 +351,11 @@ class Session:
                             await stream.aclose()
                 self._done.set()
                 self.on_done(self)
+
+    def abandon(self) -> None:
+        """Stop waiting for an owner: the session is being forgotten or the server stops."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _supervise(self) -> None:
         """Return when the leader exits, a stop is requested, or the timeout passes."""
@@ -386,40 +461,57 @@ class Session:
         try:
             self._send.send_nowait(method)
         except trio.WouldBlock:
-            self._control_overflow.append(method)  # channel full: the sender wakes soon
+            self._control_overflow.append(method)  # channel full: the collector wakes soon
         except trio.ClosedResourceError:
             pass
 
-    async def _send_loop(self) -> None:
-        """The only writer of this session's notifications, so `seq` has one source."""
+    def _poke(self) -> None:
+        self._wake.set()
+
+    def _room_changed(self) -> None:
+        self._room.set()
+
+    def _queue(self, method: str, params: dict[str, object]) -> None:
+        self._outbox.push(Held(method, notification(method, {"session_id": self.id, **params})))
+        self._poke()
+
+    async def _collect(self) -> None:
+        """Turn channel items into notifications in the outbox; `seq` is assigned here only."""
         decoders = {
             name: codecs.getincrementaldecoder("utf-8")(errors="replace")
             for name in ("stdout", "stderr")
         }
-        await self._announced.wait()
-        await self._emit("process.started", {
+        self._queue("process.started", {
             "pid": self.group.pid, "pgid": self.group.pgid, "command": self.group.argv,
         })
         async with self._receive:
             async for item in self._receive:
                 if isinstance(item, str):
-                    await self._emit(item, {})
+                    self._queue(item, {})
                 else:
                     await self._output(item[0], item[1], decoders[item[0]])
                 while self._control_overflow:
-                    await self._emit(self._control_overflow.popleft(), {})
+                    self._queue(self._control_overflow.popleft(), {})
         for name, decoder in decoders.items():
             await self._output(name, b"", decoder, final=True)
-        await self._emit("process.completed", self._completion())
-        log.info("completed", status=self.state.value, exit_code=self.info().exit_code,
-                 signal=self.info().signal, stdout_bytes=self.stdout_bytes,
-                 stderr_bytes=self.stderr_bytes, stop_step=self.stop_step.value
-                 if self.stop_step else None)
+        completion = self._completion_params()
+        self._completion = Held("process.completed",
+                                notification("process.completed", completion))
+        self._outbox.push(self._completion)
+        self._collected_all = True
+        self._poke()
+        log.info("completed", status=self.state.value, exit_code=completion["exit_code"],
+                 signal=completion["signal"], stdout_bytes=self.stdout_bytes,
+                 stderr_bytes=self.stderr_bytes,
+                 stop_step=self.stop_step.value if self.stop_step else None)
 
     async def _output(
         self, name: str, data: bytes, decoder: codecs.IncrementalDecoder, *, final: bool = False
     ) -> None:
-        params: dict[str, object] = {"stream": name}
+        while not self._outbox.has_room:  # back-pressure: unsent output is at its budget
+            await self._room.wait()
+            self._room = trio.Event()
+        params: dict[str, object] = {"session_id": self.id, "stream": name}
         if self.options.encoding == "base64":
             if not data:
                 return
@@ -430,13 +522,15 @@ class Session:
             if not text:
                 return
             params["data"] = text
-        params["seq"] = self._seq
-        self._seq += 1
-        await self._emit("process.output", params)
+        seq = params["seq"] = self._outbox.take_seq()
+        message = notification("process.output", params)
+        self._outbox.push(Held("process.output", message, seq, len(data)))
+        self._poke()
 
-    def _completion(self) -> dict[str, object]:
+    def _completion_params(self) -> dict[str, object]:
         info = self.info()
         return {
+            "session_id": self.id,
             "status": info.status,
             "exit_code": info.exit_code,
             "signal": info.signal,
@@ -445,18 +539,41 @@ class Session:
             "stderr_bytes": self.stderr_bytes,
         }
 
-    async def _emit(self, method: str, params: dict[str, object]) -> None:
-        owner = self.owner
-        if owner is None:
-            return
-        message = notification(method, {"session_id": self.id, **params})
+    async def deliver(self) -> None:
+        """Send held notifications, in order, to whoever owns the session now.
+
+        Returns once everything up to `process.completed` went out, or once the session has
+        ended with nobody to send to (the rest stays held for `attach`, which restarts this).
+        **Cancellation**: a hand-over to the owner is cancel-safe (the connection's writer
+        takes whole messages); an abandoned one stays at the head of the outbox.
+        """
+        self._delivering = True
         try:
-            await owner.send_message(message)
-        except OwnerGone:
-            # Nobody can receive this session any more; its owner's closing cancels it.
-            # Keep consuming so the pumps never block on a dead reader.
-            if self.owner is owner:
-                self.owner = None
+            while True:
+                held, owner = self._outbox.head(), self.owner
+                if held is None or owner is None or self._owner_broken or not self._gate_open:
+                    if self._collected_all and (held is None or owner is None
+                                                or self._owner_broken):
+                        return
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                generation = self.generation
+                with trio.CancelScope() as scope:
+                    self._send_scope = scope
+                    try:
+                        await owner.send_message(held.message)
+                    except OwnerGone:
+                        if generation == self.generation:
+                            self._owner_broken = True  # its connection's release decides
+                        continue
+                    finally:
+                        self._send_scope = None
+                if generation == self.generation and not scope.cancelled_caught:
+                    self._outbox.delivered()
+                    self._room_changed()
+        finally:
+            self._delivering = False
 
 
 def group_alive(session: Session) -> bool:

@@ -81,31 +81,56 @@ class Connection:
     id: str = attrs.field(factory=lambda: f"c{next(_connection_ids)}")
     closed: bool = False
     _in_flight: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
+    _outgoing: trio.MemorySendChannel[str] = attrs.field(init=False)
+    _outgoing_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
+    _drained: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        # Capacity 0: a sender waits until the writer takes its message, so a slow peer
+        # back-pressures every session of this connection and nothing queues up here.
+        self._outgoing, self._outgoing_receive = trio.open_memory_channel[str](0)
 
     async def send_message(self, message: dict[str, object] | list[dict[str, object]]) -> None:
-        """Send one JSON-RPC message (or batch); raise `OwnerGone` once the peer is gone."""
+        """Hand one JSON-RPC message (or batch) to the writer; raise `OwnerGone` once the peer
+        is gone. Waits while the writer is busy: that wait is the back-pressure.
+
+        **Cancellation**: safe. A message is either taken whole by the writer or not at all,
+        so an abandoned hand-over never leaves half a frame on the socket.
+        """
         if self.closed:
             raise OwnerGone(self.id)
         try:
-            await self.ws.send_message(encode(message))
-        except trio_websocket.ConnectionClosed:
-            self.closed = True
+            await self._outgoing.send(encode(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise OwnerGone(self.id) from None
 
+    async def _write(self) -> None:
+        """The only task that writes frames: one message at a time, in hand-over order."""
+        async with self._outgoing_receive:
+            async for text in self._outgoing_receive:
+                try:
+                    await self.ws.send_message(text)
+                except trio_websocket.ConnectionClosed:
+                    self.closed = True
+                    return
+        self._drained.set()
+
     async def serve(self) -> None:
-        """Read frames until the peer goes; then cancel what this connection owns.
+        """Read frames until the peer goes; then release what this connection owns.
 
         **Cancellation**: cancelling it (server shutdown) ends the request tasks; sessions are
-        released (cancelled) either way.
+        released (detached or cancelled) either way.
         """
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write)
                 if self.settings.ws_ping_interval > 0:
                     nursery.start_soon(self._keepalive)
                 await self._read_frames(nursery)
                 nursery.cancel_scope.cancel()
         finally:
             self.closed = True
+            self._outgoing.close()
             self.manager.release(self)
 
     async def _read_frames(self, nursery: trio.Nursery) -> None:
@@ -164,7 +189,11 @@ class Connection:
                     return
 
     async def close(self, code: int, reason: str) -> None:
+        """Let the writer send what it was handed (completions at shutdown), then close."""
         with trio.move_on_after(CLOSE_TIMEOUT_S):
+            self._outgoing.close()
+            if not self.ws.closed:
+                await self._drained.wait()
             await self.ws.aclose(code, reason)
 
 

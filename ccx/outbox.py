@@ -1,0 +1,130 @@
+"""A session's held notifications: unsent ones in order, and recently sent output for replay.
+
+Inputs: notifications built by the session (output carries a `seq` and its raw byte size).
+Outputs: the next message to deliver to the current owner; `rewind()` to re-deliver from a
+given seq to a new owner (PROTOCOL.md section 8); room checks that turn into back-pressure.
+Two byte budgets of raw output (`budget_bytes` each): `pending` (not yet delivered; when full,
+the session stops reading the child) and `sent` (delivered; oldest evicted first).
+Pure data, no I/O, no trio. Docs: ../shared/PROTOCOL.md section 8.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable
+
+import attrs
+
+from ccx.protocol import ReplayUnavailable
+
+
+@attrs.frozen
+class Held:
+    """One notification as it will go on the wire; output has a `seq` and a raw size."""
+
+    method: str
+    message: dict[str, object]  # the whole JSON-RPC notification
+    seq: int | None = None
+    raw_bytes: int = 0
+
+    @property
+    def is_output(self) -> bool:
+        return self.seq is not None
+
+
+@attrs.define
+class Outbox:
+    budget_bytes: int
+    pending: collections.deque[Held] = attrs.field(factory=collections.deque)
+    pending_bytes: int = 0
+    sent: collections.deque[Held] = attrs.field(factory=collections.deque)
+    sent_bytes: int = 0
+    next_seq: int = 0
+
+    @property
+    def has_room(self) -> bool:
+        """Whether more output may be queued; False means: stop reading the child."""
+        return self.pending_bytes < self.budget_bytes
+
+    def push(self, held: Held) -> None:
+        self.pending.append(held)
+        self.pending_bytes += held.raw_bytes
+
+    def take_seq(self) -> int:
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        return seq
+
+    def head(self) -> Held | None:
+        return self.pending[0] if self.pending else None
+
+    def delivered(self) -> Held:
+        """The head went out: keep it (if output) among the recently sent."""
+        held = self.pending.popleft()
+        self.pending_bytes -= held.raw_bytes
+        if held.is_output:
+            self._remember(held)
+        return held
+
+    def _remember(self, held: Held) -> None:
+        self.sent.append(held)
+        self.sent_bytes += held.raw_bytes
+        while self.sent_bytes > self.budget_bytes and len(self.sent) > 1:
+            self.sent_bytes -= self.sent.popleft().raw_bytes
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest seq still held (sent or pending), or `next_seq` if none is."""
+        for queue in (self.sent, self.pending):
+            for held in queue:
+                if held.seq is not None:
+                    return held.seq
+        return self.next_seq
+
+    def check_replay(self, since_seq: int) -> None:
+        """Raise -32006 if output after *since_seq* is no longer held (-1: never raises)."""
+        if since_seq >= 0 and since_seq + 1 < self.first_seq:
+            raise ReplayUnavailable(
+                f"output after seq {since_seq} is no longer held; oldest held is "
+                f"{self.first_seq}", {"first_seq": self.first_seq})
+
+    def rewind(self, since_seq: int, tail: Iterable[Held]) -> None:
+        """Queue, for a new owner: every held output with seq > *since_seq*, then *tail*.
+
+        Queued control notifications are dropped: the caller's *tail* states the current
+        situation (paused, completed) instead.
+        """
+        outputs = [h for h in (*self.sent, *self.pending) if h.is_output]
+        self.sent.clear()
+        self.sent_bytes = 0
+        self.pending.clear()
+        self.pending_bytes = 0
+        for held in outputs:
+            if held.seq is not None and held.seq <= since_seq:
+                self._remember(held)  # the client has it: keep it only for a later replay
+            else:
+                self.push(held)
+        for held in tail:
+            self.push(held)
+
+
+if __name__ == "__main__":
+    box = Outbox(budget_bytes=10)
+    for _ in range(4):
+        box.push(Held("process.output", {}, box.take_seq(), 4))
+    assert not box.has_room
+    for _ in range(3):
+        box.delivered()
+    assert [h.seq for h in box.sent] == [1, 2] and box.first_seq == 1  # seq 0 evicted
+    box.check_replay(-1)
+    box.check_replay(0)
+    try:
+        Outbox(budget_bytes=4, sent=box.sent, next_seq=3).check_replay(-1)
+        box.sent.popleft()
+        box.check_replay(0)
+    except ReplayUnavailable as exc:
+        assert exc.data == {"first_seq": 2}, exc.data
+    else:
+        raise AssertionError("seq 1 is gone: replay after 0 must fail")
+    box.rewind(2, [Held("process.completed", {})])
+    assert [h.seq for h in box.pending] == [3, None] and [h.seq for h in box.sent] == [2]
+    print("ccx.outbox: PASS")
