@@ -1,4 +1,4 @@
-"""The `ccx` command: serve, run, ps, pause, resume, cancel, status, health, selftest.
+"""The `ccx` command: serve, run, attach, ps, pause, resume, cancel, status, health, selftest.
 
 Inputs: argv, `CCX_*` environment (server settings; `CCX_URL`/`CCX_TOKEN` for client commands).
 Outputs: a running server (`ccx serve`), or a client action with a meaningful exit code:
@@ -73,7 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, help="seconds before the server cancels it")
     run.add_argument("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL")
     run.add_argument("--shell", action="store_true", help="run CMD with /bin/sh -c")
+    run.add_argument("--linger", type=float, default=0.0, metavar="S",
+                     help="keep the session running S seconds after a lost connection; "
+                     "ccx re-dials and resumes the stream without a gap")
+    run.add_argument("--tag", help="label the session (ccx ps --tag)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    attach = commands.add_parser("attach", help="re-join a running or ended session",
+                                 description="Stream a session's held and new output, as "
+                                 "`ccx run` does, and exit with its exit code. Ctrl-C leaves a "
+                                 "lingering session running (and cancels one without linger).")
+    _add_client_options(attach)
+    attach.add_argument("session_id")
+    attach.add_argument("--since-seq", type=int, default=-1, metavar="N",
+                        help="replay only output after seq N (default: all still held)")
 
     for name, help_text in (("pause", "SIGSTOP a session's group"),
                             ("resume", "SIGCONT a session's group"),
@@ -90,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps = commands.add_parser("ps", help="list sessions")
     _add_client_options(ps)
     ps.add_argument("--json", action="store_true", help="machine-readable output")
+    ps.add_argument("--tag", help="only sessions with this tag")
 
     health = commands.add_parser("health", help="exit 0 when the server's /health is ok")
     _add_client_options(health)
@@ -149,8 +163,71 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: bool) -> int:
+    """Copy *session*'s output to fds 1/2 until it completes; return the exit code.
+
+    Ctrl-C cancels the remote session (a second one leaves at once), or, with
+    *detach_on_interrupt*, just leaves it running for a later `ccx attach`.
+    """
+    from ccx.client import Completed, Detached, Output, ServerError
+
+    interrupted = False
+
+    async def forward_stdin_task() -> None:
+        try:
+            while True:
+                data = await trio.to_thread.run_sync(os.read, 0, READ_BYTES,
+                                                     abandon_on_cancel=True)
+                await session.send(data, eof=not data)
+                if not data:
+                    return
+        except (ServerError, OSError):
+            return  # the child closed its stdin or ended: nothing more to forward
+
+    async def watch_interrupts(cancel_scope: trio.CancelScope) -> None:
+        nonlocal interrupted
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if interrupted or detach_on_interrupt:  # leave now
+                    interrupted = True
+                    cancel_scope.cancel()
+                    return
+                interrupted = True
+                await session.cancel()
+
+    result = None
+    with trio.CancelScope() as outer:
+        async with trio.open_nursery() as nursery:
+            if forward_stdin:
+                nursery.start_soon(forward_stdin_task)
+            nursery.start_soon(watch_interrupts, outer)
+            try:
+                async for event in session.events():
+                    if isinstance(event, Output):
+                        fd = 1 if event.stream == "stdout" else 2
+                        await trio.to_thread.run_sync(_write_all, fd, event.data)
+                    elif isinstance(event, Completed):
+                        result = event
+                    elif isinstance(event, Detached):
+                        print(f"ccx: session {session.id} was attached by another client",
+                              file=sys.stderr)
+                        return 1
+            except BrokenPipeError:  # `| head -1` closed our stdout: stop the job
+                with trio.move_on_after(5):
+                    await session.cancel()
+                return EXIT_BROKEN_PIPE
+            finally:
+                nursery.cancel_scope.cancel()
+    if result is None:
+        if detach_on_interrupt:
+            print(f"ccx: left session {session.id} running; rejoin with: "
+                  f"ccx attach {session.id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return _exit_code(result, interrupted)
+
+
 async def _run(args: argparse.Namespace) -> int:
-    from ccx.client import Completed, Output, ServerError, connect
+    from ccx.client import ServerError, connect
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -164,72 +241,45 @@ async def _run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         env[key] = value
     forward_stdin = not os.isatty(0)
-    interrupted = False
     async with connect(args.url, args.token) as client:
         try:
             session = await client.execute(
                 " ".join(argv) if args.shell else argv, shell=args.shell, cwd=args.cwd,
                 env=env or None, timeout=args.timeout, kill_grace=args.kill_grace,
-                stdin=forward_stdin, encoding="base64")
+                stdin=forward_stdin, encoding="base64", linger=args.linger, tag=args.tag)
         except ServerError as exc:
             print(f"ccx run: {exc.message}", file=sys.stderr)
             return EXIT_USAGE if exc.code == -32602 else 1
+        if args.linger > 0 and os.isatty(2):
+            print(f"ccx: session {session.id} survives a lost connection for {args.linger:g}s;"
+                  f" rejoin with: ccx attach {session.id}", file=sys.stderr)
+        return await _stream(session, forward_stdin=forward_stdin, detach_on_interrupt=False)
 
-        async def forward_stdin_task() -> None:
-            try:
-                while True:
-                    data = await trio.to_thread.run_sync(os.read, 0, READ_BYTES,
-                                                         abandon_on_cancel=True)
-                    await session.send(data, eof=not data)
-                    if not data:
-                        return
-            except (ServerError, OSError):
-                return  # the child closed its stdin or ended: nothing more to forward
 
-        async def watch_interrupts(cancel_scope: trio.CancelScope) -> None:
-            nonlocal interrupted
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    if interrupted:  # second Ctrl-C: leave now
-                        cancel_scope.cancel()
-                        return
-                    interrupted = True
-                    await session.cancel()
+async def _attach(args: argparse.Namespace) -> int:
+    from ccx.client import ServerError, connect
 
-        result = None
-        with trio.CancelScope() as outer:
-            async with trio.open_nursery() as nursery:
-                if forward_stdin:
-                    nursery.start_soon(forward_stdin_task)
-                nursery.start_soon(watch_interrupts, outer)
-                try:
-                    async for event in session.events():
-                        if isinstance(event, Output):
-                            fd = 1 if event.stream == "stdout" else 2
-                            await trio.to_thread.run_sync(_write_all, fd, event.data)
-                        elif isinstance(event, Completed):
-                            result = event
-                except BrokenPipeError:  # `| head -1` closed our stdout: stop the job
-                    with trio.move_on_after(5):
-                        await session.cancel()
-                    return EXIT_BROKEN_PIPE
-                finally:
-                    nursery.cancel_scope.cancel()
-        if result is None:
-            return EXIT_INTERRUPTED
-        return _exit_code(result, interrupted)
+    async with connect(args.url, args.token) as client:
+        try:
+            session = await client.attach(args.session_id, since_seq=args.since_seq)
+        except ServerError as exc:
+            print(f"ccx attach: {exc.message}", file=sys.stderr)
+            return 1
+        # Leaving a session without linger would cancel it anyway: then Ctrl-C cancels.
+        return await _stream(session, forward_stdin=False,
+                             detach_on_interrupt=session.linger > 0)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ccx.client import ConnectionLost
 
     try:
-        return trio.run(_run, args)
+        return trio.run(_run if args.command == "run" else _attach, args)
     except (OSError, ConnectionLost) as exc:
-        print(f"ccx run: cannot reach {args.url}: {exc}", file=sys.stderr)
+        print(f"ccx {args.command}: cannot reach {args.url}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except Exception as exc:  # trio-websocket handshake errors (401, 403...)
-        print(f"ccx run: {exc}", file=sys.stderr)
+        print(f"ccx {args.command}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 
 
@@ -268,7 +318,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "ps":
-            sessions = _client_call(args, "sessions", {})["sessions"]
+            params = {"tag": args.tag} if args.tag is not None else {}
+            sessions = _client_call(args, "sessions", params)["sessions"]
             if args.json:
                 print(json.dumps(sessions, indent=2))
                 return 0
@@ -327,7 +378,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "run": cmd_run, "health": cmd_health,
+    handlers = {"serve": cmd_serve, "run": cmd_run, "attach": cmd_run, "health": cmd_health,
                 "selftest": cmd_selftest}
     return handlers.get(args.command, cmd_query)(args)
 

@@ -11,6 +11,7 @@ Docs: https://trio-websocket.readthedocs.io/en/stable/clients.html
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import math
@@ -23,6 +24,9 @@ import trio
 import trio_websocket
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what we accept from a server, well above its 64 KiB chunks
+RECONNECT_FIRST_S = 0.05  # first re-dial delay after a dropped connection; doubles each try
+RECONNECT_MAX_S = 5.0
+CLOSE_TIMEOUT_S = 2.0
 
 
 class ServerError(Exception):
@@ -80,7 +84,14 @@ class Completed:
     stderr_bytes: int
 
 
-Event = Started | Output | Paused | Resumed | Completed
+@attrs.frozen
+class Detached:
+    """Another connection attached to the session: this client gets nothing more of it."""
+
+    session_id: str
+
+
+Event = Started | Output | Paused | Resumed | Completed | Detached
 
 
 def _event(method: str, params: dict[str, Any]) -> Event | None:
@@ -99,45 +110,74 @@ def _event(method: str, params: dict[str, Any]) -> Event | None:
         return Paused(sid)
     if method == "process.resumed":
         return Resumed(sid)
+    if method == "process.detached":
+        return Detached(sid)
     return None
 
 
 @attrs.define(eq=False)
 class RemoteSession:
-    """A session this client started: its events in order, its controls, its result.
+    """A session this client started (or attached to): its events in order, its controls.
 
     Events are buffered without bound until read, so a caller may await `pause()` inside
     its `async for` loop without deadlocking the connection; read them to keep memory flat.
+    With `linger` > 0 the session survives a dropped connection: the client re-dials,
+    attaches with the last seq it saw, and `events()` goes on without a gap or duplicate.
     """
 
     client: Client
     id: str
     pid: int
     pgid: int
+    linger: float
     _send: trio.MemorySendChannel[Event] = attrs.field(repr=False)
     _receive: trio.MemoryReceiveChannel[Event] = attrs.field(repr=False)
+    last_seq: int = -1
     result: Completed | None = None
+    taken: bool = False  # another connection attached to it (`Detached` was delivered)
+
+    def _deliver(self, event: Event) -> None:
+        if isinstance(event, Output):
+            if event.seq <= self.last_seq:
+                return  # replayed after a reconnect and already delivered
+            self.last_seq = event.seq
+        elif isinstance(event, Completed):
+            if self.result is not None:
+                return
+            self.result = event
+        elif isinstance(event, Detached):
+            self.taken = True
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            self._send.send_nowait(event)
+        if isinstance(event, Detached):
+            self._send.close()
 
     async def events(self) -> AsyncIterator[Event]:
-        """Every event of the session, ending after `Completed`.
+        """Every event of the session, ending after `Completed` (or `Detached`, when another
+        connection took the session over).
 
-        Raises `ConnectionLost` if the connection closed first.
+        Raises `ConnectionLost` if the connection closed for good first.
         """
-        while self.result is None:
+        while True:
             try:
                 event = await self._receive.receive()
             except trio.EndOfChannel:
                 raise ConnectionLost(f"connection closed before session {self.id} completed")\
                     from None
-            if isinstance(event, Completed):
-                self.result = event
             yield event
+            if isinstance(event, Completed | Detached):
+                return
 
     async def wait(self) -> Completed:
-        """Discard remaining events and return the completion."""
+        """Discard remaining events and return the completion.
+
+        Raises `ConnectionLost` if the connection closed for good or another connection
+        took the session over first.
+        """
         async for _ in self.events():
             pass
-        assert self.result is not None
+        if self.result is None:
+            raise ConnectionLost(f"session {self.id} was attached by another connection")
         return self.result
 
     async def pause(self) -> str:
@@ -156,29 +196,100 @@ class RemoteSession:
 
 @attrs.define(eq=False)
 class Client:
-    """One connection to a ccx server. Create it with `connect()`."""
+    """A connection to a ccx server that re-dials for lingering sessions. Use `connect()`."""
 
-    ws: trio_websocket.WebSocketConnection
+    url: str
+    token: str | None = None
+    ws: trio_websocket.WebSocketConnection | None = None
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     _waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = attrs.field(factory=dict)
     _sessions: dict[str, RemoteSession] = attrs.field(factory=dict)
     _early: dict[str, list[Event]] = attrs.field(factory=dict)
+    _closing: bool = False
     closed: bool = False
+    reconnects: int = 0
 
-    async def _read(self) -> None:
+    # ------------------------------------------------------------------------- connection
+
+    async def _dial(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+        headers = [(b"Authorization", f"Bearer {self.token}".encode())] if self.token else None
+        return await trio_websocket.connect_websocket_url(
+            nursery, self.url, extra_headers=headers, max_message_size=MAX_MESSAGE_BYTES)
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the connection: dial, read, and re-dial while lingering sessions need it."""
+        first = True
         try:
             while True:
-                message = json.loads(await self.ws.get_message())
+                async with trio.open_nursery() as nursery:
+                    if first:
+                        self.ws = await self._dial(nursery)  # errors reach connect()'s caller
+                    else:
+                        ws = await self._redial(nursery)
+                        if ws is None:
+                            return
+                        self.ws = ws
+                    if first:
+                        task_status.started()
+                        first = False
+                    else:
+                        self.reconnects += 1
+                        nursery.start_soon(self._reattach)
+                    await self._read(self.ws)
+                    # Let trio-websocket's reader finish the close handshake (cancelling it
+                    # now would leave aclose() waiting), but not forever.
+                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
+                self._fail_waiting()
+                if self._closing or not self._lingering():
+                    return
+        finally:
+            self.closed = True
+            self._fail_waiting()
+            for session in self._sessions.values():
+                session._send.close()
+
+    def _lingering(self) -> list[RemoteSession]:
+        return [s for s in self._sessions.values()
+                if s.linger > 0 and s.result is None and not s.taken]
+
+    async def _redial(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection | None:
+        """Re-dial with exponential backoff for as long as the longest linger lasts."""
+        deadline = trio.current_time() + max(s.linger for s in self._lingering())
+        delay = RECONNECT_FIRST_S
+        while trio.current_time() < deadline and not self._closing:
+            try:
+                return await self._dial(nursery)
+            except (OSError, trio_websocket.HandshakeError):
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+        return None
+
+    async def _reattach(self) -> None:
+        for session in self._lingering():
+            try:
+                await self.call("attach", {"session_id": session.id,
+                                           "since_seq": session.last_seq})
+            except ServerError:  # forgotten or no longer replayable: this one is lost
+                session._send.close()
+            except ConnectionLost:
+                return
+
+    def _fail_waiting(self) -> None:
+        for channel in self._waiting.values():
+            channel.close()
+        self._waiting.clear()
+        for session in self._sessions.values():
+            if session.linger <= 0 or self._closing:
+                session._send.close()
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        try:
+            while True:
+                message = json.loads(await ws.get_message())
                 for item in message if isinstance(message, list) else [message]:
                     self._dispatch(item)
         except trio_websocket.ConnectionClosed:
             pass
-        finally:
-            self.closed = True
-            for channel in self._waiting.values():
-                channel.close()
-            for session in self._sessions.values():
-                session._send.close()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if "method" in message:
@@ -189,22 +300,25 @@ class Client:
             if session is None:  # arrived before execute() registered it
                 self._early.setdefault(event.session_id, []).append(event)
             else:
-                session._send.send_nowait(event)
+                session._deliver(event)
             return
         channel = self._waiting.pop(message.get("id"), None)  # type: ignore[arg-type]
         if channel is not None:
             channel.send_nowait(message)
 
+    # ------------------------------------------------------------------------- calls
+
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Send one request and return its result; raise `ServerError` for an error."""
-        if self.closed:
+        ws = self.ws
+        if self.closed or ws is None:
             raise ConnectionLost("connection is closed")
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[request_id] = send
         message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
         try:
-            await self.ws.send_message(json.dumps(message))
+            await ws.send_message(json.dumps(message))
             reply = await receive.receive()
         except (trio_websocket.ConnectionClosed, trio.EndOfChannel):
             raise ConnectionLost(f"connection closed during {method}") from None
@@ -214,6 +328,16 @@ class Client:
             error = reply["error"]
             raise ServerError(error.get("code", 0), error.get("message", ""), error.get("data"))
         return reply["result"]
+
+    def _register(self, session_id: str, pid: int, pgid: int, linger: float) -> RemoteSession:
+        send, receive = trio.open_memory_channel[Event](math.inf)
+        session = RemoteSession(self, session_id, pid, pgid, linger, send, receive)
+        self._sessions[session.id] = session
+        for event in self._early.pop(session.id, []):
+            session._deliver(event)
+        if self.closed:
+            send.close()
+        return session
 
     async def execute(
         self,
@@ -226,6 +350,8 @@ class Client:
         stdin: bool = False,
         encoding: str = "utf-8",
         kill_grace: float | None = None,
+        linger: float = 0.0,
+        tag: str | None = None,
         **extra: Any,
     ) -> RemoteSession:
         """Start *command* (argv list, or a string split like a shell would) on the server."""
@@ -234,18 +360,35 @@ class Client:
             "shell": shell, "stdin": stdin, "encoding": encoding, **extra,
         }
         for name, value in (("cwd", cwd), ("env", env), ("timeout", timeout),
-                            ("kill_grace", kill_grace)):
+                            ("kill_grace", kill_grace), ("tag", tag)):
             if value is not None:
                 params[name] = value
+        if linger > 0:
+            params["linger"] = linger
         result = await self.call("execute", params)
-        send, receive = trio.open_memory_channel[Event](math.inf)
-        session = RemoteSession(self, result["session_id"], result["pid"], result["pgid"],
-                                send, receive)
-        self._sessions[session.id] = session
-        for event in self._early.pop(session.id, []):
-            send.send_nowait(event)
-        if self.closed:
-            send.close()
+        return self._register(result["session_id"], result["pid"], result["pgid"], linger)
+
+    async def attach(self, session_id: str, *, since_seq: int = -1,
+                     linger: float | None = None) -> RemoteSession:
+        """Take over *session_id* (maybe started elsewhere); its held output comes again
+        from *since_seq* + 1, then its pause state and completion. *linger* (by default the
+        session's own, from `status`) decides whether to re-attach after a reconnect."""
+        if linger is None:
+            linger = float((await self.status(session_id)).get("linger") or 0.0)
+        session = self._sessions.get(session_id)
+        created = session is None or session.taken
+        if created:
+            session = self._register(session_id, 0, 0, linger)
+        assert session is not None
+        session.last_seq, session.linger = since_seq, linger
+        try:
+            result = await self.call("attach", {"session_id": session_id,
+                                               "since_seq": since_seq})
+        except ServerError:
+            if created and self._sessions.get(session_id) is session:
+                del self._sessions[session_id]
+            raise
+        session.pid, session.pgid = result["pid"], result["pgid"]
         return session
 
     async def control(self, session_id: str, kind: str) -> str:
@@ -258,8 +401,9 @@ class Client:
                   "encoding": "base64", "eof": eof}
         return int((await self.call("input", params))["bytes"])
 
-    async def sessions(self) -> list[dict[str, Any]]:
-        return list((await self.call("sessions"))["sessions"])
+    async def sessions(self, tag: str | None = None) -> list[dict[str, Any]]:
+        params = {"tag": tag} if tag is not None else {}
+        return list((await self.call("sessions", params))["sessions"])
 
     async def status(self, session_id: str) -> dict[str, Any]:
         return dict(await self.call("status", {"session_id": session_id}))
@@ -270,21 +414,24 @@ class Client:
     async def server_info(self) -> dict[str, Any]:
         return dict(await self.call("server.info"))
 
+    async def aclose(self) -> None:
+        """Close for good: sessions without linger are cancelled by the server."""
+        self._closing = True
+        if self.ws is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await self.ws.aclose()
+
 
 @asynccontextmanager
 async def connect(url: str, token: str | None = None) -> AsyncIterator[Client]:
-    """Open a connection to *url*; closing it cancels the sessions it started (server rule)."""
-    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
-    async with trio.open_nursery() as nursery, trio_websocket.open_websocket_url(
-        url, extra_headers=headers, max_message_size=MAX_MESSAGE_BYTES
-    ) as ws:
-        client = Client(ws)
-        nursery.start_soon(client._read)
+    """Open a connection to *url*; leaving the block closes it for good."""
+    client = Client(url, token)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client._run)
         try:
             yield client
         finally:
-            with trio.move_on_after(2, shield=True):
-                await ws.aclose()
+            await client.aclose()
             nursery.cancel_scope.cancel()
 
 

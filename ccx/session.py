@@ -118,6 +118,8 @@ class SessionInfo:
     stdout_bytes: int
     stderr_bytes: int
     tag: str | None
+    linger: float  # seconds it survives without a connection (PROTOCOL.md section 8)
+    attached: bool  # a live connection receives its notifications
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -208,6 +210,8 @@ class Session:
             stdout_bytes=self.stdout_bytes,
             stderr_bytes=self.stderr_bytes,
             tag=self.options.tag,
+            linger=self.options.linger,
+            attached=self.owner is not None and not self._owner_broken,
         )
 
     # ------------------------------------------------------------------------------ control

@@ -196,3 +196,29 @@ def test_selftest_passes() -> None:
     lines = done.stdout.decode().splitlines()
     assert done.returncode == 0, done.stdout.decode()
     assert lines[-1].endswith("0 failed") and not any(li.startswith("FAIL") for li in lines)
+
+
+def test_run_linger_survives_a_killed_client_and_attach_rejoins(serve: ServeProcess) -> None:
+    """`ccx run --linger` outlives its terminal; `ccx attach` gets every byte and the exit code."""
+    code = ("import sys, time\nfor i in range(30):\n    print(i, flush=True)\n"
+            "    time.sleep(0.05)\nsys.exit(3)")
+    run = subprocess.Popen([CCX, "run", "--linger", "60", "--tag", "job1", "--", PY, "-c", code],
+                           env=serve.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert run.stdout is not None
+    assert run.stdout.readline() == b"0\n"
+    run.kill()  # the terminal is gone, without a word to the server
+    run.wait(timeout=10)
+    listed = json.loads(ccx(serve, "ps", "--tag", "job1", "--json").stdout)
+    assert [s["tag"] for s in listed] == ["job1"]
+    assert ccx(serve, "ps", "--tag", "nope", "--json").stdout.strip() == b"[]"
+    done = ccx(serve, "attach", listed[0]["session_id"])
+    assert done.stdout == b"".join(b"%d\n" % i for i in range(30)), done.stderr
+    assert done.returncode == 3
+    again = ccx(serve, "attach", listed[0]["session_id"])  # an ended session, attached again
+    assert again.returncode == 3 and again.stdout == done.stdout
+
+
+def test_attach_unknown_session(serve: ServeProcess) -> None:
+    done = ccx(serve, "attach", "nope")
+    assert done.returncode == 1
+    assert done.stderr == b"ccx attach: unknown session: nope\n"

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 import trio_websocket
-from conftest import RawClient, group_alive, py
+from conftest import RawClient, group_alive, py, wait_for
 
 from ccx.server import Server
 
@@ -274,3 +274,79 @@ async def test_sessions_filter_by_tag(client: RawClient) -> None:
     assert len((await client.result("sessions"))["sessions"]) == 2
     for session in (await client.result("sessions"))["sessions"]:
         await client.result("control", {"session_id": session["session_id"], "type": "CANCEL"})
+
+
+# ------------------------------------------------------------------ the client library reconnects
+
+
+async def test_client_reconnects_and_resumes_without_gap(server: Server, nursery: trio.Nursery) -> None:
+    """ccx.client re-dials after two cuts and `events()` goes on byte-exact, no duplicate."""
+    from ccx.client import Completed, Output, connect
+
+    proxy = await nursery.start(CuttableProxy(server.port).run)
+    received = bytearray()
+    seqs: list[int] = []
+    cuts = 0
+    async with connect(f"ws://127.0.0.1:{proxy.port}/ws") as client:
+        session = await client.execute(py(BIG_CODE), encoding="base64", linger=30)
+        async for event in session.events():
+            if isinstance(event, Output):
+                received += event.data
+                seqs.append(event.seq)
+                if cuts < 2 and len(received) > (cuts + 1) * 15 * 1024 * 1024:
+                    cuts += 1
+                    await proxy.cut()
+            elif isinstance(event, Completed):
+                assert (event.status, event.exit_code) == ("exited", 0)
+        assert client.reconnects == 2
+    assert seqs == list(range(len(seqs)))
+    assert hashlib.sha256(received).digest() == hashlib.sha256(expected_big()).digest()
+
+
+async def test_client_without_linger_gets_connection_lost(server: Server, nursery: trio.Nursery) -> None:
+    from ccx.client import ConnectionLost, connect
+
+    proxy = await nursery.start(CuttableProxy(server.port).run)
+    async with connect(f"ws://127.0.0.1:{proxy.port}/ws") as client:
+        session = await client.execute(py("import time; print('x', flush=True); time.sleep(60)"))
+        await proxy.cut()
+        with trio.fail_after(10):
+            try:
+                await session.wait()
+            except ConnectionLost:
+                pass
+            else:
+                raise AssertionError("a dropped connection without linger must be reported")
+        assert client.reconnects == 0
+    await wait_for(lambda: not group_alive(session.pgid))
+
+
+async def test_client_sees_detached_when_another_client_attaches(server: Server) -> None:
+    from ccx.client import Completed, Detached, Output, connect
+
+    async with connect(server.url) as first, connect(server.url) as second:
+        session = await first.execute(py("import sys, time\nprint('a', flush=True)\n"
+                                         "sys.stdin.readline()\nprint('b')"),
+                                      stdin=True, linger=30)
+        events = session.events()
+        async for event in events:
+            if isinstance(event, Output):
+                break
+        taken = await second.attach(session.id)
+        assert taken.linger == 30
+        assert [type(e) async for e in events] == [Detached]
+        assert session.taken
+        await taken.send("go\n")
+        got = [e async for e in taken.events()]
+        assert b"".join(e.data for e in got if isinstance(e, Output)) == b"a\nb\n"
+        assert isinstance(got[-1], Completed) and got[-1].exit_code == 0
+
+
+async def test_client_close_completes_the_handshake(server: Server) -> None:
+    """Regression: closing the client waited CLOSE_TIMEOUT_S for a handshake it had cut."""
+    from ccx.client import CLOSE_TIMEOUT_S, connect
+
+    async with connect(server.url) as client:
+        await client.ping()
+        with trio.fail_after(CLOSE_TIMEOUT_S / 2):
+            await client.aclose()
