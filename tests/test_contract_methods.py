@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import (
     PY,
     RawClient,
@@ -427,7 +426,7 @@ async def test_pause_resume_cancel_and_their_idempotency(client: RawClient) -> N
     assert again["session_id"] == sid and again["status"] in ("cancelling", "cancelled")
 
     events = await session_events(client, sid)
-    lifecycle = [method for method, _ in events if method != "process.output"]
+    lifecycle = [m for m, _ in events if m not in ("process.output", "process.started")]
     # Pause of a paused session and resume of a running one are no-ops: no extra notification.
     assert lifecycle == ["process.paused", "process.resumed", "process.completed"], lifecycle
     paused = next(params for method, params in events if method == "process.paused")
@@ -488,7 +487,8 @@ async def test_cancel_of_ended_session_returns_its_final_status(client: RawClien
         {"session_id": sid, "status": "exited"}
     # and it stays ended: no second completion
     await client.result("ping")
-    assert [m for m in client.notifications if m["params"].get("session_id") == sid] == []
+    assert [m for m in client.notifications if m["params"].get("session_id") == sid
+            and m["method"] == "process.completed"] == []
 
 
 async def test_cancel_of_cancelled_session_returns_cancelled(client: RawClient) -> None:
@@ -533,7 +533,7 @@ async def test_any_connection_controls_but_only_owner_is_notified(
     assert (await other.result("control", session_id=sid, type="CANCEL"))["status"] == \
         "cancelling"
     events = await session_events(client, sid)
-    assert [m for m, _ in events if m != "process.output"] == \
+    assert [m for m, _ in events if m not in ("process.output", "process.started")] == \
         ["process.paused", "process.resumed", "process.completed"]
     assert events[-1][1]["status"] == "cancelled"
     await other.result("ping")
@@ -755,3 +755,91 @@ async def test_notification_params_are_for_their_session_only(client: RawClient)
 async def test_python_child_sees_its_argv(client: RawClient) -> None:
     stdout, _, _ = await client.run([PY, "-c", "import sys; print(sys.argv[1:])", "a b", "c"])
     assert stdout == b"['a b', 'c']\n"
+
+
+async def test_execute_result_first_while_connection_is_busy(client: RawClient) -> None:
+    """Even while another session of the connection floods it with output, a new session's
+    execute result precedes that session's notifications."""
+    flood = await client.execute(py(
+        "import sys\nfor i in range(200):\n    sys.stdout.buffer.write(b'f' * 65536)\n"))
+    await trio.sleep(0.3)  # let the flood back up
+    await client.send({"jsonrpc": "2.0", "id": "second", "method": "execute",
+                       "params": {"command": ["echo", "second"]}})
+    second_sid = None
+    with trio.fail_after(30):
+        while second_sid is None:
+            message = await client.receive()
+            if isinstance(message, dict) and message.get("id") == "second":
+                second_sid = message["result"]["session_id"]
+            elif isinstance(message, dict) and "method" in message:
+                assert message["params"]["session_id"] == flood["session_id"], \
+                    f"notification of the new session before its execute result: {message}"
+                client.notifications.append(message)
+        outputs, _completed = await client.run_to_completion(second_sid)
+        assert join(outputs, "stdout") == b"second\n"
+        _flood_out, flood_done = await client.run_to_completion(flood["session_id"])
+    assert flood_done["stdout_bytes"] == 200 * 65536
+
+
+async def test_utf8_outputs_carry_no_base64_marker(client: RawClient) -> None:
+    started = await client.execute(["echo", "plain"])
+    outputs, _ = await client.run_to_completion(started["session_id"])
+    assert outputs and all(o.get("encoding", "utf-8") == "utf-8" for o in outputs), outputs
+
+
+async def test_input_after_session_ended_is_invalid_state(client: RawClient) -> None:
+    started = await client.execute(["cat"], stdin=True)
+    sid = started["session_id"]
+    await client.result("input", session_id=sid, data="x", eof=True)
+    await completion(client, sid)
+    assert_error(await client.error("input", session_id=sid, data="y"), -32004)
+
+
+async def test_large_input_is_written_completely(client: RawClient) -> None:
+    """input awaits the pipe (64 KiB) while the child is slow to read; nothing is lost."""
+    payload = os.urandom(600 * 1024)
+    code = ("import hashlib, sys, time; time.sleep(0.5); data = sys.stdin.buffer.read(); "
+            "print(len(data), hashlib.sha256(data).hexdigest())")
+    started = await client.execute(py(code), stdin=True)
+    sid = started["session_id"]
+    reply = await client.result("input", session_id=sid,
+                                data=base64.b64encode(payload).decode(), encoding="base64",
+                                eof=True)
+    assert reply["bytes"] == len(payload)
+    outputs, completed = await client.run_to_completion(sid)
+    assert join(outputs, "stdout").decode().split() == \
+        [str(len(payload)), hashlib.sha256(payload).hexdigest()]
+    assert completed["exit_code"] == 0
+
+
+async def test_cancel_of_paused_child_delivers_sigterm_it_can_handle(client: RawClient) -> None:
+    """CANCEL: SIGCONT if paused, SIGTERM, and only after kill_grace SIGKILL. A paused child
+    that handles SIGTERM gets to run its handler (its output still arrives) and ends long
+    before a 10 s grace."""
+    code = ("import signal, sys, time\n"
+            "def bye(*_):\n    print('got term', flush=True); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\ntime.sleep(100)\n")
+    started = await start_ready(client, py(code), kill_grace=10)
+    sid = started["session_id"]
+    await client.result("control", session_id=sid, type="PAUSE")
+    await wait_for(lambda: (proc_stat(started["pid"]) or ("?",))[0] == "T", timeout=3)
+    await client.result("control", session_id=sid, type="CANCEL")
+    with trio.fail_after(8):
+        events = await session_events(client, sid)
+    text = "".join(p["data"] for m, p in events if m == "process.output")
+    assert "got term" in text
+    assert events[-1][1]["status"] == "cancelled"
+
+
+async def test_timeout_of_a_paused_session(client: RawClient) -> None:
+    started = await start_ready(client, ["sh", "-c", "echo ready; sleep 100 & sleep 100; wait"],
+                                timeout=1.0)
+    await client.result("control", session_id=started["session_id"], type="PAUSE")
+    completed = await completion(client, started["session_id"])
+    assert completed["status"] == "timeout"
+    assert group_pids(started["pgid"]) == {}
+
+
+async def test_duration_is_plausible(client: RawClient) -> None:
+    _, _, completed = await client.run(py("import time; time.sleep(0.5)"))
+    assert 0.4 <= completed["duration_s"] < 30, completed
