@@ -87,12 +87,14 @@ def _target(call: Call, session_id: str | None) -> Session:
 async def control(call: Call) -> dict[str, object]:
     params = structure_params(call.params, ControlParams)
     session = _target(call, params.session_id)
+    started = time.perf_counter()
     if params.type == "PAUSE":
         state = await session.pause()
     elif params.type == "RESUME":
         state = session.resume()
     else:
         state = session.cancel()
+    call.manager.metrics.observe_control(params.type, time.perf_counter() - started)
     return {"session_id": session.id, "status": state.value}
 
 
@@ -163,6 +165,7 @@ async def server_info(call: Call) -> dict[str, object]:
             "retention": settings.retention,
         },
         "capabilities": capabilities,
+        "node": settings.node_name,
     }
 
 

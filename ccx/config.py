@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
 
 
 class ConfigError(ValueError):
@@ -95,6 +97,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("replay_bytes", "CCX_REPLAY_BYTES", int, 8 * 1024 * 1024,
            "per session: unsent output held before the child is throttled, and again "
            "recently sent output kept for replay"),
+    Option("node_name", "CCX_NODE_NAME", _optional_str, None,
+           "prefix of session ids (e.g. the pod name) so an id tells which server has it"),
     Option("log_level", "CCX_LOG_LEVEL", _log_level, "info", "debug, info, warning, error"),
     Option("log_format", "CCX_LOG_FORMAT", _log_format, "json", "json or console"),
 )
@@ -128,6 +132,7 @@ class Settings:
     retention: float = 3600.0
     max_linger: float = 86400.0
     replay_bytes: int = 8 * 1024 * 1024
+    node_name: str | None = None
     log_level: str = "info"
     log_format: str = "json"
 
@@ -141,6 +146,9 @@ class Settings:
         for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"CCX_{name.upper()}: must not be negative")
+        if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
+            raise ConfigError(f"CCX_NODE_NAME: {self.node_name!r} is not 1-63 characters of "
+                              "letters, digits, '.', '_' or '-'")
         if self.allowed_commands is not None and not self.allowed_commands:
             raise ConfigError("CCX_ALLOWED_COMMANDS: set but empty; unset it to allow any")
 

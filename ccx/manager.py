@@ -9,6 +9,7 @@ Docs: https://trio.readthedocs.io/en/stable/reference-core.html#nurseries-and-sp
 
 from __future__ import annotations
 
+import collections
 import os
 import shlex
 import signal
@@ -22,6 +23,7 @@ import trio
 
 from ccx.config import Settings
 from ccx.log import get_logger
+from ccx.metrics import Metrics
 from ccx.process import resolve_executable, signal_group, spawn
 from ccx.protocol import (
     ExecuteParams,
@@ -74,6 +76,8 @@ class SessionManager:
     _changed: trio.Event = attrs.field(factory=trio.Event)
     started_total: int = 0
     spawn_failures_total: int = 0
+    metrics: Metrics = attrs.field(factory=Metrics)
+    _forgotten_bytes: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host session tasks until cancelled; cancelling it still empties every group."""
@@ -114,7 +118,22 @@ class SessionManager:
         overflow = len(ended) - MAX_ENDED_KEPT
         for index, (ended_at, sid) in enumerate(ended):
             if index < overflow or now - ended_at > self.settings.retention:
-                self._sessions.pop(sid).abandon()
+                session = self._sessions.pop(sid)
+                self._forgotten_bytes.update(stdout=session.stdout_bytes,
+                                             stderr=session.stderr_bytes)
+                session.abandon()
+
+    def _new_id(self) -> str:
+        """A fresh session id: random hex, after `CCX_NODE_NAME` and a dot when set."""
+        node = self.settings.node_name
+        return f"{node}.{uuid.uuid4().hex}" if node else uuid.uuid4().hex
+
+    def output_bytes(self) -> dict[str, int]:
+        """Bytes read from every session's stdout/stderr since start (forgotten ones too)."""
+        totals = collections.Counter(self._forgotten_bytes)
+        for session in self._sessions.values():
+            totals.update(stdout=session.stdout_bytes, stderr=session.stderr_bytes)
+        return {"stdout": totals["stdout"], "stderr": totals["stderr"]}
 
     # ------------------------------------------------------------------------------ policy
 
@@ -196,7 +215,11 @@ class SessionManager:
             raise InvalidParams("Invalid params: kill_grace must not be negative")
         if params.linger < 0:
             raise InvalidParams("Invalid params: linger must not be negative")
-        launch = self.resolve(params)
+        try:
+            launch = self.resolve(params)
+        except SpawnFailed:  # no such executable or cwd: a spawn failure for operators too
+            self.spawn_failures_total += 1
+            raise
         self._check_limits(owner)
         assert self._nursery is not None, "SessionManager.run() is not running"
         try:
@@ -218,7 +241,7 @@ class SessionManager:
                 tag=params.tag,
                 replay_bytes=self.settings.replay_bytes,
             )
-            session = Session(uuid.uuid4().hex, group, options, owner, on_done=self._on_done)
+            session = Session(self._new_id(), group, options, owner, on_done=self._on_done)
         except BaseException:  # a group nobody supervises must not survive: kill it now
             signal_group(group.pgid, signal.SIGKILL)
             raise

@@ -10,7 +10,6 @@ Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listene
 
 from __future__ import annotations
 
-import collections
 import signal
 import socket
 
@@ -21,6 +20,8 @@ from ccx import __version__
 from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
+from ccx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ccx.metrics import ServerState
 from ccx.process import become_subreaper
 from ccx.transport.http import BadHead, Head, read_head, send_plain
 from ccx.transport.websocket import (
@@ -55,6 +56,7 @@ class Server:
 
     def __attrs_post_init__(self) -> None:
         self.manager = SessionManager(self.settings)
+        self.manager.metrics.watch(self._state)
 
     @property
     def url(self) -> str:
@@ -139,31 +141,16 @@ class Server:
                 await send_plain(stream, 401, "missing or wrong token\n",
                                  headers=[("WWW-Authenticate", "Bearer")])
             else:
-                await send_plain(stream, 200, self.metrics(),
-                                 content_type="text/plain; version=0.0.4; charset=utf-8",
+                await send_plain(stream, 200, self.manager.metrics.render(),
+                                 content_type=METRICS_CONTENT_TYPE,
                                  head_only=head.method == "HEAD")
         else:
             await send_plain(stream, 404, "not found\n")
 
-    def metrics(self) -> str:
-        """Prometheus text exposition of what the server knows now."""
-        by_status = collections.Counter(s.state.value for s in self.manager.all())
-        lines = [
-            "# HELP ccx_sessions Sessions known to the server, by status.",
-            "# TYPE ccx_sessions gauge",
-            *(f'ccx_sessions{{status="{status}"}} {count}'
-              for status, count in sorted(by_status.items())),
-            "# HELP ccx_connections Open WebSocket connections.",
-            "# TYPE ccx_connections gauge",
-            f"ccx_connections {len(self.connections)}",
-            "# HELP ccx_sessions_started_total Sessions started since the server started.",
-            "# TYPE ccx_sessions_started_total counter",
-            f"ccx_sessions_started_total {self.manager.started_total}",
-            "# HELP ccx_spawn_failures_total execute calls whose process could not start.",
-            "# TYPE ccx_spawn_failures_total counter",
-            f"ccx_spawn_failures_total {self.manager.spawn_failures_total}",
-        ]
-        return "\n".join(lines) + "\n"
+    def _state(self) -> ServerState:
+        return ServerState([s.state.value for s in self.manager.all()], self.connections,
+                           self.manager.started_total, self.manager.spawn_failures_total,
+                           self.manager.output_bytes())
 
 
 def _set_keepalive(sock: trio.socket.SocketType) -> None:

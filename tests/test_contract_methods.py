@@ -843,3 +843,22 @@ async def test_timeout_of_a_paused_session(client: RawClient) -> None:
 async def test_duration_is_plausible(client: RawClient) -> None:
     _, _, completed = await client.run(py("import time; time.sleep(0.5)"))
     assert 0.4 <= completed["duration_s"] < 30, completed
+
+
+async def test_node_name_prefixes_session_ids(start_server: Any, connect: Any) -> None:
+    """CCX_NODE_NAME (a pod name) starts every session id, so an id tells where it lives."""
+    server = await start_server(node_name="ccx-7d9f8-x2k4q")
+    client = await connect(server)
+    started = await client.execute(["true"])
+    assert started["session_id"].startswith("ccx-7d9f8-x2k4q.")
+    assert (await client.result("server.info"))["node"] == "ccx-7d9f8-x2k4q"
+    await completion(client, started["session_id"])
+    status = await client.result("status", session_id=started["session_id"])
+    assert status["status"] == "exited"
+
+
+def test_node_name_is_checked() -> None:
+    from ccx.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="CCX_NODE_NAME"):
+        Settings.from_env({"CCX_NODE_NAME": "bad name/with slash"})

@@ -566,6 +566,34 @@ async def test_metrics_served(server: Any) -> None:
     assert body.strip()
 
 
+async def test_metrics_count_what_happened(server: Any, connect: Any) -> None:
+    """Sessions by status, bytes streamed, spawn failures, control latency, connections:
+    parsed with prometheus_client's own parser after real activity."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = await connect(server)
+    await client.run(py("import sys; sys.stdout.write('x' * 1000); sys.stderr.write('e' * 10)"))
+    started = await client.execute(py("import time; print('ready', flush=True); time.sleep(60)"))
+    await client.notification("process.output", started["session_id"])
+    await client.result("control", session_id=started["session_id"], type="PAUSE")
+    await client.result("control", session_id=started["session_id"], type="RESUME")
+    await client.error("execute", command=["/nonexistent/program"])
+    _, _, body = await http_get(server.port, "/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode())
+               for s in family.samples}
+    assert samples[("ccx_sessions", (("status", "exited"),))] == 1
+    assert samples[("ccx_sessions", (("status", "running"),))] == 1
+    assert samples[("ccx_connections", ())] == 1
+    assert samples[("ccx_sessions_started_total", ())] == 2
+    assert samples[("ccx_spawn_failures_total", ())] == 1
+    assert samples[("ccx_output_bytes_total", (("stream", "stdout"),))] == 1000 + len("ready\n")
+    assert samples[("ccx_output_bytes_total", (("stream", "stderr"),))] == 10
+    assert samples[("ccx_control_latency_seconds_count", (("type", "PAUSE"),))] == 1
+    assert samples[("ccx_control_latency_seconds_count", (("type", "RESUME"),))] == 1
+    await client.result("control", session_id=started["session_id"], type="CANCEL")
+
+
 async def test_metrics_need_the_token_when_one_is_set(start_server: Any) -> None:
     server = await start_server(token="tok")
     status, _, _ = await http_get(server.port, "/metrics")
