@@ -321,3 +321,17 @@ async def http_get(port: int, target: str, headers: dict[str, str] | None = None
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     lines += ["Connection: close", "", ""]
     return await http_exchange(port, "\r\n".join(lines).encode("latin-1"))
+
+
+async def start_ready(client: RawClient, command: Any, **params: Any) -> dict[str, Any]:
+    """Execute *command* and wait for its first output (the child's 'ready')."""
+    started = await client.execute(command, **params)
+    with trio.fail_after(10):
+        await client.notification("process.output", started["session_id"])
+    return started
+
+
+async def completion(client: RawClient, session_id: str, timeout: float = 15) -> dict[str, Any]:
+    """The session's `process.completed` params, within *timeout* seconds."""
+    with trio.fail_after(timeout):
+        return await client.notification("process.completed", session_id)

@@ -19,11 +19,13 @@ from conftest import (
     RawClient,
     alive,
     close_code,
+    completion,
     group_pids,
     join,
     proc_stat,
     py,
     session_events,
+    start_ready,
     wait_for,
 )
 
@@ -37,18 +39,6 @@ async def start_tree(client: RawClient, command: list[str] = TREE, size: int = 3
     started = await client.execute(command, **params)
     await wait_for(lambda: len(group_pids(started["pgid"])) >= size, timeout=10)
     return started
-
-
-async def start_ready(client: RawClient, command: Any, **params: Any) -> dict[str, Any]:
-    started = await client.execute(command, **params)
-    with trio.fail_after(10):
-        await client.notification("process.output", started["session_id"])
-    return started
-
-
-async def completion(client: RawClient, session_id: str, timeout: float = 15) -> dict[str, Any]:
-    with trio.fail_after(timeout):
-        return await client.notification("process.completed", session_id)
 
 
 def states(pgid: int) -> dict[int, str]:

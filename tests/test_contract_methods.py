@@ -21,11 +21,13 @@ from conftest import (
     PY,
     RawClient,
     alive,
+    completion,
     group_pids,
     join,
     proc_stat,
     py,
     session_events,
+    start_ready,
     wait_for,
 )
 
@@ -40,19 +42,6 @@ STATUS_FIELDS = {"session_id", "command", "pid", "pgid", "status", "started_at",
                  "exit_code", "signal", "stdout_bytes", "stderr_bytes"}
 COMPLETED_FIELDS = {"session_id", "status", "exit_code", "signal", "duration_s",
                     "stdout_bytes", "stderr_bytes"}
-
-
-async def start_ready(client: RawClient, command: Any, **params: Any) -> dict[str, Any]:
-    """Execute *command* and wait for its first output (the child's 'ready')."""
-    started = await client.execute(command, **params)
-    with trio.fail_after(10):
-        await client.notification("process.output", started["session_id"])
-    return started
-
-
-async def completion(client: RawClient, session_id: str, timeout: float = 15) -> dict[str, Any]:
-    with trio.fail_after(timeout):
-        return await client.notification("process.completed", session_id)
 
 
 def iso(value: str) -> datetime:
