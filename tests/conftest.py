@@ -191,14 +191,24 @@ async def server(start_server: ServerFactory) -> Server:
 
 
 @pytest.fixture
-async def connect(nursery: trio.Nursery) -> Callable[..., Awaitable[RawClient]]:
+async def connect(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Awaitable[RawClient]]]:
+    """Open raw WebSocket clients; at teardown close them (before their servers stop)."""
+    opened: list[trio_websocket.WebSocketConnection] = []
+
     async def factory(server: Server, path: str = "/ws", **kw: Any) -> RawClient:
         ws = await trio_websocket.connect_websocket(
             nursery, "127.0.0.1", server.port or 0, path, use_ssl=False, **kw
         )
+        opened.append(ws)
         return RawClient(ws)
 
-    return factory
+    yield factory
+    # Close them as a client would: aclose() discards notifications the test left unread,
+    # which would otherwise keep trio-websocket's reader from answering the server's close
+    # handshake at shutdown (the server then waits its close timeout for each connection).
+    with trio.move_on_after(10):
+        for ws in opened:
+            await ws.aclose()
 
 
 @pytest.fixture
