@@ -36,3 +36,14 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("mypy", "ccx")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """ccx against websocketd and a raw pipe: bench/results.json, a table, bench/firehose.png.
+
+    `nox -s bench -- --quick` is the < 60 s form. websocketd comes from apt-get when missing
+    (the peer is skipped, with a line saying so, when it cannot be installed).
+    """
+    session.install("-e", ".", "matplotlib>=3.7", "msgspec>=0.18")
+    session.run("python", "-m", "bench.run", *session.posargs)

@@ -335,25 +335,27 @@ class Rpc:
 
     def wait_reply(self, request_id: int) -> dict[str, Any]:
         while True:
-            for message in self._pull():
+            for index, message in enumerate(self.notes):
                 if message.get("id") == request_id:
+                    del self.notes[index]
                     if "error" in message:
                         raise RuntimeError(message["error"])
                     result: dict[str, Any] = message["result"]
                     return result
-                self.notes.append(message)
+            self.notes.extend(self._pull())
 
     def wait_note(self, method: str, session_id: str) -> dict[str, Any]:
         while True:
             for index, message in enumerate(self.notes):
                 if message.get("method") == method and \
                         message["params"]["session_id"] == session_id:
-                    del self.notes[: index + 1]
+                    del self.notes[index]
                     params: dict[str, Any] = message["params"]
                     return params
             self.notes.extend(self._pull())
 
 
+POLL_S = 0.0001  # between looks at /proc: fine enough, and leaves the CPU to the others
 TREE = ["sh", "-c", "sleep 1000 & sleep 1000 & echo ready; wait"]  # 3 processes, obey TERM
 
 
@@ -371,15 +373,16 @@ def control_latency(url: str, tries: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         request = rpc.send("control", {"session_id": session_id, "type": "PAUSE"})
         while not all(_proc_state(pid) == "T" for pid in members):
-            pass
+            time.sleep(POLL_S)
         pause_seen.append(time.perf_counter() - t0)
         rpc.wait_reply(request)
         pause_reply.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         rpc.wait_reply(rpc.send("control", {"session_id": session_id, "type": "RESUME"}))
         resume_reply.append(time.perf_counter() - t0)
+        rpc.notes.clear()  # paused/resumed notifications: nothing is pending now
         while any(_proc_state(pid) == "T" for pid in members):
-            pass
+            time.sleep(POLL_S)
     rpc.send("control", {"session_id": session_id, "type": "CANCEL"})
     rpc.wait_note("process.completed", session_id)
     cancel, statuses = [], []
@@ -392,6 +395,7 @@ def control_latency(url: str, tries: int) -> dict[str, Any]:
         completed = rpc.wait_note("process.completed", session_id)
         cancel.append(time.perf_counter() - t0)
         statuses.append(completed["status"])
+        rpc.notes.clear()
     rpc.ws.close()
     return {"pause_seen_s": pause_seen, "pause_reply_s": pause_reply,
             "resume_reply_s": resume_reply, "cancel_completed_s": cancel,

@@ -178,9 +178,13 @@ class RssSampler:
         return self.samples[0][1] if self.samples else 0
 
 
-def wait_http(port: int, path: str, deadline_s: float = 15.0) -> None:
+def wait_http(port: int, path: str, process: subprocess.Popen[bytes],
+              deadline_s: float = 15.0) -> None:
     deadline = time.monotonic() + deadline_s
     while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening "
+                               f"(see {DATA}/*.log)")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             conn.request("GET", path)
@@ -224,7 +228,7 @@ def running_server(peer: Peer, argv: list[str] | None = None,
         url = f"ws://127.0.0.1:{port}/"
     process = subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=DATA)
     try:
-        wait_http(port, "/health" if peer.kind == "ccx" else "/nothing")
+        wait_http(port, "/health" if peer.kind == "ccx" else "/nothing", process)
         yield url, process.pid
     finally:
         process.terminate()
@@ -368,9 +372,13 @@ def concurrent_specs(peer: Peer, url: str | None, argv: list[str], count: int,
 
 def workload_concurrency(peers: list[Peer], sizes: Sizes, lines: Path) -> list[dict[str, Any]]:
     rows = []
+    with lines.open("rb") as source:  # whole lines, so websocketd's count is exact too
+        head = source.read(sizes.stream_bytes)
+    line_count = head.count(b"\n")
+    stream_bytes = len(head[: head.rindex(b"\n") + 1])
     cases = (("short", ["echo", "hello"], sizes.short_sessions, 6),
-             ("streaming", ["head", "-c", str(sizes.stream_bytes), str(lines)],
-              sizes.stream_sessions, sizes.stream_bytes))
+             ("streaming", ["head", "-n", str(line_count), str(lines)],
+              sizes.stream_sessions, stream_bytes))
     for case, argv, count, expected in cases:
         for peer in peers:
             with running_server(peer, argv) as (url, pid), RssSampler(pid) as rss:
