@@ -78,8 +78,9 @@ def make_lines(path: Path, size: int) -> None:
     import random
 
     rng = random.Random(6)
-    words = ("the tool result file read edit bash output assistant message content text "
-             "function returns value error line test passed café → “quoted”").split()
+    words = ["the", "tool", "result", "file", "read", "edit", "bash", "output", "assistant",
+             "message", "content", "text", "function", "returns", "value", "error", "line",
+             "test", "passed", "café", "→", "“quoted”"]
     written = 0
     with path.open("w", encoding="utf-8") as out:
         while written < size:
@@ -602,8 +603,10 @@ def markdown(results: dict[str, Any]) -> str:
                        "frames/s)") if reader else "-"
         lines.append(f"| {workload} | " + " | ".join(cells) + f" | {reader_cell} |")
     if results.get("firehose"):
-        lines += ["", f"### Firehose: `seq` read at {fmt(results['sizes']['firehose_rate'] / MB, 0)}"
-                  f" MB/s for {fmt(results['sizes']['firehose_s'], 0)} s, then stop and drain",
+        rate = fmt(results["sizes"]["firehose_rate"] / MB, 0)
+        seconds = fmt(results["sizes"]["firehose_s"], 0)
+        lines += ["", f"### Firehose: `seq` read at {rate} MB/s for {seconds} s, then stop and "
+                  "drain",
                   "", "| peer | read (MB) | server RSS start → peak (MiB) | growth (MiB) | "
                   "no loss |", "|---|---|---|---|---|"]
         for row in results["firehose"]:
@@ -694,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="main",
                         help="git revision whose ccx/ runs as ccx-before ('' to skip)")
     parser.add_argument("--only", default="", help="comma-separated workloads to run")
+    parser.add_argument("--peers", default="", help="comma-separated peers to keep (all if empty)")
     parser.add_argument("--out", default=str(BENCH / "results.json"))
     parser.add_argument("--plot", default=str(BENCH / "firehose.png"))
     args = parser.parse_args(argv)
@@ -710,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         peers.append(Peer("ccx-before", "ccx", pythonpath=baseline))
     if ensure_websocketd():
         peers.append(Peer("websocketd", "websocketd"))
+    if args.peers:
+        peers = [p for p in peers if p.name in args.peers.split(",")]
     ccx_peers = [p for p in peers if p.kind == "ccx"]
     results: dict[str, Any] = {"mode": "quick" if args.quick else "full",
                                "machine": machine(), "sizes": attrs.asdict(sizes),
