@@ -648,6 +648,21 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def update_doc(path: Path, table: str, results: dict[str, Any]) -> None:
+    """Replace what lies between the bench markers of *path* with this run's table."""
+    text = path.read_text()
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    where = os.path.relpath(path, ROOT)
+    note = (f"_Written by `nox -s bench -- --doc {where}` ({results['mode']} run, "
+            f"{results['runtime_s']:.0f} s); raw data in `bench/results.json`, plot in "
+            "`bench/firehose.png`._\n\n")
+    path.write_text(f"{head}{DOC_BEGIN}\n{note}{table}{DOC_END}{tail}")
+
+
 def plot(rows: list[dict[str, Any]], path: Path, sizes: Sizes) -> None:
     import matplotlib
 
@@ -700,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default="", help="comma-separated peers to keep (all if empty)")
     parser.add_argument("--out", default=str(BENCH / "results.json"))
     parser.add_argument("--plot", default=str(BENCH / "firehose.png"))
+    parser.add_argument("--doc", default="",
+                        help="also write the table between the bench markers of this file "
+                        "(docs/performance.md)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     sizes = QUICK if args.quick else FULL
@@ -754,7 +772,10 @@ def main(argv: list[str] | None = None) -> int:
     results["goals"] = goals(results)
     results["runtime_s"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(markdown(results))
+    table = markdown(results)
+    print(table)
+    if args.doc:
+        update_doc(Path(args.doc), table, results)
     print(f"runtime {results['runtime_s']:.0f} s; results in {args.out}", file=sys.stderr)
     return 0
 
