@@ -1,4 +1,4 @@
-"""The `ccx` command: serve, run, attach, ps, pause, resume, cancel, status, health, selftest.
+"""The `ccx` command: serve, mcp, run, attach, ps, pause, resume, cancel, status, health, selftest.
 
 Inputs: argv, `CCX_*` environment (server settings; `CCX_URL`/`CCX_TOKEN` for client commands).
 Outputs: a running server (`ccx serve`), or a client action with a meaningful exit code:
@@ -53,15 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server",
                                 description="Run the ccx server. Every flag mirrors a CCX_* "
                                 "environment variable; a flag wins over its variable.")
-    for option in OPTIONS:
-        flag = "--" + option.name.replace("_", "-")
-        help_text = f"{option.help} (env {option.env}, default {option.default!r})"
-        if option.parse.__name__ == "_bool":
-            serve.add_argument(flag, dest=option.name, action="store_const", const="1",
-                               default=None, help=help_text)
-        else:
-            serve.add_argument(flag, dest=option.name, default=None, metavar=option.env,
-                               help=help_text)
+    _add_setting_flags(serve)
 
     run = commands.add_parser("run", help="run a command remotely, streaming its output",
                               description="Run CMD on the server. stdout/stderr arrive byte-"
@@ -109,22 +101,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(health)
 
     commands.add_parser("selftest", help="boot a private server and check it for real")
+
+    mcp = commands.add_parser("mcp", help="serve MCP on stdin/stdout (for Claude Code & co.)",
+                              description="Be a local MCP server on stdio: protocol messages "
+                              "on stdout, logs on stderr. Sessions die when stdin closes. "
+                              "Settings come from the same CCX_* variables as ccx serve.")
+    _add_setting_flags(mcp)
     return parser
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; each mirrors a CCX_* variable and wins over it."""
+    for option in OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        help_text = f"{option.help} (env {option.env}, default {option.default!r})"
+        if option.parse.__name__ == "_bool":
+            parser.add_argument(flag, dest=option.name, action="store_const", const="1",
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=option.name, default=None, metavar=option.env,
+                                help=help_text)
 
 
 # ----------------------------------------------------------------------------------- serve
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from ccx.server import serve
-
+def _settings(args: argparse.Namespace) -> Settings:
     env = dict(os.environ)
     for option in OPTIONS:  # flags become the env values they mirror, then parse as env
         value = getattr(args, option.name)
         if value is not None:
             env[option.env] = value
+    return Settings.from_env(env)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ccx.server import serve
+
     try:
-        settings = Settings.from_env(env)
+        settings = _settings(args)
         settings.check_exposure()
     except ConfigError as exc:
         print(f"ccx serve: {exc}", file=sys.stderr)
@@ -370,6 +385,20 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """MCP on stdio. Nothing but protocol messages may reach stdout: logs go to stderr."""
+    from ccx.transport.stdio import serve_stdio
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"ccx mcp: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure(settings.log_level, settings.log_format)
+    trio.run(serve_stdio, settings)
+    return 0
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from ccx.selftest import main as selftest
 
@@ -379,7 +408,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"serve": cmd_serve, "run": cmd_run, "attach": cmd_run, "health": cmd_health,
-                "selftest": cmd_selftest}
+                "selftest": cmd_selftest, "mcp": cmd_mcp}
     return handlers.get(args.command, cmd_query)(args)
 
 

@@ -99,6 +99,10 @@ OPTIONS: tuple[Option, ...] = (
            "recently sent output kept for replay"),
     Option("node_name", "CCX_NODE_NAME", _optional_str, None,
            "prefix of session ids (e.g. the pod name) so an id tells which server has it"),
+    Option("mcp_buffer_bytes", "CCX_MCP_BUFFER_BYTES", int, 1024 * 1024,
+           "MCP: unread output held per session and stream before the child is throttled"),
+    Option("mcp_tail_bytes", "CCX_MCP_TAIL_BYTES", int, 32 * 1024,
+           "MCP: bytes of each stream the execute tool returns (the end; the rest is counted)"),
     Option("log_level", "CCX_LOG_LEVEL", _log_level, "info", "debug, info, warning, error"),
     Option("log_format", "CCX_LOG_FORMAT", _log_format, "json", "json or console"),
 )
@@ -133,6 +137,8 @@ class Settings:
     max_linger: float = 86400.0
     replay_bytes: int = 8 * 1024 * 1024
     node_name: str | None = None
+    mcp_buffer_bytes: int = 1024 * 1024
+    mcp_tail_bytes: int = 32 * 1024
     log_level: str = "info"
     log_format: str = "json"
 
@@ -140,7 +146,7 @@ class Settings:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"CCX_PORT: {self.port} is not a TCP port (0-65535)")
         for name in ("max_sessions", "max_sessions_per_connection", "max_message_bytes",
-                     "replay_bytes"):
+                     "replay_bytes", "mcp_buffer_bytes", "mcp_tail_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
         for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger"):

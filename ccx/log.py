@@ -2,7 +2,9 @@
 
 Inputs: a level and a format ("json" or "console").
 Outputs: structlog configured process-wide; `get_logger()` for modules; the context ids
-`connection_id`, `request_id`, `session_id` come from `structlog.contextvars`.
+`connection_id`, `request_id`, `session_id` come from `structlog.contextvars`; taps
+(`add_tap`) that see every event before it is rendered (MCP forwards a caller's session lines
+as `notifications/message`).
 Docs: https://www.structlog.org/en/stable/contextvars.html
       https://www.structlog.org/en/stable/standard-library.html
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -24,6 +27,38 @@ _LEVELS = {
 }
 
 
+# A tap gets (level, event dict with the bound context merged in); it must not block or log.
+LogTap = Callable[[str, dict[str, Any]], None]
+_taps: list[LogTap] = []
+
+
+def forward_to_taps(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: show each event to the taps; never changes or drops it."""
+    if _taps:
+        merged = {**structlog.contextvars.get_contextvars(), **event_dict}
+        for tap in list(_taps):
+            try:
+                tap(method_name, merged)
+            except Exception:  # a broken tap must not break logging
+                pass
+    return event_dict
+
+
+def add_tap(tap: LogTap) -> None:
+    """Show every later log event to *tap* (installs `forward_to_taps` if missing)."""
+    processors = list(structlog.get_config()["processors"])
+    if forward_to_taps not in processors:
+        structlog.configure(processors=[forward_to_taps, *processors])
+    _taps.append(tap)
+
+
+def remove_tap(tap: LogTap) -> None:
+    if tap in _taps:
+        _taps.remove(tap)
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     """Send every log event to stderr, one JSON object per line unless *fmt* is "console"."""
     renderer: Any
@@ -33,6 +68,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
+            forward_to_taps,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

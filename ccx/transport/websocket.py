@@ -4,6 +4,8 @@ Inputs: a TCP stream whose request head was already read (`Head`), the `SessionM
 Outputs: a `Connection` that is the `Owner` of the sessions it starts: it reads frames, runs
 each request in its own task (at most `MAX_IN_FLIGHT` at once, so a flood back-pressures),
 sends responses and session notifications, and cancels its sessions when it closes.
+A client offering the subprotocol `mcp` (or any upgrade on `/mcp`) gets an MCP connection
+instead: its frames go to a `McpEndpoint`, which owns the sessions (PROTOCOL.md section 7).
 Docs: https://trio-websocket.readthedocs.io/en/stable/api.html
       https://websockets.spec.whatwg.org/ and RFC 6455 section 7.4 (close codes)
 """
@@ -23,6 +25,7 @@ from ccx import api
 from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
+from ccx.mcp import McpEndpoint
 from ccx.protocol import Invalid, encode, error_response, parse_frame
 from ccx.session import OwnerGone
 from ccx.transport.http import Head, ReplayStream
@@ -34,7 +37,9 @@ HANDSHAKE_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
-WS_PATHS = ("/ws", "/ws/mcp")
+WS_PATHS = ("/ws", "/ws/mcp", "/mcp")
+MCP_SUBPROTOCOL = "mcp"
+MCP_PATH = "/mcp"  # an upgrade here speaks MCP even without the subprotocol
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 _connection_ids = itertools.count(1)
@@ -78,8 +83,10 @@ class Connection:
     ws: trio_websocket.WebSocketConnection
     manager: SessionManager
     settings: Settings
+    speaks_mcp: bool = False
     id: str = attrs.field(factory=lambda: f"c{next(_connection_ids)}")
     closed: bool = False
+    mcp: McpEndpoint | None = attrs.field(init=False, default=None)
     _in_flight: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
     _outgoing: trio.MemorySendChannel[str] = attrs.field(init=False)
     _outgoing_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
@@ -89,6 +96,8 @@ class Connection:
         # Capacity 0: a sender waits until the writer takes its message, so a slow peer
         # back-pressures every session of this connection and nothing queues up here.
         self._outgoing, self._outgoing_receive = trio.open_memory_channel[str](0)
+        if self.speaks_mcp:
+            self.mcp = McpEndpoint(self.manager, self.send_message)
 
     async def send_message(self, message: dict[str, object] | list[dict[str, object]]) -> None:
         """Hand one JSON-RPC message (or batch) to the writer; raise `OwnerGone` once the peer
@@ -124,6 +133,8 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write)
+                if self.mcp is not None:
+                    nursery.start_soon(self.mcp.run)
                 if self.settings.ws_ping_interval > 0:
                     nursery.start_soon(self._keepalive)
                 await self._read_frames(nursery)
@@ -131,6 +142,8 @@ class Connection:
         finally:
             self.closed = True
             self._outgoing.close()
+            if self.mcp is not None:
+                self.mcp.close()  # releases the sessions the endpoint owns
             self.manager.release(self)
 
     async def _read_frames(self, nursery: trio.Nursery) -> None:
@@ -151,6 +164,16 @@ class Connection:
             nursery.start_soon(self._handle_frame, message)
 
     async def _handle_frame(self, message: str | bytes) -> None:
+        if self.mcp is not None:
+            try:
+                reply = await self.mcp.handle_frame(message)
+                if reply is not None:
+                    await self.send_message(reply)
+            except OwnerGone:
+                pass
+            finally:
+                self._in_flight.release()
+            return
         try:
             frame = parse_frame(message)
             replies: list[dict[str, object]] = []
@@ -237,11 +260,14 @@ async def serve_websocket(
             await request.reject(403, body=b"origin not allowed\n")
             nursery.cancel_scope.cancel()
             return
-        ws = await request.accept()
-        connection = Connection(ws, manager, settings)
+        offered_mcp = MCP_SUBPROTOCOL in request.proposed_subprotocols
+        ws = await request.accept(subprotocol=MCP_SUBPROTOCOL if offered_mcp else None)
+        connection = Connection(ws, manager, settings,
+                                speaks_mcp=offered_mcp or head.path == MCP_PATH)
         connections.add(connection)
         with structlog.contextvars.bound_contextvars(connection_id=connection.id):
-            log.info("connected", path=head.path, remote=_peer(stream))
+            log.info("connected", path=head.path, remote=_peer(stream),
+                     protocol="mcp" if connection.speaks_mcp else "native")
             try:
                 await connection.serve()
             finally:

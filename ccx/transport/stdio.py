@@ -1,0 +1,145 @@
+"""MCP over stdio (`ccx mcp`): newline-delimited JSON-RPC on stdin/stdout, logs on stderr.
+
+Inputs: `Settings`; file descriptors for input (stdin) and output (stdout).
+Outputs: one `McpEndpoint` served until stdin reaches EOF (or SIGTERM/SIGINT); then every
+session it started is cancelled and the process returns once their groups are empty. stdout
+carries protocol messages only (one per line; JSON escapes newlines inside strings).
+Blocking reads and writes run in worker threads, so the descriptors keep their blocking mode
+(a parent sharing them is not surprised by O_NONBLOCK).
+Docs: https://modelcontextprotocol.io/specification/2025-11-25/basic/transports#stdio
+      https://trio.readthedocs.io/en/stable/reference-core.html#trio.to_thread.run_sync
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+import trio
+
+from ccx.config import Settings
+from ccx.log import get_logger
+from ccx.manager import SessionManager
+from ccx.mcp import McpEndpoint
+from ccx.process import become_subreaper
+from ccx.protocol import InvalidRequest, encode, error_response
+from ccx.session import OwnerGone
+
+log = get_logger("ccx.stdio")
+
+READ_BYTES = 64 * 1024
+MAX_IN_FLIGHT = 64  # requests handled at once; more waits to be read (back-pressure)
+SHUTDOWN_MARGIN_S = 1.5  # beyond kill_grace: time to collect the completions
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class StdioPeer:
+    """The writer side: one line per message, in hand-over order, never interleaved."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.closed = False
+        self._lock = trio.StrictFIFOLock()
+
+    async def send(self, message: dict[str, object] | list[dict[str, object]]) -> None:
+        """Write one message line; raise `OwnerGone` once stdout is broken.
+
+        **Cancellation**: a line is written whole or not at all (the write runs shielded in a
+        thread; waiting for the lock is the only cancellable part).
+        """
+        if self.closed:
+            raise OwnerGone("stdio")
+        line = (encode(message) + "\n").encode("utf-8", "surrogatepass")
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(_write_all, self.fd, line)
+                except OSError:  # EPIPE: the client went away
+                    self.closed = True
+                    raise OwnerGone("stdio") from None
+
+
+async def _read_lines(fd: int, limit: int, nursery: trio.Nursery,
+                      handle: Callable[[bytes], Awaitable[None]],
+                      slots: trio.Semaphore) -> None:
+    """Split stdin into lines and hand each to *handle* in a task, until EOF."""
+    pending = bytearray()
+    too_long = False
+    while True:
+        data = await trio.to_thread.run_sync(os.read, fd, READ_BYTES, abandon_on_cancel=True)
+        if not data:
+            return
+        pending += data
+        while (newline := pending.find(b"\n")) >= 0:
+            line, pending = bytes(pending[:newline]), pending[newline + 1:]
+            if too_long:  # the tail of a line we already refused
+                too_long = False
+                continue
+            if line.strip():
+                await slots.acquire()
+                nursery.start_soon(handle, line)
+        if len(pending) > limit:
+            log.warning("line_too_long", limit=limit)
+            pending.clear()
+            too_long = True
+            await handle(b"")  # answered as an over-long message
+
+
+async def serve_stdio(settings: Settings, *, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
+    """Serve MCP on the given descriptors until EOF on input or SIGTERM/SIGINT.
+
+    **Cancellation**: cancelling it still cancels every session through its shielded kill
+    path, so no process it started outlives it.
+    """
+    become_subreaper()
+    manager = SessionManager(settings)
+    peer = StdioPeer(stdout_fd)
+    endpoint = McpEndpoint(manager, peer.send)
+    slots = trio.Semaphore(MAX_IN_FLIGHT)
+
+    async def handle(line: bytes) -> None:
+        try:
+            if not line:
+                reply: object = error_response(None, InvalidRequest(
+                    f"Invalid Request: message exceeds {settings.max_message_bytes} bytes"))
+                await peer.send(reply)  # type: ignore[arg-type]
+                return
+            answer = await endpoint.handle_frame(line)
+            if answer is not None:
+                await peer.send(answer)
+        except OwnerGone:
+            pass
+        finally:
+            if line:
+                slots.release()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        nursery.start_soon(endpoint.run)
+        with structlog.contextvars.bound_contextvars(connection_id="stdio"):
+            log.info("mcp_stdio_ready", pid=os.getpid())
+            async with trio.open_nursery() as requests:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    requests.start_soon(_stop_on_signal, signals, requests.cancel_scope)
+                    await _read_lines(stdin_fd, settings.max_message_bytes, requests, handle,
+                                      slots)
+                    log.info("stdin_closed")
+                    requests.cancel_scope.cancel()
+            endpoint.close()  # cancels the sessions (PROTOCOL.md 5: they die with their peer)
+            await manager.shutdown(timeout=settings.kill_grace + SHUTDOWN_MARGIN_S)
+        nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        scope.cancel()
+        return
