@@ -191,8 +191,11 @@ async def server(start_server: ServerFactory) -> Server:
 
 
 @pytest.fixture
-async def connect(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Awaitable[RawClient]]]:
-    """Open raw WebSocket clients; at teardown close them (before their servers stop)."""
+async def connect(
+    nursery: trio.Nursery, start_server: ServerFactory
+) -> AsyncIterator[Callable[..., Awaitable[RawClient]]]:
+    """Open raw WebSocket clients; at teardown close them (before their servers stop: taking
+    `start_server` orders the teardowns, also for servers a test starts itself)."""
     opened: list[trio_websocket.WebSocketConnection] = []
 
     async def factory(server: Server, path: str = "/ws", **kw: Any) -> RawClient:

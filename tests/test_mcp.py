@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -246,22 +246,6 @@ async def test_sdk_stdio_tools_progress_and_sessions_die_with_stdin() -> None:
 # ---------------------------------------------------------------------------- raw protocol
 
 
-@pytest.fixture
-async def closing(connect: Connect, start_server: Callable[..., Awaitable[Server]]
-                  ) -> AsyncIterator[Connect]:
-    """`connect`, closing each client before its server stops (an open one costs a 2 s
-    close timeout at shutdown). Depending on `start_server` orders the teardowns."""
-    clients: list[RawClient] = []
-
-    async def factory(server: Server, path: str = "/ws", **kw: Any) -> RawClient:
-        clients.append(await connect(server, path, **kw))
-        return clients[-1]
-
-    yield factory
-    for client in clients:
-        await client.ws.aclose()
-
-
 async def mcp_client(connect: Connect, server: Server, path: str = "/ws") -> RawClient:
     client = await connect(server, path, subprotocols=["mcp"])
     assert client.ws.subprotocol == "mcp"
@@ -275,8 +259,8 @@ async def initialize(client: RawClient, version: str = "2025-11-25") -> dict[str
     return result
 
 
-async def test_requests_before_initialize_are_refused(server: Server, closing: Connect) -> None:
-    client = await mcp_client(closing, server)
+async def test_requests_before_initialize_are_refused(server: Server, connect: Connect) -> None:
+    client = await mcp_client(connect, server)
     error = await client.error("tools/list")
     assert error["code"] == -32600 and "initialize" in error["message"]
     assert await client.result("ping") == {}  # ping is allowed at any time
@@ -297,9 +281,9 @@ async def test_requests_before_initialize_are_refused(server: Server, closing: C
     ("2025-11-25", "2025-11-25"), ("2025-06-18", "2025-06-18"), ("2025-03-26", "2025-03-26"),
     ("2024-11-05", "2024-11-05"), ("2099-01-01", "2025-11-25"), ("1.0", "2025-11-25"),
 ])
-async def test_version_negotiation(server: Server, closing: Connect, asked: str,
+async def test_version_negotiation(server: Server, connect: Connect, asked: str,
                                    agreed: str) -> None:
-    client = await mcp_client(closing, server, "/mcp")
+    client = await mcp_client(connect, server, "/mcp")
     result = await initialize(client, asked)
     assert result["protocolVersion"] == agreed
     assert result["serverInfo"]["name"] == "ccx" and result["serverInfo"]["version"]
@@ -312,16 +296,16 @@ async def test_version_negotiation(server: Server, closing: Connect, asked: str,
     assert ("structuredContent" in call) is modern and call["isError"] is False
 
 
-async def test_no_subprotocol_speaks_native(server: Server, closing: Connect) -> None:
-    client = await closing(server, "/ws/mcp")
+async def test_no_subprotocol_speaks_native(server: Server, connect: Connect) -> None:
+    client = await connect(server, "/ws/mcp")
     assert client.ws.subprotocol is None
     assert (await client.result("ping"))["pong"] is True
 
 
 async def test_unread_output_throttles_the_child_and_nothing_is_lost(
-        start_server: Callable[..., Awaitable[Server]], closing: Connect) -> None:
+        start_server: Callable[..., Awaitable[Server]], connect: Connect) -> None:
     server = await start_server(mcp_buffer_bytes=64 * 1024, replay_bytes=64 * 1024)
-    client = await mcp_client(closing, server)
+    client = await mcp_client(connect, server)
     await initialize(client)
     total = 4 * 1024 * 1024
     code = (f"import sys\nfor i in range({total // 64}):\n"
@@ -351,8 +335,8 @@ async def test_unread_output_throttles_the_child_and_nothing_is_lost(
 
 
 async def test_closing_the_connection_kills_its_sessions(server: Server,
-                                                         closing: Connect) -> None:
-    client = await mcp_client(closing, server)
+                                                         connect: Connect) -> None:
+    client = await mcp_client(connect, server)
     await initialize(client)
     reply = await client.result("tools/call", {"name": "start",
                                                "arguments": {"command": ["sleep", "60"]}})
@@ -363,9 +347,9 @@ async def test_closing_the_connection_kills_its_sessions(server: Server,
 
 
 async def test_allow_list_applies(start_server: Callable[..., Awaitable[Server]],
-                                  closing: Connect) -> None:
+                                  connect: Connect) -> None:
     server = await start_server(allowed_commands=("echo",))
-    client = await mcp_client(closing, server)
+    client = await mcp_client(connect, server)
     await initialize(client)
     refused = await client.result("tools/call", {"name": "execute",
                                                  "arguments": {"command": ["true"]}})
