@@ -103,6 +103,11 @@ OPTIONS: tuple[Option, ...] = (
            "MCP: unread output held per session and stream before the child is throttled"),
     Option("mcp_tail_bytes", "CCX_MCP_TAIL_BYTES", int, 32 * 1024,
            "MCP: bytes of each stream the execute tool returns (the end; the rest is counted)"),
+    Option("mcp_http_idle", "CCX_MCP_HTTP_IDLE", float, 3600.0,
+           "MCP over HTTP: seconds a session without requests or open streams is kept"),
+    Option("mcp_sse_max", "CCX_MCP_SSE_MAX", float, 0.0,
+           "MCP over HTTP: seconds after which a response stream is closed for the client to "
+           "resume with Last-Event-ID (for proxies with response timeouts); 0 = never"),
     Option("log_level", "CCX_LOG_LEVEL", _log_level, "info", "debug, info, warning, error"),
     Option("log_format", "CCX_LOG_FORMAT", _log_format, "json", "json or console"),
 )
@@ -139,6 +144,8 @@ class Settings:
     node_name: str | None = None
     mcp_buffer_bytes: int = 1024 * 1024
     mcp_tail_bytes: int = 32 * 1024
+    mcp_http_idle: float = 3600.0
+    mcp_sse_max: float = 0.0
     log_level: str = "info"
     log_format: str = "json"
 
@@ -149,7 +156,8 @@ class Settings:
                      "replay_bytes", "mcp_buffer_bytes", "mcp_tail_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
-        for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger"):
+        for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger",
+                     "mcp_http_idle", "mcp_sse_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"CCX_{name.upper()}: must not be negative")
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):

@@ -106,6 +106,11 @@ class McpEndpoint:
     def settings(self) -> Settings:
         return self.manager.settings
 
+    @property
+    def in_flight(self) -> bool:
+        """Some request of this client is being handled."""
+        return bool(self._in_flight)
+
     # ------------------------------------------------------------------------------ life
 
     async def run(self) -> None:

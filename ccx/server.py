@@ -2,7 +2,8 @@
 
 Inputs: `Settings`.
 Outputs: a running server (`Server.run`, started with `nursery.start` to learn the bound
-port), `/health` and `/metrics` answers, WebSocket connections on `/ws` and `/ws/mcp`, and a
+port), `/health` and `/metrics` answers, WebSocket connections on `/ws` and `/ws/mcp` (and
+`/mcp` for MCP), MCP over Streamable HTTP on `/mcp` (`ccx.transport.mcp_http`), and a
 shutdown that cancels every session, delivers their completions, closes connections with 1001.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listeners
       https://prometheus.io/docs/instrumenting/exposition_formats/
@@ -24,8 +25,10 @@ from ccx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ccx.metrics import ServerState
 from ccx.process import become_subreaper
 from ccx.transport.http import BadHead, Head, read_head, send_plain
+from ccx.transport.mcp_http import McpHttp
 from ccx.transport.websocket import (
     CLOSE_GOING_AWAY,
+    MCP_PATH,
     WS_PATHS,
     Connection,
     serve_websocket,
@@ -50,12 +53,14 @@ class Server:
 
     settings: Settings
     manager: SessionManager = attrs.field(init=False)
+    mcp_http: McpHttp = attrs.field(init=False)
     connections: set[Connection] = attrs.field(factory=set)
     port: int | None = None
     _stopping: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         self.manager = SessionManager(self.settings)
+        self.mcp_http = McpHttp(self.manager)
         self.manager.metrics.watch(self._state)
 
     @property
@@ -79,6 +84,7 @@ class Server:
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(self.manager.run)
+            await nursery.start(self.mcp_http.run)
             async with trio.open_nursery() as handlers:
                 accepting = trio.CancelScope()
                 handlers.start_soon(self._accept, listeners, handlers, accepting)
@@ -128,6 +134,8 @@ class Server:
         path = head.path
         if path in WS_PATHS and head.is_websocket_upgrade:
             await serve_websocket(stream, head, self.manager, self.settings, self.connections)
+        elif path == MCP_PATH:  # MCP over Streamable HTTP (plain POST/GET/DELETE)
+            await self.mcp_http.handle(stream, head)
         elif path in WS_PATHS:
             await send_plain(stream, 426, "this endpoint speaks WebSocket only\n",
                              headers=[("Upgrade", "websocket")])

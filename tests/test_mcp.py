@@ -83,82 +83,84 @@ async def read_all(session: ClientSession, session_id: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- SDK: WebSocket
 
 
+async def every_tool(session: ClientSession) -> dict[str, Any]:
+    """Call every tool once or more through the SDK; return the pids it started."""
+    init = session.get_server_capabilities()
+    assert init is not None and init.tools is not None and init.logging is not None
+    listed = await session.list_tools()
+    assert {t.name for t in listed.tools} == TOOL_NAMES
+    assert all(t.inputSchema["type"] == "object" and t.outputSchema for t in listed.tools)
+    await session.set_logging_level("info")
+
+    done = structured(await session.call_tool("execute", {"command": ["echo", "hi"]}))
+    assert done["status"] == "exited" and done["exit_code"] == 0
+    assert done["stdout"] == "hi\n" and done["stdout_omitted_bytes"] == 0
+
+    fed = structured(await session.call_tool("execute", {"command": "cat", "input": "é\n"}))
+    assert fed["stdout"] == "é\n"
+
+    big = structured(await session.call_tool("execute", {
+        "command": py("import sys; sys.stdout.write('x' * 100000 + 'END'); "
+                      "sys.stderr.write('oops'); sys.exit(3)"),
+        "tail_bytes": 10}))
+    assert big["exit_code"] == 3 and big["stderr"] == "oops"
+    assert big["stdout"] == "[99993 bytes omitted]\nxxxxxxxEND"
+    assert big["stdout_bytes"] == 100003 and big["stdout_omitted_bytes"] == 99993
+
+    slow = structured(await session.call_tool("execute", {"command": ["sleep", "30"],
+                                                         "timeout": 0.3}))
+    assert slow["status"] == "timeout"
+
+    missing = await session.call_tool("execute", {"command": "no-such-program-ccx"})
+    assert missing.isError and "not found" in missing.content[0].text  # type: ignore[union-attr]
+    bad = await session.call_tool("start", {"command": 42})
+    assert bad.isError and "command" in bad.content[0].text  # type: ignore[union-attr]
+    unknown = await session.call_tool("read_output", {"session_id": "nope"})
+    assert unknown.isError and "unknown session" in unknown.content[0].text  # type: ignore[union-attr]
+
+    started = structured(await session.call_tool("start", {"command": ECHO, "stdin": True,
+                                                           "tag": "echo"}))
+    sid = started["session_id"]
+    sent = structured(await session.call_tool("send_input", {"session_id": sid,
+                                                             "data": "hello\n"}))
+    assert sent["bytes"] == 6
+    first = structured(await session.call_tool("read_output", {"session_id": sid,
+                                                               "wait_s": 10}))
+    assert first["stdout"] == "HELLO\n" and not first["ended"]
+    paused = structured(await session.call_tool("pause", {"session_id": sid}))
+    assert paused["status"] == "paused"
+    state = proc_stat(started["pid"])
+    assert state is not None and state[0] == "T"
+    resumed = structured(await session.call_tool("resume", {"session_id": sid}))
+    assert resumed["status"] == "running"
+    listed_sessions = structured(await session.call_tool("list_sessions", {"tag": "echo"}))
+    assert [s["session_id"] for s in listed_sessions["sessions"]] == [sid]
+    await session.call_tool("send_input", {"session_id": sid, "data": "bye\n", "eof": True})
+    rest = await read_all_from(session, sid, first)
+    assert rest["stdout"] == "BYE\n" and rest["status"] == "exited"
+
+    ticker = structured(await session.call_tool("start", {"command": TICKER}))
+    seen = {"stdout": "", "next_stdout_offset": 0}
+    while "\n" not in seen["stdout"]:  # the child may write a line in several pieces
+        seen = structured(await session.call_tool("read_output", {
+            "session_id": ticker["session_id"], "wait_s": 10,
+            "stdout_offset": seen["next_stdout_offset"] - len(seen["stdout"])}))
+    cancelled = structured(await session.call_tool("cancel",
+                                                   {"session_id": ticker["session_id"]}))
+    assert cancelled["status"] == "cancelling"
+    end = await read_all(session, ticker["session_id"])
+    assert end["status"] == "cancelled" and end["stdout"].startswith("tick 0\n")
+    assert end["exit_code"] is None
+    return {"echo_pid": started["pid"], "ticker_pid": ticker["pid"]}
+
+
 async def test_sdk_websocket_lifecycle_and_every_tool(server: Server) -> None:
     logs: list[types.LoggingMessageNotificationParams] = []
 
     async def on_log(params: types.LoggingMessageNotificationParams) -> None:
         logs.append(params)
 
-    async def main(session: ClientSession) -> dict[str, Any]:
-        init = session.get_server_capabilities()
-        assert init is not None and init.tools is not None and init.logging is not None
-        listed = await session.list_tools()
-        assert {t.name for t in listed.tools} == TOOL_NAMES
-        assert all(t.inputSchema["type"] == "object" and t.outputSchema for t in listed.tools)
-        await session.set_logging_level("info")
-
-        done = structured(await session.call_tool("execute", {"command": ["echo", "hi"]}))
-        assert done["status"] == "exited" and done["exit_code"] == 0
-        assert done["stdout"] == "hi\n" and done["stdout_omitted_bytes"] == 0
-
-        fed = structured(await session.call_tool("execute", {"command": "cat", "input": "é\n"}))
-        assert fed["stdout"] == "é\n"
-
-        big = structured(await session.call_tool("execute", {
-            "command": py("import sys; sys.stdout.write('x' * 100000 + 'END'); "
-                          "sys.stderr.write('oops'); sys.exit(3)"),
-            "tail_bytes": 10}))
-        assert big["exit_code"] == 3 and big["stderr"] == "oops"
-        assert big["stdout"] == "[99993 bytes omitted]\nxxxxxxxEND"
-        assert big["stdout_bytes"] == 100003 and big["stdout_omitted_bytes"] == 99993
-
-        slow = structured(await session.call_tool("execute", {"command": ["sleep", "30"],
-                                                             "timeout": 0.3}))
-        assert slow["status"] == "timeout"
-
-        missing = await session.call_tool("execute", {"command": "no-such-program-ccx"})
-        assert missing.isError and "not found" in missing.content[0].text  # type: ignore[union-attr]
-        bad = await session.call_tool("start", {"command": 42})
-        assert bad.isError and "command" in bad.content[0].text  # type: ignore[union-attr]
-        unknown = await session.call_tool("read_output", {"session_id": "nope"})
-        assert unknown.isError and "unknown session" in unknown.content[0].text  # type: ignore[union-attr]
-
-        started = structured(await session.call_tool("start", {"command": ECHO, "stdin": True,
-                                                               "tag": "echo"}))
-        sid = started["session_id"]
-        sent = structured(await session.call_tool("send_input", {"session_id": sid,
-                                                                 "data": "hello\n"}))
-        assert sent["bytes"] == 6
-        first = structured(await session.call_tool("read_output", {"session_id": sid,
-                                                                   "wait_s": 10}))
-        assert first["stdout"] == "HELLO\n" and not first["ended"]
-        paused = structured(await session.call_tool("pause", {"session_id": sid}))
-        assert paused["status"] == "paused"
-        state = proc_stat(started["pid"])
-        assert state is not None and state[0] == "T"
-        resumed = structured(await session.call_tool("resume", {"session_id": sid}))
-        assert resumed["status"] == "running"
-        listed_sessions = structured(await session.call_tool("list_sessions", {"tag": "echo"}))
-        assert [s["session_id"] for s in listed_sessions["sessions"]] == [sid]
-        await session.call_tool("send_input", {"session_id": sid, "data": "bye\n", "eof": True})
-        rest = await read_all_from(session, sid, first)
-        assert rest["stdout"] == "BYE\n" and rest["status"] == "exited"
-
-        ticker = structured(await session.call_tool("start", {"command": TICKER}))
-        seen = {"stdout": "", "next_stdout_offset": 0}
-        while "\n" not in seen["stdout"]:  # the child may write a line in several pieces
-            seen = structured(await session.call_tool("read_output", {
-                "session_id": ticker["session_id"], "wait_s": 10,
-                "stdout_offset": seen["next_stdout_offset"] - len(seen["stdout"])}))
-        cancelled = structured(await session.call_tool("cancel",
-                                                       {"session_id": ticker["session_id"]}))
-        assert cancelled["status"] == "cancelling"
-        end = await read_all(session, ticker["session_id"])
-        assert end["status"] == "cancelled" and end["stdout"].startswith("tick 0\n")
-        assert end["exit_code"] is None
-        return {"echo_pid": started["pid"], "ticker_pid": ticker["pid"]}
-
-    pids = await in_sdk(ws(server), main, logging_callback=on_log)
+    pids = await in_sdk(ws(server), every_tool, logging_callback=on_log)
     assert not group_alive(pids["echo_pid"]) and not group_alive(pids["ticker_pid"])
     events = {(p.logger, p.data.get("event")) for p in logs}
     assert ("ccx.session", "completed") in events, events
@@ -175,38 +177,40 @@ async def read_all_from(session: ClientSession, sid: str, last: dict[str, Any]) 
     return {**last, "stdout": out}
 
 
+async def progress_then_cancel(session: ClientSession) -> dict[str, Any]:
+    """A long execute: progress carries its output; notifications/cancelled ends it."""
+    progress: list[tuple[float, str | None]] = []
+    enough = anyio.Event()
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append((value, message))
+        if len(progress) >= 3:
+            enough.set()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(functools.partial(session.call_tool, "execute",
+                                           {"command": TICKER},
+                                           progress_callback=on_progress))
+        await enough.wait()
+        request_id = session._request_id - 1  # the execute call: the last request sent
+        await session.send_notification(types.ClientNotification(types.CancelledNotification(
+            params=types.CancelledNotificationParams(requestId=request_id,
+                                                     reason="test"))))
+        tasks.cancel_scope.cancel()  # the server sends no response to a cancelled request
+    values = [value for value, _ in progress]
+    assert values == sorted(set(values)), "progress must increase"
+    text = "".join(message or "" for _, message in progress)
+    assert text.startswith("tick 0\ntick 1\n"), text
+    for _ in range(100):
+        sessions = structured(await session.call_tool("list_sessions", {}))["sessions"]
+        if sessions and sessions[0]["status"] == "cancelled":
+            return dict(sessions[0])
+        await anyio.sleep(0.05)
+    raise AssertionError(f"execute's session was not cancelled: {sessions}")
+
+
 async def test_sdk_execute_progress_then_cancelled_notification(server: Server) -> None:
-    async def main(session: ClientSession) -> dict[str, Any]:
-        progress: list[tuple[float, str | None]] = []
-        enough = anyio.Event()
-
-        async def on_progress(value: float, total: float | None, message: str | None) -> None:
-            progress.append((value, message))
-            if len(progress) >= 3:
-                enough.set()
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(functools.partial(session.call_tool, "execute",
-                                               {"command": TICKER},
-                                               progress_callback=on_progress))
-            await enough.wait()
-            request_id = session._request_id - 1  # the execute call: the last request sent
-            await session.send_notification(types.ClientNotification(types.CancelledNotification(
-                params=types.CancelledNotificationParams(requestId=request_id,
-                                                         reason="test"))))
-            tasks.cancel_scope.cancel()  # the server sends no response to a cancelled request
-        values = [value for value, _ in progress]
-        assert values == sorted(set(values)), "progress must increase"
-        text = "".join(message or "" for _, message in progress)
-        assert text.startswith("tick 0\ntick 1\n"), text
-        for _ in range(100):
-            sessions = structured(await session.call_tool("list_sessions", {}))["sessions"]
-            if sessions and sessions[0]["status"] == "cancelled":
-                return dict(sessions[0])
-            await anyio.sleep(0.05)
-        raise AssertionError(f"execute's session was not cancelled: {sessions}")
-
-    info = await in_sdk(ws(server), main)
+    info = await in_sdk(ws(server), progress_then_cancel)
     assert not group_alive(info["pgid"])
 
 
