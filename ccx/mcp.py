@@ -340,8 +340,6 @@ class McpEndpoint:
 
 
 async def _self_check() -> None:
-    from ccx.config import Settings
-
     sent: list[dict[str, object]] = []
 
     async def send(message: dict[str, object]) -> None:

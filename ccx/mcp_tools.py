@@ -23,7 +23,7 @@ from ccx.config import Settings
 from ccx.manager import SessionManager
 from ccx.mcp_buffer import STREAMS, OutputBuffer, Tail
 from ccx.protocol import ExecuteParams, InvalidParams, RpcError, SessionNotFound, structure_params
-from ccx.session import Session
+from ccx.session import Owner, Session
 
 MAX_READ_BYTES = 4 * 1024 * 1024  # largest max_bytes / tail_bytes a call may ask for
 DEFAULT_READ_BYTES = 64 * 1024
@@ -32,8 +32,8 @@ PROGRESS_INTERVAL_S = 0.1  # progress notifications of one execute are at least 
 PROGRESS_TEXT_BYTES = 16 * 1024  # output carried by one progress message, at most
 
 
-class ToolHost(Protocol):
-    """What a tool needs from the MCP connection that calls it."""
+class ToolHost(Owner, Protocol):
+    """What a tool needs from the MCP connection that calls it (which owns its sessions)."""
 
     manager: SessionManager
 
@@ -246,7 +246,7 @@ def _native(method: api.Handler, extra: dict[str, object] | None = None) -> Tool
 
     async def run(call: ToolCall) -> dict[str, object]:
         arguments = call.arguments if isinstance(call.arguments, dict) else {}
-        return await method(api.Call(call.host.manager, call.host,  # type: ignore[arg-type]
+        return await method(api.Call(call.host.manager, call.host,
                                      {**arguments, **(extra or {})}))
 
     return run

@@ -3,7 +3,8 @@
 Inputs: a fresh TCP stream from the listener.
 Outputs: a parsed `h11.Request` and the raw bytes read (for replay into the WebSocket
 handshake), plain answers (`/health`, `/metrics`, 404, 405, 426, 400, 431) written with h11,
-and `ReplayStream`, which gives trio-websocket the bytes already consumed.
+`ReplayStream`, which gives trio-websocket the bytes already consumed, and `Exchange`, one
+whole request/response (body read, streamed answers) framed by h11, for `/mcp`.
 Why: wsproto answers any non-upgrade request with 400 before a handler sees it, so the head
 is read here first.
 Docs: https://h11.readthedocs.io/en/latest/api.html
@@ -19,9 +20,15 @@ import attrs
 import h11
 import trio
 
+from ccx.protocol import RpcError
+
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; more is answered 431
 READ_BYTES = 4096  # per receive while reading the head
 HEAD_TIMEOUT_S = 10.0  # a client that sends no complete head in this time is dropped
+BODY_TIMEOUT_S = 30.0  # a client that sends no complete body in this time is dropped
+BODY_READ_BYTES = 64 * 1024  # per receive while reading a body
+DISCARD_TIMEOUT_S = 1.0  # how long an unread body is drained before an error answer
+SSE_TYPE = "text/event-stream"
 
 
 class BadHead(Exception):
@@ -151,3 +158,90 @@ class ReplayStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class HttpError(Exception):
+    """Answer the exchange with `status` and a short text (or a JSON-RPC error body)."""
+
+    def __init__(self, status: int, text: str, *, rpc: RpcError | None = None,
+                 headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(text)
+        self.status = status
+        self.rpc = rpc
+        self.headers = headers
+
+
+class Exchange:
+    """One request/response on a TCP stream, framed by h11 (the head is already read)."""
+
+    def __init__(self, stream: trio.abc.Stream, head: Head) -> None:
+        self.stream = stream
+        self.head = head
+        self.h11 = h11.Connection(h11.SERVER)
+        self.h11.receive_data(head.raw)
+        event = self.h11.next_event()
+        assert isinstance(event, h11.Request), event
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole request body (413 beyond *limit* bytes, 400 if it is malformed)."""
+        body = bytearray()
+        with trio.move_on_after(BODY_TIMEOUT_S):
+            while True:
+                try:
+                    event = self.h11.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise HttpError(exc.error_status_hint, str(exc)) from None
+                if event is h11.NEED_DATA:
+                    try:
+                        data = await self.stream.receive_some(BODY_READ_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    self.h11.receive_data(bytes(data))
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > limit:
+                        raise HttpError(413, f"body exceeds {limit} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    return bytes(body)
+                else:  # ConnectionClosed before the end
+                    raise HttpError(400, "incomplete request body")
+        raise HttpError(408, "request body not received in time")
+
+    async def discard_body(self, limit: int) -> None:
+        """Drain what is left of the request body (bounded), so that closing after an error
+        answer does not reset the connection (losing the answer) under the client."""
+        with trio.move_on_after(DISCARD_TIMEOUT_S):
+            try:
+                await self.read_body(limit)
+            except HttpError:
+                pass
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.send_all(self.h11.send(h11.Data(data=data)) or b"")
+
+    async def start_sse(self) -> None:
+        headers = [("Content-Type", SSE_TYPE), ("Cache-Control", "no-cache"),
+                   ("Connection", "close")]
+        await self.stream.send_all(self.h11.send(h11.Response(status_code=200,
+                                                              headers=headers)) or b"")
+
+    async def end(self) -> None:
+        await self.stream.send_all(self.h11.send(h11.EndOfMessage()) or b"")
+
+    async def respond(self, status: int, body: str = "",
+                      content_type: str = "text/plain; charset=utf-8",
+                      headers: Sequence[tuple[str, str]] = ()) -> None:
+        """A complete response; a peer that went away meanwhile is not an error."""
+        payload = body.encode("utf-8", "surrogatepass")
+        all_headers = [("Connection", "close"), *headers]
+        if status not in (204, 304):
+            all_headers += [("Content-Type", content_type),
+                            ("Content-Length", str(len(payload)))]
+        try:
+            data = self.h11.send(h11.Response(status_code=status, headers=all_headers)) or b""
+            if payload and status not in (204, 304):
+                data += self.h11.send(h11.Data(data=payload)) or b""
+            data += self.h11.send(h11.EndOfMessage()) or b""
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            pass

@@ -11,8 +11,8 @@ Outputs: one HTTP/1.1 exchange per TCP connection, framed by h11 (`Connection: c
   without, a new stream of server-to-client messages (`notifications/message` logs).
 - DELETE → ends the session and cancels every process it started (204).
 Every SSE event has an id `<stream>:<seq>`; events are held (sent ones too, within
-`CCX_REPLAY_BYTES` per stream, reusing the session `Outbox`) so a dropped stream is resumed by
-GET with `Last-Event-ID` with nothing lost. A request keeps running when its stream drops.
+`CCX_REPLAY_BYTES` per stream: `ccx.transport.sse`) so a dropped stream is resumed by GET with
+`Last-Event-ID` with nothing lost. A request keeps running when its stream drops.
 Token (401) and Origin (403) rules are those of the WebSocket handshake.
 Docs: https://modelcontextprotocol.io/specification/2025-11-25/basic/transports#streamable-http
       https://html.spec.whatwg.org/multipage/server-sent-events.html
@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import contextvars
 import itertools
-import math
+import json
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
-import h11
 import structlog
 import trio
 
@@ -36,140 +34,33 @@ from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import SUPPORTED_VERSIONS, McpEndpoint
-from ccx.outbox import Held, Outbox
+from ccx.outbox import Outbox
 from ccx.protocol import (
     Invalid,
     InvalidRequest,
     ReplayUnavailable,
     Request,
-    RpcError,
     encode,
     error_response,
     parse_frame,
 )
 from ccx.session import OwnerGone
-from ccx.transport.http import Head
+from ccx.transport.http import SSE_TYPE, Exchange, Head, HttpError
+from ccx.transport.sse import EventStream, sse_event
 from ccx.transport.websocket import origin_ok, token_ok
 
 log = get_logger("ccx.mcp_http")
 
-READ_BYTES = 64 * 1024
-BODY_TIMEOUT_S = 30.0  # a client that sends no complete body in this time is dropped
 SWEEP_INTERVAL_S = 10.0  # how often idle sessions are looked for
 RETRY_MS = 200  # `retry:` hint sent when the server closes a stream before its end
 DONE_STREAMS_KEPT = 64  # finished response streams kept per session for late resumption
 STREAMED_TOOLS = frozenset({"execute"})  # tools/call answered as SSE: long, not idempotent
 ALLOW = "GET, POST, DELETE"
 JSON_TYPE = "application/json"
-SSE_TYPE = "text/event-stream"
-
-class HttpError(Exception):
-    """Answer the exchange with `status` and a short text (or a JSON-RPC error body)."""
-
-    def __init__(self, status: int, text: str, *, rpc: RpcError | None = None,
-                 headers: Sequence[tuple[str, str]] = ()) -> None:
-        super().__init__(text)
-        self.status = status
-        self.rpc = rpc
-        self.headers = headers
-
-
-# ------------------------------------------------------------------------------------ streams
-
-
-@attrs.define(eq=False)
-class EventStream:
-    """The events of one SSE stream, held for replay; one follower writes them at a time."""
-
-    id: str
-    outbox: Outbox
-    done: bool = False  # nothing more will be pushed
-    closed: bool = False  # the session ended: pushers fail
-    _changed: trio.Event = attrs.field(factory=trio.Event)
-    _follower: trio.CancelScope | None = None
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def push(self, message: dict[str, object]) -> None:
-        """Hold one message as the next event; wait while `budget_bytes` are unsent.
-
-        **Cancellation**: safe; nothing is held if cancelled while waiting.
-        """
-        size = len(encode(message))
-        while not self.outbox.has_room and not self.closed:
-            await self._changed.wait()
-        if self.closed:
-            raise OwnerGone(self.id)
-        self.outbox.push(Held("event", message, self.outbox.take_seq(), size))
-        self._notify()
-
-    def finish(self) -> None:
-        self.done = True
-        self._notify()
-
-    def close(self) -> None:
-        self.closed = self.done = True
-        if self._follower is not None:
-            self._follower.cancel()
-        self._notify()
-
-    @property
-    def finished(self) -> bool:
-        """Done and every event written out: a follower has nothing more to send."""
-        return self.done and self.outbox.head() is None
-
-    def resume_after(self, seq: int) -> None:
-        """Queue every held event after *seq* again (the client's `Last-Event-ID`)."""
-        if seq + 1 < self.outbox.first_seq:
-            raise ReplayUnavailable(f"events after {self.id}:{seq} are no longer held",
-                                    {"first_seq": self.outbox.first_seq})
-        self.outbox.rewind(seq, [])
-        self._notify()
-
-    async def follow(self, write: Callable[[bytes], Awaitable[None]], *,
-                     max_s: float) -> str:
-        """Write held and new events until the stream is `finished`, or *max_s* passed
-        (`paused`), or a newer follower took over or the session ended (`replaced`).
-
-        **Cancellation**: an event is marked sent only after its write returned.
-        """
-        if self._follower is not None:
-            self._follower.cancel()
-        deadline = trio.current_time() + max_s if max_s > 0 else math.inf
-        with trio.CancelScope() as scope:
-            self._follower = scope
-            try:
-                while True:
-                    held = self.outbox.head()
-                    if held is None:
-                        if self.done:
-                            return "finished"
-                        changed = self._changed
-                        with trio.move_on_at(deadline):
-                            await changed.wait()
-                    if trio.current_time() >= deadline:
-                        return "paused"
-                    if held is not None:
-                        await write(sse_event(f"{self.id}:{held.seq}", encode(held.message)))
-                        self.outbox.delivered()
-                        self._notify()  # room for a waiting pusher
-            finally:
-                if self._follower is scope:
-                    self._follower = None
-        return "replaced"
-
 
 # The response stream of the request being handled: notifications it sends go there.
 CURRENT_STREAM: contextvars.ContextVar[EventStream | None] = contextvars.ContextVar(
     "ccx_mcp_stream", default=None)
-
-
-def sse_event(event_id: str, data: str, *, retry_ms: int | None = None) -> bytes:
-    """One SSE event; `data` is compact JSON (no newlines) or empty (a priming event)."""
-    retry = f"retry: {retry_ms}\n" if retry_ms is not None else ""
-    return f"id: {event_id}\n{retry}data: {data}\n\n".encode()
 
 
 # ------------------------------------------------------------------------------------ sessions
@@ -281,6 +172,8 @@ class McpHttp:
             return  # the client went away; a stream's events stay held for Last-Event-ID
         except HttpError as exc:
             log.info("mcp_http_refused", status=exc.status, reason=str(exc), method=head.method)
+            if exc.status != 413:
+                await exchange.discard_body(self.settings.max_message_bytes)
             if exc.rpc is not None:
                 await exchange.respond(exc.status, encode(error_response(None, exc.rpc)),
                                        JSON_TYPE, exc.headers)
@@ -420,90 +313,38 @@ async def _run_streamed(session: HttpSession, stream: EventStream, request: Requ
             stream.finish()
 
 
-# ------------------------------------------------------------------------------------ HTTP
-
-
-class Exchange:
-    """One request/response on a TCP stream, framed by h11 (the head is already read)."""
-
-    def __init__(self, stream: trio.abc.Stream, head: Head) -> None:
-        self.stream = stream
-        self.head = head
-        self.h11 = h11.Connection(h11.SERVER)
-        self.h11.receive_data(head.raw)
-        event = self.h11.next_event()
-        assert isinstance(event, h11.Request), event
-
-    async def read_body(self, limit: int) -> bytes:
-        """The whole request body (413 beyond *limit* bytes, 400 if it is malformed)."""
-        body = bytearray()
-        with trio.move_on_after(BODY_TIMEOUT_S):
-            while True:
-                try:
-                    event = self.h11.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise HttpError(exc.error_status_hint, str(exc)) from None
-                if event is h11.NEED_DATA:
-                    try:
-                        data = await self.stream.receive_some(READ_BYTES)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
-                    self.h11.receive_data(bytes(data))
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > limit:
-                        raise HttpError(413, f"body exceeds {limit} bytes")
-                elif isinstance(event, h11.EndOfMessage):
-                    return bytes(body)
-                else:  # ConnectionClosed before the end
-                    raise HttpError(400, "incomplete request body")
-        raise HttpError(408, "request body not received in time")
-
-    async def write(self, data: bytes) -> None:
-        await self.stream.send_all(self.h11.send(h11.Data(data=data)) or b"")
-
-    async def start_sse(self) -> None:
-        headers = [("Content-Type", SSE_TYPE), ("Cache-Control", "no-cache"),
-                   ("Connection", "close")]
-        await self.stream.send_all(self.h11.send(h11.Response(status_code=200,
-                                                              headers=headers)) or b"")
-
-    async def end(self) -> None:
-        await self.stream.send_all(self.h11.send(h11.EndOfMessage()) or b"")
-
-    async def respond(self, status: int, body: str = "", content_type: str = "text/plain; "
-                      "charset=utf-8", headers: Sequence[tuple[str, str]] = ()) -> None:
-        """A complete response; a peer that went away meanwhile is not an error."""
-        payload = body.encode("utf-8", "surrogatepass")
-        all_headers = [("Connection", "close"), *headers]
-        if status not in (204, 304):
-            all_headers += [("Content-Type", content_type),
-                            ("Content-Length", str(len(payload)))]
-        try:
-            data = self.h11.send(h11.Response(status_code=status, headers=all_headers)) or b""
-            if payload and status not in (204, 304):
-                data += self.h11.send(h11.Data(data=payload)) or b""
-            data += self.h11.send(h11.EndOfMessage()) or b""
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-            pass
+async def _post_raw(port: int, body: dict[str, object], *headers: str) -> tuple[str, bytes]:
+    """POST *body* to /mcp; the whole answer (the server closes after it): head, body."""
+    payload = json.dumps(body).encode()
+    head = "\r\n".join(["POST /mcp HTTP/1.1", "Host: 127.0.0.1", "Accept: */*",
+                        f"Content-Length: {len(payload)}", *headers, "", ""])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(head.encode() + payload)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    answer_head, _, answer_body = data.partition(b"\r\n\r\n")
+    return answer_head.decode("latin-1"), answer_body
 
 
 async def _self_check() -> None:
-    stream = EventStream("r1", Outbox(1024))
-    await stream.push({"n": 1})
-    await stream.push({"n": 2})
-    written: list[bytes] = []
+    from ccx.server import Server
 
-    async def write(data: bytes) -> None:
-        written.append(data)
-
-    stream.finish()
-    assert await stream.follow(write, max_s=0) == "finished"
-    assert written == [b'id: r1:0\ndata: {"n":1}\n\n', b'id: r1:1\ndata: {"n":2}\n\n'], written
-    stream.resume_after(0)  # the client saw event 0 only: event 1 again
-    written.clear()
-    assert await stream.follow(write, max_s=0) == "finished" and len(written) == 1
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(Server(Settings(port=0, kill_grace=1.0)).run)
+        assert server.port is not None
+        head, body = await _post_raw(server.port, {
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}}})
+        assert head.startswith("HTTP/1.1 200") and b'"2025-11-25"' in body, (head, body)
+        session_id = head.lower().split("mcp-session-id: ", 1)[1].split("\r\n", 1)[0]
+        head, _ = await _post_raw(server.port, {"jsonrpc": "2.0", "id": 2, "method": "ping"})
+        assert head.startswith("HTTP/1.1 400"), head  # no session id
+        head, body = await _post_raw(server.port, {"jsonrpc": "2.0", "id": 3, "method": "ping"},
+                                     f"Mcp-Session-Id: {session_id}")
+        assert head.startswith("HTTP/1.1 200") and b'"result":{}' in body, (head, body)
+        server.stop()
     print("ccx.transport.mcp_http: PASS")
 
 
