@@ -173,6 +173,8 @@ async def test_status_codes(start_server: ServerFactory) -> None:
     server = await start_server(token="s3cret")
     auth = {"Authorization": "Bearer s3cret"}
     assert (await request(server, "POST", rpc("ping"), Accept=ACCEPT_BOTH)).status == 401
+    big = await request(server, "POST", b"x" * 500_000, Accept=ACCEPT_BOTH)
+    assert big.status == 401  # answered whole, not lost to a reset: the body was drained
     evil = await request(server, "POST", rpc("ping"), Accept=ACCEPT_BOTH, Origin="http://evil.example", **auth)
     assert evil.status == 403
     sid = await open_session(server, **auth)

@@ -178,6 +178,7 @@ class Exchange:
         self.stream = stream
         self.head = head
         self.h11 = h11.Connection(h11.SERVER)
+        self.body_read = False
         self.h11.receive_data(head.raw)
         event = self.h11.next_event()
         assert isinstance(event, h11.Request), event
@@ -202,6 +203,7 @@ class Exchange:
                     if len(body) > limit:
                         raise HttpError(413, f"body exceeds {limit} bytes")
                 elif isinstance(event, h11.EndOfMessage):
+                    self.body_read = True
                     return bytes(body)
                 else:  # ConnectionClosed before the end
                     raise HttpError(400, "incomplete request body")
@@ -210,6 +212,8 @@ class Exchange:
     async def discard_body(self, limit: int) -> None:
         """Drain what is left of the request body (bounded), so that closing after an error
         answer does not reset the connection (losing the answer) under the client."""
+        if self.body_read:
+            return
         with trio.move_on_after(DISCARD_TIMEOUT_S):
             try:
                 await self.read_body(limit)

@@ -53,7 +53,7 @@ log = get_logger("ccx.mcp_http")
 
 SWEEP_INTERVAL_S = 10.0  # how often idle sessions are looked for
 RETRY_MS = 200  # `retry:` hint sent when the server closes a stream before its end
-DONE_STREAMS_KEPT = 64  # finished response streams kept per session for late resumption
+DONE_STREAMS_KEPT = 64  # finished response streams kept per session, at most, for resumption
 STREAMED_TOOLS = frozenset({"execute"})  # tools/call answered as SSE: long, not idempotent
 ALLOW = "GET, POST, DELETE"
 JSON_TYPE = "application/json"
@@ -89,13 +89,23 @@ class HttpSession:
             await stream.push(message)
 
     def new_stream(self, prefix: str) -> EventStream:
-        finished = [s for s in self.streams.values() if s.finished]
-        for old in finished[: max(0, len(finished) - DONE_STREAMS_KEPT)]:
-            del self.streams[old.id]
+        self._forget_finished()
         stream = EventStream(f"{prefix}{next(self._numbers)}",
                              Outbox(self.manager.settings.replay_bytes))
         self.streams[stream.id] = stream
         return stream
+
+    def _forget_finished(self) -> None:
+        """Finished streams stay for late resumption: the newest `DONE_STREAMS_KEPT`, within
+        one `CCX_REPLAY_BYTES` budget for all of them (oldest forgotten first)."""
+        finished = [s for s in self.streams.values() if s.finished]  # oldest first
+        held = sum(s.outbox.sent_bytes for s in finished)
+        for index, old in enumerate(finished):
+            if len(finished) - index <= DONE_STREAMS_KEPT and \
+                    held <= self.manager.settings.replay_bytes:
+                break
+            held -= old.outbox.sent_bytes
+            del self.streams[old.id]
 
     @property
     def busy(self) -> bool:
