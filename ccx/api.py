@@ -33,6 +33,7 @@ from ccx.protocol import (
     MethodNotFound,
     NoParams,
     Request,
+    ResizeParams,
     RpcError,
     SessionParams,
     SessionsParams,
@@ -115,6 +116,12 @@ async def input_(call: Call) -> dict[str, object]:
     return {"session_id": session.id, "bytes": written}
 
 
+async def resize(call: Call) -> dict[str, object]:
+    params = structure_params(call.params, ResizeParams)
+    session = call.manager.get(params.session_id)
+    return {"session_id": session.id, **session.resize(params.cols, params.rows)}
+
+
 async def sessions(call: Call) -> dict[str, object]:
     params = structure_params(call.params, SessionsParams)
     return {"sessions": [attrs.asdict(s.info()) for s in call.manager.all(params.tag)]}
@@ -143,7 +150,7 @@ async def server_info(call: Call) -> dict[str, object]:
     structure_params(call.params if isinstance(call.params, dict) else None, NoParams)
     settings = call.manager.settings
     capabilities = ["execute", "control", "input", "stdin", "base64", "batch", "timeout",
-                    "linger", "attach", "replay"]
+                    "linger", "attach", "replay", "pty", "resize"]
     if settings.allow_shell:
         capabilities.append("shell")
     return {
@@ -173,6 +180,7 @@ METHODS: dict[str, Handler] = {
     "execute": execute,
     "control": control,
     "input": input_,
+    "resize": resize,
     "sessions": sessions,
     "attach": attach,
     "status": status,

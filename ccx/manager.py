@@ -43,6 +43,7 @@ MAX_ENDED_KEPT = 1000  # ended sessions remembered at most, whatever CCX_RETENTI
 HIDDEN_FROM_CHILDREN = ("CCX_TOKEN",)
 SHUTDOWN_POLL_S = 0.01
 DETACH_NOTICE_TIMEOUT_S = 10.0  # how long we try to tell a connection it lost a session
+PTY_TERM = "xterm-256color"  # TERM of a PTY session unless execute's env sets one
 
 
 def _normalize(path: str) -> str:
@@ -171,6 +172,8 @@ class SessionManager:
         if cwd is not None and not os.path.isdir(cwd):
             raise InvalidParams(f"Invalid params: cwd does not exist: {cwd}", {"cwd": cwd})
         env = self._child_env(params.env)
+        if params.pty is not None:  # the server's own TERM describes its terminal, not this one
+            env["TERM"] = params.env.get("TERM", PTY_TERM)
         executable = resolve_executable(argv[0], path=env.get("PATH"), cwd=cwd)
         if self.settings.allowed_commands is not None and (
             executable is None or _normalize(executable) not in self._allowed_paths()
@@ -224,7 +227,9 @@ class SessionManager:
         assert self._nursery is not None, "SessionManager.run() is not running"
         try:
             group = await spawn(launch.argv, executable=launch.executable, cwd=launch.cwd,
-                                env=launch.env, stdin=params.stdin)
+                                env=launch.env, stdin=params.stdin and params.pty is None,
+                                pty=None if params.pty is None
+                                else (params.pty.cols, params.pty.rows))
         except OSError as exc:
             self.spawn_failures_total += 1
             log.warning("spawn_failed", command=launch.argv, error=str(exc))
@@ -236,7 +241,7 @@ class SessionManager:
                 timeout=params.timeout,
                 kill_grace=self.settings.kill_grace if params.kill_grace is None
                 else params.kill_grace,
-                stdin=params.stdin,
+                stdin=params.stdin or params.pty is not None,
                 linger=min(params.linger, self.settings.max_linger),
                 tag=params.tag,
                 replay_bytes=self.settings.replay_bytes,

@@ -1,11 +1,19 @@
 """Spawn, signal and reap process groups. No networking, no JSON.
 
-Inputs: argv, the resolved executable, cwd, env, stdin mode, kill grace.
-Outputs: a running `Group` (own session and group, pgid == pid) with its pipes; `stop_group`
+Inputs: argv, the resolved executable, cwd, env, stdin mode or a terminal size, kill grace.
+Outputs: a running `Group` (own session and group, pgid == pid) with its pipes, or with the
+master side of a pseudo-terminal whose slave is the child's controlling terminal; `stop_group`
 (the one kill path: SIGTERM, SIGCONT, grace, SIGKILL, wait until empty) and the `StopStep` it
 reached; group inspection through /proc; the child-subreaper switch.
+
+A PTY group is the whole *session* the child leads, not only its process group: a job-control
+shell (`sh -i`) puts each pipeline in a process group of its own, inside the same session and on
+the same terminal, so those are members too (signalled with one `killpg` per process group).
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#spawning-subprocesses
+      https://trio.readthedocs.io/en/stable/reference-lowlevel.html#trio.lowlevel.FdStream
       https://man7.org/linux/man-pages/man2/kill.2.html
+      https://man7.org/linux/man-pages/man2/TIOCSCTTY.2const.html
+      https://man7.org/linux/man-pages/man4/tty_ioctl.4.html
       https://man7.org/linux/man-pages/man2/PR_SET_CHILD_SUBREAPER.2const.html
       https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
 """
@@ -14,10 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
+import fcntl
 import os
 import shutil
 import signal
+import struct
 import subprocess
+import termios
 from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
@@ -32,6 +44,8 @@ POLL_FIRST_S = 0.001  # first look at /proc after a signal; processes often die 
 POLL_MAX_S = 0.05  # later looks back off to this, so a stubborn group costs little CPU
 AFTER_KILL_TIMEOUT_S = 10.0  # SIGKILL cannot be ignored; only D-state can outlast this
 STOP_SEEN_TIMEOUT_S = 1.0  # how long PAUSE waits to see every member in state T
+MAX_WINDOW_CELLS = 0xFFFF  # struct winsize holds unsigned shorts
+DEFAULT_EOF_CHAR = b"\x04"  # ^D, when the terminal's VEOF cannot be read
 
 
 class StopStep(enum.Enum):
@@ -49,14 +63,45 @@ class Member:
     pid: int
     state: str  # R, S, D, T, t, Z, ...
     ppid: int
+    pgrp: int = 0
+    session: int = 0
+
+
+@attrs.define(eq=False)
+class Terminal:
+    """The parent's side of a PTY: the master fd as a trio stream, and the window size."""
+
+    master: trio.lowlevel.FdStream
+    cols: int
+    rows: int
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the window size; the kernel sends SIGWINCH to the terminal's foreground group
+        when the size changes. Raises OSError once the master is closed."""
+        set_window_size(self.master.fileno(), cols, rows)
+        self.cols, self.rows = cols, rows
+
+    def eof_char(self) -> bytes:
+        """The terminal's EOF character (VEOF, ^D unless the child changed it)."""
+        try:
+            value = termios.tcgetattr(self.master.fileno())[6][termios.VEOF]
+        except (OSError, termios.error):
+            return DEFAULT_EOF_CHAR
+        if isinstance(value, int):
+            return bytes([value])
+        return bytes(value) or DEFAULT_EOF_CHAR
 
 
 @attrs.define(eq=False)
 class Group:
-    """A spawned process and the group it leads (pgid == pid by construction)."""
+    """A spawned process and the group it leads (pgid == pid by construction).
+
+    With a `terminal`, the members are every process of the session it leads (sid == pid).
+    """
 
     process: trio.Process
     argv: list[str]
+    terminal: Terminal | None = None
 
     @property
     def pid(self) -> int:
@@ -65,6 +110,10 @@ class Group:
     @property
     def pgid(self) -> int:
         return self.process.pid
+
+    @property
+    def whole_session(self) -> bool:
+        return self.terminal is not None
 
 
 def become_subreaper() -> bool:
@@ -102,13 +151,18 @@ async def spawn(
     cwd: str | None,
     env: Mapping[str, str],
     stdin: bool,
+    pty: tuple[int, int] | None = None,
 ) -> Group:
-    """Start *argv* as the leader of a new session and process group, with piped output.
+    """Start *argv* as the leader of a new session and process group, with piped output, or
+    on a new pseudo-terminal of *pty* = (cols, rows).
 
     `start_new_session` (setsid) rather than `process_group=0`: the child also loses any
     controlling terminal, so job control from our tty cannot reach it (jupyter_client does
     the same). Raises OSError (FileNotFoundError, PermissionError...) when exec fails.
     """
+    if pty is not None:
+        return await _spawn_on_terminal(argv, executable=executable, cwd=cwd, env=env,
+                                        size=pty)
     process = await trio.lowlevel.open_process(
         list(argv),
         executable=executable,
@@ -122,19 +176,72 @@ async def spawn(
     return Group(process, list(argv))
 
 
-def signal_group(pgid: int, *signals: signal.Signals) -> bool:
-    """Send each of *signals* to the whole group; False if the group no longer exists."""
+def set_window_size(fd: int, cols: int, rows: int) -> None:
+    """TIOCSWINSZ on a terminal fd (either side of a PTY)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_controlling_terminal() -> None:
+    """In the child, after setsid and before exec: its stdin (the slave) becomes its
+    controlling terminal, so ^C, job control and SIGWINCH reach it as on a real terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+async def _spawn_on_terminal(
+    argv: Sequence[str], *, executable: str, cwd: str | None, env: Mapping[str, str],
+    size: tuple[int, int],
+) -> Group:
+    """openpty, size it, start the child on the slave (stdin, stdout, stderr and controlling
+    terminal), close the slave here and keep the master as a non-blocking `FdStream`.
+
+    The terminal starts as the kernel makes it: cooked mode, echo, ^C/^D/^Z active.
+    """
+    master, slave = os.openpty()  # both O_CLOEXEC: no other child inherits them
     try:
-        for sig in signals:
-            os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a member changed credentials (setuid); the rest still got it
-        log.warning("signal_denied", pgid=pgid)
-    return True
+        set_window_size(slave, *size)
+        try:
+            process = await trio.lowlevel.open_process(
+                list(argv), executable=executable, cwd=cwd, env=dict(env),
+                stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                preexec_fn=_take_controlling_terminal,
+            )
+        except subprocess.SubprocessError as exc:  # TIOCSCTTY failed in the child
+            raise OSError(errno.ENOTTY, f"cannot attach the terminal: {exc}") from None
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)  # the child holds it now; an open slave here would hide EOF
+    terminal = Terminal(trio.lowlevel.FdStream(master), cols=size[0], rows=size[1])
+    return Group(process, list(argv), terminal)
 
 
-def _read_stat(pid: int) -> tuple[str, int, int] | None:
+def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = False) -> bool:
+    """Send each of *signals* to the whole group (with *whole_session*: to every process
+    group of the session *pgid* leads); False if nobody is left to signal."""
+    pgrps = [pgid]
+    if whole_session:
+        pgrps += sorted({m.pgrp for m in _scan(session=pgid) if m.pgrp != pgid})
+    reached = False
+    for target in pgrps:
+        try:
+            for sig in signals:
+                os.killpg(target, sig)
+            reached = True
+        except ProcessLookupError:
+            continue
+        except PermissionError:  # a member changed credentials (setuid); the rest got it
+            log.warning("signal_denied", pgid=target)
+            reached = True
+    return reached
+
+
+def signal_members(group: Group, *signals: signal.Signals) -> bool:
+    """`signal_group` for *group*, reaching its whole session when it runs on a terminal."""
+    return signal_group(group.pgid, *signals, whole_session=group.whole_session)
+
+
+def _read_stat(pid: int) -> tuple[str, int, int, int] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -142,27 +249,33 @@ def _read_stat(pid: int) -> tuple[str, int, int] | None:
         return None
     # comm may hold spaces and parentheses: the fields start after the last ")".
     fields = raw[raw.rfind(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2])
+    return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3])
 
 
-def group_members(pgid: int) -> list[Member]:
-    """Every process whose process group is *pgid*, zombies included."""
+def group_members(pgid: int, *, whole_session: bool = False) -> list[Member]:
+    """Every process whose process group (with *whole_session*: session) is *pgid*,
+    zombies included."""
+    if whole_session:
+        return list(_scan(session=pgid))
     try:
         os.killpg(pgid, 0)  # cheap answer for the common case: nobody left at all
     except ProcessLookupError:
         return []
     except PermissionError:
         pass
-    return list(_scan_group(pgid))
+    return list(_scan(pgrp=pgid))
 
 
-def _scan_group(pgid: int) -> Iterator[Member]:
+def _scan(*, pgrp: int | None = None, session: int | None = None) -> Iterator[Member]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         stat = _read_stat(int(entry.name))
-        if stat is not None and stat[2] == pgid:
-            yield Member(int(entry.name), stat[0], stat[1])
+        if stat is None or (pgrp is not None and stat[2] != pgrp):
+            continue
+        if session is not None and stat[3] != session:
+            continue
+        yield Member(int(entry.name), stat[0], stat[1], stat[2], stat[3])
 
 
 def reap_adopted(members: Sequence[Member], *, leader: int) -> None:
@@ -178,7 +291,7 @@ def reap_adopted(members: Sequence[Member], *, leader: int) -> None:
 
 def live_members(group: Group) -> list[Member]:
     """Members that still run (zombies count as gone; ours are reaped on the way)."""
-    members = group_members(group.pgid)
+    members = group_members(group.pgid, whole_session=group.whole_session)
     reap_adopted(members, leader=group.pid)
     return [m for m in members if m.state != "Z"]
 
@@ -210,7 +323,8 @@ async def stop_group(group: Group, *, grace: float) -> StopStep:
     """Make the group empty. The one kill path: every way a session ends goes through here.
 
     Timeline: SIGTERM then SIGCONT to the group (TERM first, so a stopped member wakes up with
-    the TERM already pending instead of running on for a moment), wait up to *grace* seconds
+    the TERM already pending instead of running on for a moment; on a terminal every process
+    group of the session gets them), wait up to *grace* seconds
     for every member to go, then SIGKILL to the group and wait again, up to
     `AFTER_KILL_TIMEOUT_S` (only an uninterruptible D-state member can outlast it; that is
     logged as an error). Zombies are reaped on the way (the leader by trio).
@@ -225,12 +339,14 @@ async def stop_group(group: Group, *, grace: float) -> StopStep:
 async def _escalate(group: Group, grace: float) -> StopStep:
     if group.process.returncode is not None and not live_members(group):
         return StopStep.ALREADY_EMPTY
-    signal_group(group.pgid, signal.SIGTERM, signal.SIGCONT)
+    # No SIGHUP on a terminal, although a closing terminal sends one: pending together with
+    # SIGTERM it is delivered first and its default action would pre-empt a TERM handler.
+    signal_members(group, signal.SIGTERM, signal.SIGCONT)
     log.info("signal_sent", pgid=group.pgid, signals=["SIGTERM", "SIGCONT"])
     with trio.move_on_after(grace):
         await wait_group_empty(group)
         return StopStep.TERMINATED
-    signal_group(group.pgid, signal.SIGKILL)
+    signal_members(group, signal.SIGKILL)
     log.info("signal_sent", pgid=group.pgid, signals=["SIGKILL"])
     with trio.move_on_after(AFTER_KILL_TIMEOUT_S):
         await wait_group_empty(group)
@@ -264,7 +380,21 @@ async def _self_check() -> None:
     for stream in (group.process.stdout, group.process.stderr):
         assert stream is not None
         await stream.aclose()
+    await _self_check_terminal()
     print("ccx.process: PASS")
+
+
+async def _self_check_terminal() -> None:
+    code = "stty size; sleep 60 & sleep 60"
+    group = await spawn(["sh", "-c", code], executable="/bin/sh", cwd=None, env=os.environ,
+                        stdin=False, pty=(100, 30))
+    assert group.terminal is not None
+    output = b""
+    while b"30 100" not in output:
+        output += await group.terminal.master.receive_some(1024)
+    assert await stop_group(group, grace=1) is StopStep.TERMINATED
+    assert not group_members(group.pgid, whole_session=True), "orphans left"
+    await group.terminal.master.aclose()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import attrs
 import cattrs
 import msgspec
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.v import format_exception
 
 JSONRPC_VERSION = "2.0"
 RequestId = str | int | float | None
@@ -220,6 +221,22 @@ Encoding = Literal["utf-8", "base64"]
 ControlType = Literal["PAUSE", "RESUME", "CANCEL"]
 
 
+MAX_WINDOW_CELLS = 0xFFFF  # the kernel's struct winsize holds unsigned shorts
+
+
+def _window_cells(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= MAX_WINDOW_CELLS:
+        raise ValueError(f"{attribute.name} must be between 1 and {MAX_WINDOW_CELLS}")
+
+
+@attrs.frozen
+class PtySize:
+    """A terminal window size in character cells (PROTOCOL.md section 9)."""
+
+    cols: int = attrs.field(validator=_window_cells)
+    rows: int = attrs.field(validator=_window_cells)
+
+
 @attrs.frozen
 class ExecuteParams:
     command: str | list[str]
@@ -232,6 +249,7 @@ class ExecuteParams:
     kill_grace: float | None = None
     linger: float = 0.0
     tag: str | None = None
+    pty: PtySize | None = None
 
 
 @attrs.frozen
@@ -256,6 +274,13 @@ class SessionParams:
 @attrs.frozen
 class SessionsParams:
     tag: str | None = None
+
+
+@attrs.frozen
+class ResizeParams:
+    session_id: str
+    cols: int = attrs.field(validator=_window_cells)
+    rows: int = attrs.field(validator=_window_cells)
 
 
 @attrs.frozen
@@ -316,6 +341,13 @@ def _make_converter() -> cattrs.Converter:
     return converter
 
 
+def _describe(exc: BaseException, kind: type | None) -> str:
+    """cattrs' message for one field, keeping what our own validators say about a value."""
+    if type(exc) is ValueError and str(exc):
+        return f"invalid value ({exc})"
+    return format_exception(exc, kind)
+
+
 converter = _make_converter()
 P = TypeVar("P")
 
@@ -329,7 +361,7 @@ def structure_params(params: object, kind: type[P]) -> P:
     try:
         return converter.structure(params, kind)
     except (ClassValidationError, ForbiddenExtraKeysError) as exc:
-        problems = cattrs.transform_error(exc, path="params")
+        problems = cattrs.transform_error(exc, path="params", format_exception=_describe)
         raise InvalidParams("Invalid params: " + "; ".join(problems),
                             {"errors": problems}) from None
     except (TypeError, ValueError) as exc:
@@ -351,4 +383,13 @@ if __name__ == "__main__":
     else:
         raise AssertionError("a string timeout must be refused")
     assert structure_params({"type": "pause", "session_id": "a"}, ControlParams).type == "PAUSE"
+    pty = structure_params({"command": "sh", "pty": {"cols": 80, "rows": 24}}, ExecuteParams)
+    assert pty.pty == PtySize(80, 24), pty
+    for bad in ({"cols": 0, "rows": 24}, {"cols": 80}, {"cols": 80, "rows": True}, [80, 24]):
+        try:
+            structure_params({"command": "sh", "pty": bad}, ExecuteParams)
+        except InvalidParams:
+            pass
+        else:
+            raise AssertionError(f"pty {bad!r} must be refused")
     print("ccx.protocol: PASS")

@@ -3,7 +3,8 @@
 Inputs: a spawned `Group`, its `SessionOptions`, and an `Owner` that delivers notifications.
 Outputs: `process.started/output/paused/resumed/completed` notifications in order, with one
 `seq` counter; control (`pause`, `resume`, `cancel`, `write_input`) through a state table;
-`attach`/`detach` of owners with replay (PROTOCOL.md section 8); `info()` for `status`.
+`attach`/`detach` of owners with replay (PROTOCOL.md section 8); `info()` for `status`;
+`resize` of a PTY session (PROTOCOL.md section 9).
 
 Back-pressure: each pump reads at most `CHUNK_BYTES` and awaits `send()` on a channel of
 `CHANNEL_CHUNKS` slots; the collector turns chunks into notifications in the `Outbox` and
@@ -11,7 +12,9 @@ stops taking from the channel while the outbox holds `replay_bytes` of unsent ou
 deliverer awaits the owner's (WebSocket) send. A slow or absent client stalls delivery, the
 outbox fills, the channel fills, the pumps stop reading, the pipe fills, the child blocks in
 write(2). Memory per session: two `replay_bytes` budgets (unsent, recently sent) plus the
-channel; nothing is dropped.
+channel; nothing is dropped. A PTY session has one pump, on the terminal's master (stream
+"pty", counted as stdout); the master reports EIO once no process holds the slave: that is
+its EOF.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#using-channels-to-pass-values-between-tasks
       https://docs.python.org/3/library/codecs.html#codecs.getincrementaldecoder
 """
@@ -39,7 +42,7 @@ from ccx.process import (
     Group,
     StopStep,
     live_members,
-    signal_group,
+    signal_members,
     signal_name,
     stop_group,
     wait_group_stopped,
@@ -120,6 +123,7 @@ class SessionInfo:
     tag: str | None
     linger: float  # seconds it survives without a connection (PROTOCOL.md section 8)
     attached: bool  # a live connection receives its notifications
+    pty: dict[str, int] | None  # {"cols", "rows"} of a PTY session (PROTOCOL.md section 9)
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -212,7 +216,12 @@ class Session:
             tag=self.options.tag,
             linger=self.options.linger,
             attached=self.owner is not None and not self._owner_broken,
+            pty=self.window_size(),
         )
+
+    def window_size(self) -> dict[str, int] | None:
+        terminal = self.group.terminal
+        return None if terminal is None else {"cols": terminal.cols, "rows": terminal.rows}
 
     # ------------------------------------------------------------------------------ control
 
@@ -230,7 +239,7 @@ class Session:
         target = self._transition("PAUSE")
         if self.state is not target:
             self.state = target
-            signal_group(self.group.pgid, signal.SIGSTOP)
+            signal_members(self.group, signal.SIGSTOP)
             log.info("signal_sent", signals=["SIGSTOP"], pgid=self.group.pgid, session_id=self.id)
             self._post_control("process.paused")
             await wait_group_stopped(self.group)
@@ -241,7 +250,7 @@ class Session:
         target = self._transition("RESUME")
         if self.state is not target:
             self.state = target
-            signal_group(self.group.pgid, signal.SIGCONT)
+            signal_members(self.group, signal.SIGCONT)
             log.info("signal_sent", signals=["SIGCONT"], pgid=self.group.pgid, session_id=self.id)
             self._post_control("process.resumed")
         return self.state
@@ -263,10 +272,13 @@ class Session:
         return self.state
 
     async def write_input(self, data: bytes, *, eof: bool) -> int:
-        """Write *data* to the child's stdin, waiting for the pipe; close it when *eof*.
+        """Write *data* to the child's stdin, waiting for the pipe; close it when *eof*. On a
+        PTY, write keystrokes to the terminal, and with *eof* its EOF character (^D).
 
         **Cancellation**: if cancelled mid-write, part of *data* may have been written.
         """
+        if self.group.terminal is not None:
+            return await self._type(data, eof=eof)
         stdin = self.group.process.stdin
         if stdin is None or not self.options.stdin:
             raise InvalidState("session was started without stdin", {"status": self.state.value})
@@ -279,6 +291,36 @@ class Session:
             except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
                 raise InvalidState("stdin is closed", {"status": self.state.value}) from None
         return len(data)
+
+    async def _type(self, data: bytes, *, eof: bool) -> int:
+        terminal = self.group.terminal
+        assert terminal is not None
+        async with self._stdin_lock:
+            try:
+                if data:
+                    await terminal.master.send_all(data)
+                if eof:
+                    await terminal.master.send_all(terminal.eof_char())
+            except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                raise InvalidState("the terminal is closed", {"status": self.state.value}) \
+                    from None
+        return len(data)
+
+    def resize(self, cols: int, rows: int) -> dict[str, int]:
+        """Set a PTY session's window size; the child gets SIGWINCH (PROTOCOL.md section 9)."""
+        terminal = self.group.terminal
+        if terminal is None:
+            raise InvalidState("session is not on a pty", {"status": self.state.value})
+        if self.state.ended:
+            raise InvalidState(f"session has ended ({self.state.value})",
+                               {"status": self.state.value})
+        try:
+            terminal.resize(cols, rows)
+        except (OSError, trio.ClosedResourceError):
+            raise InvalidState("the terminal is closed", {"status": self.state.value}) \
+                from None
+        log.info("resized", cols=cols, rows=rows, session_id=self.id)
+        return {"cols": cols, "rows": rows}
 
     def announce(self) -> None:
         """The execute (or attach) response went out: notifications may follow it now."""
@@ -333,15 +375,13 @@ class Session:
         **Cancellation**: cancelling this task still runs the shielded kill path, so the
         group is empty when it returns. `abandon()` cancels it once nobody can attach.
         """
-        process = self.group.process
-        assert process.stdout is not None and process.stderr is not None
         structlog.contextvars.unbind_contextvars("request_id", "method")  # this task's copy
         with structlog.contextvars.bound_contextvars(session_id=self.id):
             try:
                 async with trio.open_nursery() as nursery:
                     self._scope = nursery.cancel_scope
-                    nursery.start_soon(self._pump, process.stdout, "stdout", self._send.clone())
-                    nursery.start_soon(self._pump, process.stderr, "stderr", self._send.clone())
+                    for stream, name in self._outputs():
+                        nursery.start_soon(self._pump, stream, name, self._send.clone())
                     nursery.start_soon(self._collect)
                     nursery.start_soon(self.deliver)
                     try:
@@ -350,11 +390,27 @@ class Session:
                         await self._finish()
             finally:
                 with trio.CancelScope(shield=True):
-                    for stream in (process.stdin, process.stdout, process.stderr):
-                        if stream is not None:
-                            await stream.aclose()
+                    for resource in self._streams():
+                        await resource.aclose()
                 self._done.set()
                 self.on_done(self)
+
+    def _outputs(self) -> list[tuple[trio.abc.ReceiveStream, str]]:
+        """The streams the pumps read, with their `stream` names on the wire."""
+        if self.group.terminal is not None:
+            return [(self.group.terminal.master, "pty")]
+        process = self.group.process
+        assert process.stdout is not None and process.stderr is not None
+        return [(process.stdout, "stdout"), (process.stderr, "stderr")]
+
+    def _streams(self) -> list[trio.abc.AsyncResource]:
+        """Every fd the session holds, closed when it ends."""
+        process = self.group.process
+        streams: list[trio.abc.AsyncResource | None] = [
+            process.stdin, process.stdout, process.stderr,
+            self.group.terminal.master if self.group.terminal is not None else None,
+        ]
+        return [stream for stream in streams if stream is not None]
 
     def abandon(self) -> None:
         """Stop waiting for an owner: the session is being forgotten or the server stops."""
@@ -450,12 +506,14 @@ class Session:
                 scope.cancel()
             try:
                 return bytes(await stream.receive_some(max_bytes))
+            except trio.BrokenResourceError:  # EIO on a PTY master: no slave is open any more
+                return b""
             finally:
                 self._live_reads.discard(scope)
         return None
 
     def _count(self, name: str, size: int) -> None:
-        if name == "stdout":
+        if name in ("stdout", "pty"):  # a terminal merges both; PROTOCOL.md counts it here
             self.stdout_bytes += size
         else:
             self.stderr_bytes += size
@@ -483,7 +541,7 @@ class Session:
         """Turn channel items into notifications in the outbox; `seq` is assigned here only."""
         decoders = {
             name: codecs.getincrementaldecoder("utf-8")(errors="replace")
-            for name in ("stdout", "stderr")
+            for _, name in self._outputs()
         }
         self._queue("process.started", {
             "pid": self.group.pid, "pgid": self.group.pgid, "command": self.group.argv,
