@@ -11,6 +11,7 @@ Docs: https://docs.python.org/3/library/argparse.html
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the session running S seconds after a lost connection; "
                      "ccx re-dials and resumes the stream without a gap")
     run.add_argument("--tag", help="label the session (ccx ps --tag)")
+    run.add_argument("-t", "--tty", action="store_true",
+                     help="run CMD on a pseudo-terminal of this terminal's size: keystrokes "
+                     "(Ctrl-C too) and window size changes go to it, output comes back raw")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
     attach = commands.add_parser("attach", help="re-join a running or ended session",
@@ -178,13 +182,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: bool) -> int:
+async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: bool,
+                  terminal: tuple[int, int] | None = None) -> int:
     """Copy *session*'s output to fds 1/2 until it completes; return the exit code.
 
     Ctrl-C cancels the remote session (a second one leaves at once), or, with
-    *detach_on_interrupt*, just leaves it running for a later `ccx attach`.
+    *detach_on_interrupt*, just leaves it running for a later `ccx attach`. With *terminal*
+    (the remote PTY's size) the local terminal is in raw mode, so Ctrl-C is a keystroke for
+    the remote program; keystrokes and window changes are forwarded.
     """
     from ccx.client import Completed, Detached, Output, ServerError
+    from ccx.terminal import forward_keystrokes, forward_window_changes, raw_mode
 
     interrupted = False
 
@@ -210,16 +218,27 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
                 interrupted = True
                 await session.cancel()
 
+    async def forward_terminal_task(size: tuple[int, int]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(forward_keystrokes, session)
+                nursery.start_soon(forward_window_changes, session, size)
+        except (ServerError, OSError):
+            return  # the session ended: nothing more to forward
+
     result = None
-    with trio.CancelScope() as outer:
+    with raw_mode(0) if terminal is not None else contextlib.nullcontext(), \
+            trio.CancelScope() as outer:
         async with trio.open_nursery() as nursery:
-            if forward_stdin:
+            if terminal is not None:
+                nursery.start_soon(forward_terminal_task, terminal)
+            elif forward_stdin:
                 nursery.start_soon(forward_stdin_task)
             nursery.start_soon(watch_interrupts, outer)
             try:
                 async for event in session.events():
                     if isinstance(event, Output):
-                        fd = 1 if event.stream == "stdout" else 2
+                        fd = 2 if event.stream == "stderr" else 1
                         await trio.to_thread.run_sync(_write_all, fd, event.data)
                     elif isinstance(event, Completed):
                         result = event
@@ -255,20 +274,29 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"ccx run: --env wants K=V, got {item!r}", file=sys.stderr)
             return EXIT_USAGE
         env[key] = value
-    forward_stdin = not os.isatty(0)
+    forward_stdin = not os.isatty(0) and not args.tty
+    size = None
+    if args.tty:
+        from ccx.terminal import window_size
+
+        size = window_size()
+        if "TERM" in os.environ:  # the remote terminal is ours: programs must know its kind
+            env.setdefault("TERM", os.environ["TERM"])
     async with connect(args.url, args.token) as client:
         try:
             session = await client.execute(
                 " ".join(argv) if args.shell else argv, shell=args.shell, cwd=args.cwd,
                 env=env or None, timeout=args.timeout, kill_grace=args.kill_grace,
-                stdin=forward_stdin, encoding="base64", linger=args.linger, tag=args.tag)
+                stdin=forward_stdin, encoding="base64", linger=args.linger, tag=args.tag,
+                pty=size)
         except ServerError as exc:
             print(f"ccx run: {exc.message}", file=sys.stderr)
             return EXIT_USAGE if exc.code == -32602 else 1
         if args.linger > 0 and os.isatty(2):
             print(f"ccx: session {session.id} survives a lost connection for {args.linger:g}s;"
                   f" rejoin with: ccx attach {session.id}", file=sys.stderr)
-        return await _stream(session, forward_stdin=forward_stdin, detach_on_interrupt=False)
+        return await _stream(session, forward_stdin=forward_stdin, detach_on_interrupt=False,
+                             terminal=size)
 
 
 async def _attach(args: argparse.Namespace) -> int:

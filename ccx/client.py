@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import json
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -54,7 +54,7 @@ class Started:
 @attrs.frozen
 class Output:
     session_id: str
-    stream: str  # "stdout" | "stderr"
+    stream: str  # "stdout" | "stderr" | "pty"
     data: bytes  # raw bytes (base64 mode) or the UTF-8 encoding of the decoded text
     seq: int
 
@@ -190,8 +190,13 @@ class RemoteSession:
         return await self.client.control(self.id, "CANCEL")
 
     async def send(self, data: bytes | str, *, eof: bool = False) -> int:
-        """Write to the child's stdin (the session needs `stdin=True`)."""
+        """Write to the child's stdin (the session needs `stdin=True`), or type on its
+        terminal (a PTY session; *eof* then types ^D)."""
         return await self.client.send_input(self.id, data, eof=eof)
+
+    async def resize(self, cols: int, rows: int) -> dict[str, Any]:
+        """Set a PTY session's window size (the child gets SIGWINCH)."""
+        return await self.client.resize(self.id, cols, rows)
 
 
 @attrs.define(eq=False)
@@ -352,9 +357,14 @@ class Client:
         kill_grace: float | None = None,
         linger: float = 0.0,
         tag: str | None = None,
+        pty: tuple[int, int] | Mapping[str, int] | None = None,
         **extra: Any,
     ) -> RemoteSession:
-        """Start *command* (argv list, or a string split like a shell would) on the server."""
+        """Start *command* (argv list, or a string split like a shell would) on the server.
+
+        *pty* = (cols, rows) or {"cols": ..., "rows": ...} runs it on a pseudo-terminal:
+        output then comes as stream "pty", and `send()` types on the terminal.
+        """
         params: dict[str, Any] = {
             "command": command if isinstance(command, str) else list(command),
             "shell": shell, "stdin": stdin, "encoding": encoding, **extra,
@@ -365,6 +375,9 @@ class Client:
                 params[name] = value
         if linger > 0:
             params["linger"] = linger
+        if pty is not None:
+            params["pty"] = (dict(pty) if isinstance(pty, Mapping)
+                             else {"cols": pty[0], "rows": pty[1]})
         result = await self.call("execute", params)
         return self._register(result["session_id"], result["pid"], result["pgid"], linger)
 
@@ -400,6 +413,10 @@ class Client:
         params = {"session_id": session_id, "data": base64.b64encode(raw).decode(),
                   "encoding": "base64", "eof": eof}
         return int((await self.call("input", params))["bytes"])
+
+    async def resize(self, session_id: str, cols: int, rows: int) -> dict[str, Any]:
+        return dict(await self.call("resize", {"session_id": session_id, "cols": cols,
+                                               "rows": rows}))
 
     async def sessions(self, tag: str | None = None) -> list[dict[str, Any]]:
         params = {"tag": tag} if tag is not None else {}
