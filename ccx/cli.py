@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     attach = commands.add_parser("attach", help="re-join a running or ended session",
                                  description="Stream a session's held and new output, as "
                                  "`ccx run` does, and exit with its exit code. Ctrl-C leaves a "
-                                 "lingering session running (and cancels one without linger).")
+                                 "lingering session running (and cancels one without linger). "
+                                 "A PTY session takes this terminal over as `ccx run --tty` "
+                                 "does (raw mode, resized to it); Ctrl-C is then typed to it.")
     _add_client_options(attach)
     attach.add_argument("session_id")
     attach.add_argument("--since-seq", type=int, default=-1, metavar="N",
@@ -304,13 +306,23 @@ async def _attach(args: argparse.Namespace) -> int:
 
     async with connect(args.url, args.token) as client:
         try:
-            session = await client.attach(args.session_id, since_seq=args.since_seq)
+            info = await client.status(args.session_id)
+            session = await client.attach(args.session_id, since_seq=args.since_seq,
+                                          linger=float(info.get("linger") or 0.0))
+            terminal = None
+            if info.get("pty") and os.isatty(0) and info.get("status") in ("running",
+                                                                          "paused"):
+                from ccx.terminal import window_size
+
+                terminal = window_size()  # a PTY session takes this terminal over
+                await session.resize(*terminal)
         except ServerError as exc:
             print(f"ccx attach: {exc.message}", file=sys.stderr)
             return 1
-        # Leaving a session without linger would cancel it anyway: then Ctrl-C cancels.
+        # Leaving a session without linger would cancel it anyway: then Ctrl-C cancels. On
+        # a PTY, Ctrl-C is the remote program's; SIGTERM from elsewhere leaves.
         return await _stream(session, forward_stdin=False,
-                             detach_on_interrupt=session.linger > 0)
+                             detach_on_interrupt=session.linger > 0, terminal=terminal)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

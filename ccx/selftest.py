@@ -170,6 +170,34 @@ async def check_disconnect_kills(server: Server, client: Client) -> None:
     assert await _gone(session.pgid), "sessions of a closed connection survived"
 
 
+async def check_pty(server: Server, client: Client) -> None:
+    code = ("import os, signal, sys\n"
+            "signal.signal(signal.SIGWINCH, lambda *_: print('winch', *os.get_terminal_size(),"
+            " flush=True))\n"
+            "print('tty', sys.stdin.isatty(), *os.get_terminal_size(), flush=True)\n"
+            "print('echo', input())\n")
+    session = await client.execute([PY, "-c", code], pty=(100, 30))
+    seen = b""
+
+    async def until(text: bytes) -> None:
+        nonlocal seen
+        async for event in session.events():
+            if isinstance(event, Output):
+                assert event.stream == "pty", event
+                seen += event.data
+                if text in seen:
+                    return
+        raise AssertionError(f"ended before {text!r}: {seen!r}")
+
+    await until(b"tty True 100 30\r\n")
+    assert await session.resize(120, 40) == {"session_id": session.id, "cols": 120, "rows": 40}
+    await until(b"winch 120 40\r\n")
+    await session.send("hi\r")
+    await until(b"echo hi\r\n")
+    result = await session.wait()
+    assert (result.status, result.exit_code) == ("exited", 0), result
+
+
 CHECKS: list[tuple[str, Callable[[Server, Client], Awaitable[None]]]] = [
     ("execute streams output byte-exact (base64 and split UTF-8)", check_stream_exact),
     ("non-zero exit code is reported", check_exit_code),
@@ -179,6 +207,7 @@ CHECKS: list[tuple[str, Callable[[Server, Client], Awaitable[None]]]] = [
     ("a slow reader throttles the child: bounded RSS, no byte lost", check_slow_reader),
     ("the allow-list refuses what it must", check_allow_list),
     ("a closed connection kills its sessions", check_disconnect_kills),
+    ("a PTY session: terminal, keystrokes, resize with SIGWINCH", check_pty),
 ]
 
 

@@ -9,9 +9,11 @@ it when apt-get can).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -143,3 +145,32 @@ def test_ccx_run_tty_passes_exit_code_and_restores_terminal_on_error(
     assert ccx(serve, "cancel", found[0]["session_id"]).returncode == 0  # ends it remotely
     tmux.wait_for(r"SECOND=143\n")  # 128 + SIGTERM; the terminal was raw until then
     assert "icanon" in tmux.wait_for(r"(.*):MODES").group(1).split()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def test_ccx_attach_takes_a_lingering_pty_session_over(serve: ServeProcess, tmux: Tmux,
+                                                       tmp_path: Path) -> None:
+    script = tmp_path / "run.sh"
+    script.write_text(f"CCX_URL={shlex.quote(serve.url)} exec {shlex.quote(CCX)} run --tty "
+                      f"--linger 30 --tag pty-attach -- {shlex.quote(PY)} -i -q\n")
+    tmux("new-session", "-d", "-s", "ccx", "-x", "80", "-y", "24", f"sh {script}")
+    tmux.wait_for(">>> ")
+    tmux.keys("x = 6 * 7", "Enter")
+    tmux.wait_for(">>> .*\n>>> ")
+    client = int(tmux("display-message", "-p", "-t", "ccx", "#{pane_pid}"))
+    assert _children(client) == [] and "ccx" in Path(f"/proc/{client}/cmdline").read_text()
+    os.kill(client, signal.SIGKILL)  # the connection drops; the session lingers
+    [info] = json.loads(ccx(serve, "ps", "--json", "--tag", "pty-attach").stdout)
+    script.write_text(f"CCX_URL={shlex.quote(serve.url)} {shlex.quote(CCX)} attach "
+                      f"{info['session_id']}\necho EXIT=$?\nsleep 60\n")
+    subprocess.run([*tmux.base, "kill-server"], capture_output=True, timeout=10)  # if alive
+    tmux("new-session", "-d", "-s", "ccx", "-x", "90", "-y", "20", f"sh {script}")
+    tmux.wait_for(r"x = 6 \* 7\n")  # the replay of what the first terminal showed
+    tmux.keys("print(x, *__import__('os').get_terminal_size())", "Enter")
+    tmux.wait_for(r"\n42 90 20\n")  # same interpreter, resized to the new terminal
+    tmux.keys("C-d")
+    tmux.wait_for(r"EXIT=0\n")
