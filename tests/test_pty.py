@@ -348,3 +348,24 @@ async def test_no_fd_or_process_leak(server: Server, connect: Connect) -> None:
     await wait_for(lambda: open_fds() <= before, timeout=5)
     assert all(session_pids(pid) == {} for pid in pids)
     await client.ws.aclose()
+
+
+async def test_client_library_pty(server: Server) -> None:
+    from ccx.client import Output, connect
+
+    code = "import os\nprint('size', *os.get_terminal_size())\nprint('got', input())\n"
+    async with connect(f"ws://127.0.0.1:{server.port}/ws") as remote:
+        session = await remote.execute(py(code), pty={"cols": 90, "rows": 25})
+        seen = b""
+        async for event in session.events():
+            if isinstance(event, Output):
+                assert event.stream == "pty"
+                seen += event.data
+                if b"size 90 25\r\n" in seen:
+                    break
+        assert await session.resize(91, 26) == {"session_id": session.id, "cols": 91,
+                                                "rows": 26}
+        assert await session.send("hey\r") == 4
+        result = await session.wait()
+        assert (result.status, result.exit_code) == ("exited", 0)
+        assert (await remote.status(session.id))["pty"] == {"cols": 91, "rows": 26}
