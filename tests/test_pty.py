@@ -12,10 +12,9 @@ from __future__ import annotations
 import base64
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 import trio
 from conftest import PY, RawClient, py, wait_for
 
@@ -117,14 +116,6 @@ async def start(client: RawClient, command: Any, cols: int = 80, rows: int = 24,
                 keep_text: bool = True, **params: Any) -> Terminal:
     started = await client.execute(command, pty={"cols": cols, "rows": rows}, **params)
     return Terminal(client, started, keep_text=keep_text)
-
-
-@pytest.fixture
-async def client(server: Server, connect: Connect) -> AsyncIterator[RawClient]:
-    """As conftest's, but closed before the server stops (it would wait 2 s for a reply)."""
-    raw = await connect(server)
-    yield raw
-    await raw.ws.aclose()
 
 
 async def test_python_repl_round_trip(client: RawClient) -> None:
@@ -287,7 +278,6 @@ async def test_slow_reader_throttles_the_child(start_server: Any, connect: Conne
     assert completed["status"] == "exited" and completed["stdout_bytes"] == total
     assert term.received_bytes == total
     assert marker.exists()
-    await client.ws.aclose()
 
 
 async def test_attach_replays_a_pty_session(server: Server, connect: Connect) -> None:
@@ -310,7 +300,6 @@ async def test_attach_replays_a_pty_session(server: Server, connect: Connect) ->
     completed = await again.wait()
     assert completed["status"] == "exited"
     assert again.outputs[0]["seq"] == 0
-    await second.ws.aclose()
 
 
 async def test_resize_and_input_errors(client: RawClient) -> None:
@@ -334,10 +323,16 @@ async def test_resize_and_input_errors(client: RawClient) -> None:
     assert {"pty", "resize"} <= set(info["capabilities"])
 
 
-async def test_no_fd_or_process_leak(server: Server, connect: Connect) -> None:
+async def test_no_fd_or_process_leak(server: Server, connect: Connect, tmp_path: Any) -> None:
     client = await connect(server)
     await (await start(client, ["true"])).wait()  # warm up lazily opened fds (epoll, wakeup)
     before = open_fds()
+    broken = tmp_path / "broken"
+    broken.write_text("#!/no/such/interpreter\n")
+    broken.chmod(0o755)
+    error = await client.error("execute", command=[str(broken)], pty={"cols": 80, "rows": 24})
+    assert error["code"] == -32005  # exec failed after openpty: both ends closed again
+    assert open_fds() <= before
     pids = []
     for command in (["true"], [SH, "-c", "echo hi; exit 3"], ["sleep", "30"]):
         term = await start(client, command)
@@ -347,7 +342,6 @@ async def test_no_fd_or_process_leak(server: Server, connect: Connect) -> None:
         await term.wait()
     await wait_for(lambda: open_fds() <= before, timeout=5)
     assert all(session_pids(pid) == {} for pid in pids)
-    await client.ws.aclose()
 
 
 async def test_client_library_pty(server: Server) -> None:
