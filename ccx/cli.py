@@ -193,7 +193,7 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
     (the remote PTY's size) the local terminal is in raw mode, so Ctrl-C is a keystroke for
     the remote program; keystrokes and window changes are forwarded.
     """
-    from ccx.client import Completed, Detached, Output, ServerError
+    from ccx.client import Completed, ConnectionLost, Detached, Output, ServerError
     from ccx.terminal import forward_keystrokes, forward_window_changes, raw_mode
 
     interrupted = False
@@ -225,8 +225,8 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(forward_keystrokes, session)
                 nursery.start_soon(forward_window_changes, session, size)
-        except (ServerError, OSError):
-            return  # the session ended: nothing more to forward
+        except* (ServerError, ConnectionLost, OSError):
+            pass  # the session or its connection ended: nothing more to forward
 
     result = None
     with raw_mode(0) if terminal is not None else contextlib.nullcontext(), \
