@@ -218,10 +218,15 @@ async def _spawn_on_terminal(
 
 def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = False) -> bool:
     """Send each of *signals* to the whole group (with *whole_session*: to every process
-    group of the session *pgid* leads); False if nobody is left to signal."""
+    group of the session *pgid* leads, the leader's last); False if nobody is left to signal.
+
+    The leader's group comes last so that SIGCONT has already continued a job-control
+    shell's jobs when the shell wakes: a continued child no longer reports its stop to
+    wait(), so the shell does not mark the job stopped and take the terminal back.
+    """
     pgrps = [pgid]
     if whole_session:
-        pgrps += sorted({m.pgrp for m in _scan(session=pgid) if m.pgrp != pgid})
+        pgrps = sorted({m.pgrp for m in _scan(session=pgid) if m.pgrp != pgid}) + pgrps
     reached = False
     for target in pgrps:
         try:
@@ -308,15 +313,34 @@ async def wait_group_empty(group: Group) -> None:
         delay = min(delay * 2, POLL_MAX_S)
 
 
-async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S) -> bool:
-    """After SIGSTOP: wait until every live member shows state T; False if *timeout* hit."""
+async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S, *,
+                             leader_group_only: bool = False) -> bool:
+    """After SIGSTOP: wait until every live member (of the leader's process group only, if
+    asked) shows state T; False if *timeout* hit."""
     delay = POLL_FIRST_S
     with trio.move_on_after(timeout):
-        while any(m.state not in ("T", "t") for m in live_members(group)):
+        while any(m.state not in ("T", "t") for m in live_members(group)
+                  if not leader_group_only or m.pgrp == group.pgid):
             await trio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_S)
         return True
     return False
+
+
+async def pause_group(group: Group) -> bool:
+    """SIGSTOP every member; True once all are seen stopped (False after
+    `STOP_SEEN_TIMEOUT_S`).
+
+    On a terminal the leader's process group is stopped (and seen stopped) before the
+    session's other groups: a job-control shell that saw its foreground job stop would take
+    the terminal back, and the job, once resumed, would be stopped again by its first read.
+    **Cancellation**: safe; members may then be left stopped (RESUME or CANCEL wakes them).
+    """
+    signal_group(group.pgid, signal.SIGSTOP)
+    if group.whole_session:
+        await wait_group_stopped(group, leader_group_only=True)
+        signal_members(group, signal.SIGSTOP)
+    return await wait_group_stopped(group)
 
 
 async def stop_group(group: Group, *, grace: float) -> StopStep:

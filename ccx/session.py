@@ -42,10 +42,10 @@ from ccx.process import (
     Group,
     StopStep,
     live_members,
+    pause_group,
     signal_members,
     signal_name,
     stop_group,
-    wait_group_stopped,
 )
 from ccx.protocol import InvalidState, notification
 
@@ -239,10 +239,9 @@ class Session:
         target = self._transition("PAUSE")
         if self.state is not target:
             self.state = target
-            signal_members(self.group, signal.SIGSTOP)
             log.info("signal_sent", signals=["SIGSTOP"], pgid=self.group.pgid, session_id=self.id)
             self._post_control("process.paused")
-            await wait_group_stopped(self.group)
+            await pause_group(self.group)
         return self.state
 
     def resume(self) -> State:
