@@ -174,3 +174,24 @@ def test_ccx_attach_takes_a_lingering_pty_session_over(serve: ServeProcess, tmux
     tmux.wait_for(r"\n42 90 20\n")  # same interpreter, resized to the new terminal
     tmux.keys("C-d")
     tmux.wait_for(r"EXIT=0\n")
+
+
+def test_ccx_run_tty_restores_terminal_when_the_server_dies(tmux: Tmux, tmp_path: Path) -> None:
+    server = start_serve("--kill-grace", "1")
+    try:
+        script = tmp_path / "run.sh"
+        script.write_text(
+            f"CCX_URL={shlex.quote(server.url)} {shlex.quote(CCX)} run --tty -- "
+            f"{shlex.quote(PY)} -c \"print('remote-' + 'up'); import time; time.sleep(30)\"\n"
+            "echo CODE=$?\n"
+            "stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon | tr '\\n' ' '; "
+            "echo ':MODES'\n"
+            "sleep 60\n")
+        tmux("new-session", "-d", "-s", "ccx", "-x", "80", "-y", "24", f"sh {script}")
+        tmux.wait_for("remote-up")
+    finally:
+        server.proc.kill()  # no goodbye: the connection just breaks (the PTY hangs up too)
+        server.proc.communicate(timeout=10)
+    code = int(tmux.wait_for(r"CODE=(\d+)\n").group(1))
+    assert code != 0
+    assert "icanon" in tmux.wait_for(r"(.*):MODES").group(1).split()
