@@ -309,16 +309,19 @@ async def _attach(args: argparse.Namespace) -> int:
             info = await client.status(args.session_id)
             session = await client.attach(args.session_id, since_seq=args.since_seq,
                                           linger=float(info.get("linger") or 0.0))
-            terminal = None
-            if info.get("pty") and os.isatty(0) and info.get("status") in ("running",
-                                                                          "paused"):
-                from ccx.terminal import window_size
-
-                terminal = window_size()  # a PTY session takes this terminal over
-                await session.resize(*terminal)
         except ServerError as exc:
             print(f"ccx attach: {exc.message}", file=sys.stderr)
             return 1
+        terminal = None
+        if info.get("pty") and os.isatty(0) and info.get("status") in ("running", "paused"):
+            from ccx.terminal import window_size
+
+            size = window_size()  # a PTY session takes this terminal over
+            try:
+                await session.resize(*size)
+                terminal = size
+            except ServerError:
+                pass  # it ended meanwhile: its held output and completion still come
         # Leaving a session without linger would cancel it anyway: then Ctrl-C cancels. On
         # a PTY, Ctrl-C is the remote program's; SIGTERM from elsewhere leaves.
         return await _stream(session, forward_stdin=False,
