@@ -284,7 +284,7 @@ async def test_slow_reader_throttles_the_child(start_server: Any, connect: Conne
     server = await start_server(replay_bytes=64 * 1024)
     client = await connect(server, max_message_size=16 * 1024 * 1024)
     marker = tmp_path / "done"
-    total = 8 * 1024 * 1024  # far more than every buffer between child and test put together
+    total = 4 * 1024 * 1024  # far more than every buffer between child and test put together
     code = (f"import os\nblock = b'x' * 65536\n"
             f"for _ in range({total // 65536}):\n    os.write(1, block)\n"
             f"open({str(marker)!r}, 'w').close()\n")
@@ -301,6 +301,7 @@ async def test_slow_reader_throttles_the_child(start_server: Any, connect: Conne
     assert completed["status"] == "exited" and completed["stdout_bytes"] == total
     assert term.received_bytes == total
     assert marker.exists()
+    await client.ws.aclose()  # before its server stops, or the close handshake costs 2 s
 
 
 async def test_attach_replays_a_pty_session(server: Server, connect: Connect) -> None:
