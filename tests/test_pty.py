@@ -273,10 +273,24 @@ async def test_cancel_reaches_every_job_of_a_shell(client: RawClient) -> None:
     assert _comm(job) != "sleep"  # the job in its own process group is gone too
 
 
-async def test_timeout(client: RawClient) -> None:
+async def test_status_rules_as_for_pipes(client: RawClient) -> None:
     term = await start(client, ["sleep", "30"], timeout=0.3)
     completed = await term.wait()
     assert completed["status"] == "timeout" and completed["exit_code"] is None
+    term = await start(client, py("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"))
+    completed = await term.wait()
+    assert (completed["status"], completed["signal"]) == ("killed", "SIGSEGV")
+    term = await start(client, [SH, "-c", "echo bye; exit 3"])
+    await term.expect("bye\r\n")
+    completed = await term.wait()
+    assert (completed["status"], completed["exit_code"]) == ("exited", 3)
+    term = await start(client, py("import signal, sys, time\n"
+                                  "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+                                  "print('armed', flush=True); time.sleep(30)\n"))
+    await term.expect("armed")
+    await client.result("control", session_id=term.id, type="CANCEL")
+    completed = await term.wait()  # exits 0 on SIGTERM, yet it was cancelled
+    assert completed["status"] == "cancelled"
 
 
 async def test_slow_reader_throttles_the_child(start_server: Any, connect: Connect,
