@@ -171,29 +171,32 @@ async def check_disconnect_kills(server: Server, client: Client) -> None:
 
 
 async def check_pty(server: Server, client: Client) -> None:
-    code = ("import os, signal, sys\n"
-            "signal.signal(signal.SIGWINCH, lambda *_: print('winch', *os.get_terminal_size(),"
-            " flush=True))\n"
+    # No output from the SIGWINCH handler itself: the child reports after reading a line.
+    code = ("import os, signal, sys, time\n"
+            "winched = []\n"
+            "signal.signal(signal.SIGWINCH, lambda *_: winched.append(1))\n"
             "print('tty', sys.stdin.isatty(), *os.get_terminal_size(), flush=True)\n"
-            "print('echo', input())\n")
+            "line = sys.stdin.readline().strip()\n"
+            "time.sleep(0.01)  # a pending handler runs by now\n"
+            "print('echo', line, *os.get_terminal_size(), bool(winched), flush=True)\n")
     session = await client.execute([PY, "-c", code], pty=(100, 30))
     seen = b""
 
     async def until(text: bytes) -> None:
         nonlocal seen
-        async for event in session.events():
-            if isinstance(event, Output):
-                assert event.stream == "pty", event
-                seen += event.data
-                if text in seen:
-                    return
-        raise AssertionError(f"ended before {text!r}: {seen!r}")
+        with trio.move_on_after(CHECK_TIMEOUT_S / 2):
+            async for event in session.events():
+                if isinstance(event, Output):
+                    assert event.stream == "pty", event
+                    seen += event.data
+                    if text in seen:
+                        return
+        raise AssertionError(f"no {text!r} in {seen!r}")
 
     await until(b"tty True 100 30\r\n")
     assert await session.resize(120, 40) == {"session_id": session.id, "cols": 120, "rows": 40}
-    await until(b"winch 120 40\r\n")
     await session.send("hi\r")
-    await until(b"echo hi\r\n")
+    await until(b"echo hi 120 40 True\r\n")
     result = await session.wait()
     assert (result.status, result.exit_code) == ("exited", 0), result
 

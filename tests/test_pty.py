@@ -166,13 +166,17 @@ async def test_stty_size_and_resize_with_sigwinch(client: RawClient) -> None:
     term = await start(client, [SH, "-c", "stty size"], cols=77, rows=22)
     await term.expect("22 77\r\n")
     await term.wait()
+    # The handler records the size it sees; the child waits in sleep(), not in a blocking
+    # read: a Python handler for a signal that lands just before read(2) only runs after it.
     code = ("import os, signal, sys, time\n"
-            "def winch(*_):\n"
-            "    c, r = os.get_terminal_size(0)\n"
-            "    print(f'winch {c}x{r}', flush=True)\n"
-            "signal.signal(signal.SIGWINCH, winch)\n"
+            "seen = []\n"
+            "signal.signal(signal.SIGWINCH, lambda *_: seen.append(os.get_terminal_size(0)))\n"
             "c, r = os.get_terminal_size(0)\n"
             "print(f'start {c}x{r}', flush=True)\n"
+            "while not seen:\n"
+            "    time.sleep(0.01)\n"
+            "c, r = seen[-1]\n"
+            "print(f'winch {c}x{r}', flush=True)\n"
             "sys.stdin.readline()\n")
     term = await start(client, py(code), cols=100, rows=30)
     await term.expect("start 100x30")
