@@ -3,7 +3,9 @@
 Inputs: `Settings`, validated `ExecuteParams`, and the `Owner` (connection) asking.
 Outputs: running `Session`s whose tasks live in the manager's nursery (so a session is not
 torn down by the task that asked for it), lookups by id, and ended sessions kept for
-`CCX_RETENTION` seconds.
+`CCX_RETENTION` seconds. The MCP output buffers of sessions started over MCP live here too
+(`mcp_buffers`), not in one MCP connection, so a lingering session's unread output outlives
+the connection that started it; a buffer is forgotten with its session.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#nurseries-and-spawning
 """
 
@@ -23,6 +25,7 @@ import trio
 
 from ccx.config import Settings
 from ccx.log import get_logger
+from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
 from ccx.process import resolve_executable, signal_group, spawn
 from ccx.protocol import (
@@ -79,6 +82,8 @@ class SessionManager:
     spawn_failures_total: int = 0
     metrics: Metrics = attrs.field(factory=Metrics)
     _forgotten_bytes: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    # session id -> its MCP output buffer (ccx.mcp), whichever MCP connection reads it now
+    mcp_buffers: dict[str, OutputBuffer] = attrs.field(factory=dict)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host session tasks until cancelled; cancelling it still empties every group."""
@@ -111,6 +116,10 @@ class SessionManager:
             raise SessionNotFound(f"unknown session: {session_id}", {"session_id": session_id})
         return session
 
+    def find(self, session_id: str) -> Session | None:
+        """The session with this id while it is held (no error, no retention sweep)."""
+        return self._sessions.get(session_id)
+
     def _forget_expired(self) -> None:
         """Drop ended sessions older than CCX_RETENTION (and the oldest beyond the cap)."""
         now = time.time()
@@ -123,6 +132,9 @@ class SessionManager:
                 self._forgotten_bytes.update(stdout=session.stdout_bytes,
                                              stderr=session.stderr_bytes)
                 session.abandon()
+                buffer = self.mcp_buffers.pop(sid, None)
+                if buffer is not None:
+                    buffer.close()
 
     def _new_id(self) -> str:
         """A fresh session id: random hex, after `CCX_NODE_NAME` and a dot when set."""

@@ -6,7 +6,10 @@ Inputs: JSON-RPC frames (text) from any transport (WebSocket subprotocol `mcp`, 
 Outputs: responses for `handle_frame()`; notifications (`notifications/progress`,
 `notifications/message`) through `send`. The endpoint is the `Owner` of the sessions its tools
 start: their output goes into bounded per-session `OutputBuffer`s (a full, unread buffer
-throttles the child), and `close()` cancels them, as closing a WebSocket does (PROTOCOL.md 5).
+throttles the child), kept in `SessionManager.mcp_buffers`. `close()` cancels the sessions
+without `linger`, as closing a WebSocket does (PROTOCOL.md 5), and detaches the others
+(`SessionManager.release`: linger clock, then `CCX_RETENTION`); their buffers stay. Reading a
+session's output from another endpoint moves the session there (`claim`, an MCP `attach`).
 Protocol revision 2025-11-25; 2025-06-18, 2025-03-26 and 2024-11-05 are accepted too.
 Docs: https://modelcontextprotocol.io/specification/2025-11-25/basic/lifecycle
       https://modelcontextprotocol.io/specification/2025-11-25/basic/utilities/cancellation
@@ -40,6 +43,7 @@ from ccx.protocol import (
     MethodNotFound,
     Request,
     RpcError,
+    SessionNotFound,
     error_response,
     notification,
     parse_frame,
@@ -56,6 +60,7 @@ DEFAULT_LOG_LEVEL = "warning"  # until logging/setLevel: only trouble is reporte
 STRUCTLOG_TO_MCP = {"debug": "debug", "info": "info", "msg": "info", "warning": "warning",
                     "warn": "warning", "error": "error", "exception": "error",
                     "critical": "critical", "fatal": "critical"}
+CLAIM_CATCH_UP_S = 1.0  # a claim waits this long at most for held output to reach the buffer
 LOG_QUEUE_MESSAGES = 256  # log notifications waiting for the peer; more are dropped (counted)
 INSTRUCTIONS = (
     "ccx runs commands on this machine as supervised process groups. Use `execute` for a "
@@ -66,7 +71,11 @@ INSTRUCTIONS = (
     "`eof` is true. `send_input` writes to stdin (start with stdin=true); `pause`, `resume` "
     "and `cancel` act on the whole process group; `list_sessions` shows what runs. Unread "
     "output is held, bounded: a job writing faster than you read is slowed, never truncated. "
-    "Sessions started here are cancelled when this MCP connection closes."
+    "Sessions started here are cancelled when this MCP connection closes, unless started with "
+    "`linger` (seconds): then they keep running detached and a later MCP connection (after "
+    "your own restart) finds them with `list_sessions` and continues `read_output` from the "
+    "offsets it had (or from the stdout_offset/stderr_offset list_sessions shows); that read "
+    "makes the new connection the session's owner."
 )
 
 Send = Callable[[dict[str, object]], Awaitable[None]]
@@ -93,7 +102,6 @@ class McpEndpoint:
     log_level: str = DEFAULT_LOG_LEVEL
     closed: bool = False
     logs_dropped: int = 0
-    _buffers: dict[str, OutputBuffer] = attrs.field(factory=dict)
     _in_flight: dict[object, trio.CancelScope] = attrs.field(factory=dict)
     _log_send: trio.MemorySendChannel[dict[str, object]] = attrs.field(init=False)
     _log_receive: trio.MemoryReceiveChannel[dict[str, object]] = attrs.field(init=False)
@@ -129,13 +137,23 @@ class McpEndpoint:
         finally:
             remove_tap(self._tap)
 
+    def _owned(self) -> list[OutputBuffer]:
+        return [b for b in self.manager.mcp_buffers.values() if b.owner is self]
+
     def close(self) -> None:
-        """The peer is gone: fail blocked buffers, cancel (or detach) the sessions it owns."""
+        """The peer is gone: cancel the sessions it owns, or detach those with linger.
+
+        A lingering session's buffer stays (unowned) for a later `claim`; the others' go.
+        """
         if self.closed:
             return
         self.closed = True
-        for buffer in self._buffers.values():
-            buffer.close()
+        for buffer in self._owned():
+            session = self.manager.find(buffer.session_id)
+            if session is not None and session.options.linger > 0:
+                buffer.hand_over(None)  # an append waiting for us fails; the bytes stay
+            else:
+                self.forget(buffer.session_id)
         for scope in self._in_flight.values():
             scope.cancel()
         self._log_send.close()
@@ -149,40 +167,65 @@ class McpEndpoint:
         if self.closed:
             raise OwnerGone("mcp")
         params: Any = message.get("params") or {}
-        buffer = self._buffers.get(params.get("session_id"))
+        buffer = self.manager.mcp_buffers.get(params.get("session_id"))
         if buffer is None:  # released (its execute was cancelled): nobody will read it
             return
+        if buffer.owner is not self:  # taken over by another connection, or detached
+            raise OwnerGone("mcp")
         method = message.get("method")
+        seq = params.get("seq")
         if method == "process.output":
-            await buffer.append(params["stream"], base64.b64decode(params["data"]))
+            if isinstance(seq, int) and seq <= buffer.last_seq:
+                return  # already held: a hand-over re-sent it
+            await buffer.append(params["stream"], base64.b64decode(params["data"]),
+                                seq=seq, writer=self)
         elif method == "process.completed":
             buffer.complete(dict(params))
 
     # ------------------------------------------------------------------------------ ToolHost
 
     async def start_session(self, params: ExecuteParams) -> tuple[Session, OutputBuffer]:
-        self._forget_expired()
         session = await self.manager.execute(params, self)
-        buffer = OutputBuffer(session.id, self.settings.mcp_buffer_bytes)
-        self._buffers[session.id] = buffer
+        buffer = OutputBuffer(session.id, self.settings.mcp_buffer_bytes, owner=self)
+        self.manager.mcp_buffers[session.id] = buffer
         session.announce()  # nothing goes on the wire first: the buffer can take output now
         return session, buffer
 
-    def buffer(self, session_id: str) -> OutputBuffer | None:
-        self._forget_expired()
-        return self._buffers.get(session_id)
+    async def claim(self, session_id: str) -> OutputBuffer:
+        """The session's output buffer, making this endpoint its owner first if it is not.
+
+        Taking a session over is an `attach` from the last output the buffer took: the
+        session's outbox re-sends what came after it, so no byte is lost or repeated. The
+        session keeps its own linger; the previous owner, if still connected, gets nothing
+        more. Raises `SessionNotFound` for unknown (or forgotten) sessions and for sessions
+        that have no MCP buffer (started over the native API, or their MCP connection closed
+        without linger).
+        """
+        session = self.manager.get(session_id)  # forgets what CCX_RETENTION let go
+        buffer = self.manager.mcp_buffers.get(session_id)
+        if buffer is None:
+            raise SessionNotFound(
+                f"session {session_id} has no MCP output: it was not started with the MCP "
+                "start tool, or its MCP connection closed without linger",
+                {"session_id": session_id})
+        if buffer.owner is not self:
+            if not buffer.ended:  # else nothing more will be delivered: no attach needed
+                self.manager.attach(session_id, buffer.last_seq, self)
+                session.announce()
+            buffer.hand_over(self)
+            log.info("mcp_session_claimed", session_id=session_id, since_seq=buffer.last_seq)
+            # What the session held while detached is re-delivered by its own task: let it
+            # arrive, so that this very read sees it (until the buffer is full, at most 1 s).
+            with trio.move_on_after(CLAIM_CATCH_UP_S):
+                while not (buffer.ended or buffer.full or (
+                        not session.done and buffer.last_seq >= session.next_seq - 1)):
+                    await buffer.wait_changed()
+        return buffer
 
     def forget(self, session_id: str) -> None:
-        buffer = self._buffers.pop(session_id, None)
+        buffer = self.manager.mcp_buffers.pop(session_id, None)
         if buffer is not None:
             buffer.close()
-
-    def _forget_expired(self) -> None:
-        """Buffers of sessions ended more than CCX_RETENTION ago go, read or not."""
-        now = trio.current_time()
-        for session_id, buffer in list(self._buffers.items()):
-            if buffer.ended_at is not None and now - buffer.ended_at > self.settings.retention:
-                self.forget(session_id)
 
     async def notify(self, method: str, params: dict[str, object]) -> None:
         await self.send(notification(method, params))
@@ -191,7 +234,10 @@ class McpEndpoint:
 
     def _tap(self, level: str, event: dict[str, Any]) -> None:
         """A log event anywhere in the server: forward it if it is about our session."""
-        if self.closed or event.get("session_id") not in self._buffers:
+        session_id = event.get("session_id")
+        buffer = self.manager.mcp_buffers.get(session_id) if isinstance(session_id, str) \
+            else None
+        if self.closed or buffer is None or buffer.owner is not self:
             return
         mcp_level = STRUCTLOG_TO_MCP.get(level, "info")
         if LOG_LEVELS.index(mcp_level) < LOG_LEVELS.index(self.log_level):

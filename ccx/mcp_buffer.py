@@ -10,6 +10,11 @@ room and lets a throttled child go on. Bytes at or after N stay held until a lat
 past them, so a read whose answer was lost can simply be repeated. Nothing is dropped that the
 reader has not acknowledged: a full, unread stream blocks `append`, which blocks the session's
 deliverer, its outbox, its pumps and finally the child's write(2) (DESIGN.md, back-pressure).
+
+A buffer has an `owner`, the MCP connection whose session delivers into it (and reads it);
+`last_seq` is the `seq` of the last output it took, which is where a new owner re-attaches the
+session from (`SessionManager.attach`), so a hand-over neither loses nor repeats a byte. An
+append on behalf of a connection that is no longer the owner fails with `OwnerGone`.
 Docs: ../shared/PROTOCOL.md section 7; https://trio.readthedocs.io/en/stable/reference-core.html#trio.Event
 """
 
@@ -71,6 +76,8 @@ class OutputBuffer:
     completion: dict[str, object] | None = None  # process.completed params, once it ended
     ended_at: float | None = None  # trio clock time of the completion
     closed: bool = False
+    owner: object | None = None  # the MCP connection delivering into it; None: detached
+    last_seq: int = -1  # seq of the last process.output appended (-1: none yet)
     _streams: dict[str, _Stream] = attrs.field(factory=lambda: {s: _Stream() for s in STREAMS})
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -93,24 +100,53 @@ class OutputBuffer:
         """Ended, and every byte was acknowledged: the buffer may go."""
         return self.ended and not any(s.data for s in self._streams.values())
 
-    async def append(self, stream: str, data: bytes) -> None:
-        """Hold *data*; first wait while *stream* holds `capacity_bytes` unread.
+    def _writable(self, writer: object | None) -> bool:
+        return not self.closed and (writer is None or self.owner is writer)
+
+    async def append(self, stream: str, data: bytes, *, seq: int | None = None,
+                     writer: object | None = None) -> None:
+        """Hold *data* (output number *seq*); first wait while *stream* holds
+        `capacity_bytes` unread.
 
         **Cancellation**: safe; nothing is held if cancelled while waiting.
-        Raises `OwnerGone` once the buffer is closed (its connection went away).
+        Raises `OwnerGone` once the buffer is closed (nobody will read it) or, when *writer*
+        is given, once *writer* is no longer the `owner` (detached or taken over).
         """
         held = self._streams[stream]
-        while len(held.data) >= self.capacity_bytes and not self.closed:
+        while len(held.data) >= self.capacity_bytes and self._writable(writer):
             await self._changed.wait()
-        if self.closed:
+        if not self._writable(writer):
             raise OwnerGone(self.session_id)
         held.data += data
+        if seq is not None:
+            self.last_seq = seq
         self._notify()
 
     def complete(self, params: dict[str, object]) -> None:
+        if self.completion is not None:  # delivered again after a hand-over: same facts
+            return
         self.completion = params
         self.ended_at = trio.current_time()
         self._notify()
+
+    def hand_over(self, owner: object | None) -> None:
+        """Make *owner* the connection that delivers into and reads this buffer (None: the
+        session is detached); appends waiting for the previous owner fail."""
+        self.owner = owner
+        self._notify()
+
+    @property
+    def full(self) -> bool:
+        """Some stream holds `capacity_bytes` unread: appends wait."""
+        return any(len(s.data) >= self.capacity_bytes for s in self._streams.values())
+
+    async def wait_changed(self) -> None:
+        """Wait for the next append, completion, read or hand-over. **Cancellation**: safe."""
+        await self._changed.wait()
+
+    def first_offset(self, stream: str) -> int:
+        """The oldest byte still held: where a reader that lost its offsets resumes."""
+        return self._streams[stream].start
 
     def close(self) -> None:
         """Wake and fail every waiting `append`: nobody will read any more."""
@@ -197,6 +233,17 @@ async def _self_check() -> None:
     rest = buffer.read("stdout", 2, 100)
     assert rest.data == "€".encode(), rest
     await buffer.append("stdout", b"x")  # reading released bytes 0-1: room again
+    buffer.hand_over(owner := object())
+    buffer.read("stdout", 6, 0)  # all read: room again
+    await buffer.append("stdout", b"y", seq=7, writer=owner)
+    assert buffer.last_seq == 7 and buffer.first_offset("stdout") == 6
+    buffer.hand_over(None)
+    try:
+        await buffer.append("stdout", b"z", writer=owner)
+    except OwnerGone:
+        pass
+    else:
+        raise AssertionError("a connection that is no longer the owner must not append")
     tail = Tail(4)
     tail.add(b"0123456789")
     assert tail.text() == "[6 bytes omitted]\n6789", tail.text()

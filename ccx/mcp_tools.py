@@ -22,7 +22,7 @@ from ccx import api
 from ccx.config import Settings
 from ccx.manager import SessionManager
 from ccx.mcp_buffer import STREAMS, OutputBuffer, Tail
-from ccx.protocol import ExecuteParams, InvalidParams, RpcError, SessionNotFound, structure_params
+from ccx.protocol import ExecuteParams, InvalidParams, RpcError, structure_params
 from ccx.session import Owner, Session
 
 MAX_READ_BYTES = 4 * 1024 * 1024  # largest max_bytes / tail_bytes a call may ask for
@@ -43,7 +43,8 @@ class ToolHost(Owner, Protocol):
     async def start_session(self, params: ExecuteParams) -> tuple[Session, OutputBuffer]:
         """Start a session owned by this connection, with its output kept in a buffer."""
 
-    def buffer(self, session_id: str) -> OutputBuffer | None: ...
+    async def claim(self, session_id: str) -> OutputBuffer:
+        """The session's output buffer; this connection becomes the session's owner."""
 
     def forget(self, session_id: str) -> None: ...
 
@@ -83,6 +84,7 @@ class StartArgs:
     kill_grace: float | None = None
     stdin: bool = False
     tag: str | None = None
+    linger: float = 0.0
 
 
 @attrs.frozen
@@ -99,11 +101,12 @@ class SessionArgs:
     session_id: str
 
 
-def _launch(args: ExecuteArgs | StartArgs, *, stdin: bool, tag: str | None) -> ExecuteParams:
+def _launch(args: ExecuteArgs | StartArgs, *, stdin: bool, tag: str | None,
+            linger: float = 0.0) -> ExecuteParams:
     # base64: the buffer holds raw bytes, so offsets are byte offsets of the child's output
     return ExecuteParams(command=args.command, shell=args.shell, cwd=args.cwd, env=args.env,
                          timeout=args.timeout, stdin=stdin, encoding="base64",
-                         kill_grace=args.kill_grace, tag=tag)
+                         kill_grace=args.kill_grace, tag=tag, linger=linger)
 
 
 def _bounded(value: int | None, default: int, name: str) -> int:
@@ -199,23 +202,22 @@ def _clip(text: str, limit_bytes: int) -> str:
 
 async def start(call: ToolCall) -> dict[str, object]:
     args = structure_params(call.arguments, StartArgs)
-    session, _ = await call.host.start_session(_launch(args, stdin=args.stdin, tag=args.tag))
-    return {"session_id": session.id, "status": "started", "pid": session.group.pid}
+    session, _ = await call.host.start_session(
+        _launch(args, stdin=args.stdin, tag=args.tag, linger=args.linger))
+    return {"session_id": session.id, "status": "started", "pid": session.group.pid,
+            "linger": session.options.linger}
 
 
 async def read_output(call: ToolCall) -> dict[str, object]:
-    """Output from a byte offset per stream, waiting up to `wait_s` for some to arrive."""
+    """Output from a byte offset per stream, waiting up to `wait_s` for some to arrive.
+
+    A session owned by another MCP connection (or by none: detached) becomes this one's.
+    """
     args = structure_params(call.arguments, ReadArgs)
     max_bytes = _bounded(args.max_bytes, DEFAULT_READ_BYTES, "max_bytes")
     if args.wait_s < 0:
         raise InvalidParams("Invalid params: wait_s must not be negative")
-    buffer = call.host.buffer(args.session_id)
-    if buffer is None:
-        call.host.manager.get(args.session_id)  # -32002 when nobody knows it
-        raise SessionNotFound(
-            f"no output buffer for session {args.session_id} on this connection: output goes "
-            "to the connection that started the session (or it was already released)",
-            {"session_id": args.session_id})
+    buffer = await call.host.claim(args.session_id)
     offsets = {"stdout": args.stdout_offset, "stderr": args.stderr_offset}
     pieces = {s: buffer.read(s, offsets[s], max_bytes) for s in STREAMS}
     if not any(p.data for p in pieces.values()) and not buffer.ended and args.wait_s > 0:
@@ -250,6 +252,18 @@ def _native(method: api.Handler, extra: dict[str, object] | None = None) -> Tool
                                      {**arguments, **(extra or {})}))
 
     return run
+
+
+async def list_sessions(call: ToolCall) -> dict[str, object]:
+    """The native `sessions`, plus, for sessions with MCP output, the oldest offsets held."""
+    result = await _native(api.sessions)(call)
+    buffers = call.host.manager.mcp_buffers
+    sessions: Any = result["sessions"]
+    for info in sessions:
+        buffer = buffers.get(info["session_id"])
+        if buffer is not None:
+            info.update({f"{s}_offset": buffer.first_offset(s) for s in STREAMS})
+    return result
 
 
 async def send_input(call: ToolCall) -> dict[str, object]:
@@ -318,6 +332,12 @@ _SESSION_INFO = _object({
     "ended_at": {"type": ["string", "null"]}, "exit_code": _NULLABLE_INT,
     "signal": {"type": ["string", "null"]}, "stdout_bytes": {"type": "integer"},
     "stderr_bytes": {"type": "integer"}, "tag": {"type": ["string", "null"]},
+    "linger": {"type": "number", "description": "seconds it survives without a connection"},
+    "attached": {"type": "boolean",
+                 "description": "a connection owns it now (false: detached, lingering)"},
+    "stdout_offset": {"type": "integer", "description": "MCP sessions: oldest stdout offset "
+                      "still held, where read_output resumes if the last offsets were lost"},
+    "stderr_offset": {"type": "integer", "description": "the same for stderr"},
 }, ("session_id", "command", "status"))
 
 
@@ -360,20 +380,30 @@ TOOLS: dict[str, Tool] = {tool.name: tool for tool in (
     Tool("start", "Start a long-running command",
          "Start a command in its own process group and return its session_id at once. Read "
          "its output with read_output; it is held (bounded) until read, and a command whose "
-         "unread output fills the buffer is slowed down, never truncated.",
+         "unread output fills the buffer is slowed down, never truncated. It is cancelled "
+         "when this MCP connection closes, unless linger > 0: then it keeps running detached "
+         "for up to linger seconds (its output held) and any later MCP connection can pick it "
+         "up with read_output; once ended, it is kept for the server's retention time.",
          _object({**_LAUNCH,
                   "stdin": {"type": "boolean", "default": False,
                             "description": "keep stdin open for send_input"},
-                  "tag": {"type": "string", "description": "label for list_sessions"}},
+                  "tag": {"type": "string", "description": "label for list_sessions"},
+                  "linger": {"type": "number", "minimum": 0, "default": 0,
+                             "description": "seconds the session survives without an MCP "
+                             "connection (capped by the server's CCX_MAX_LINGER)"}},
                  ("command",)),
          _object({"session_id": {"type": "string"}, "status": {"type": "string"},
-                  "pid": {"type": "integer"}}, ("session_id", "status", "pid")),
+                  "pid": {"type": "integer"},
+                  "linger": {"type": "number", "description": "as granted (capped)"}},
+                 ("session_id", "status", "pid")),
          start),
     Tool("read_output", "Read a session's output",
          "Return stdout/stderr from the given byte offsets (0 at first, then the returned "
          "next_*_offset values), waiting up to wait_s seconds for new output. Reading from an "
          "offset releases the bytes before it. eof is true once the session ended and all "
-         "output was read.",
+         "output was read. Reading a session started by another MCP connection (a lingering "
+         "one, after a restart) makes this connection its owner: it keeps its own linger, and "
+         "it is cancelled when this connection closes only if its linger is 0.",
          _object({**_SESSION_ID,
                   "stdout_offset": {"type": "integer", "minimum": 0, "default": 0},
                   "stderr_offset": {"type": "integer", "minimum": 0, "default": 0},
@@ -401,10 +431,12 @@ TOOLS: dict[str, Tool] = {tool.name: tool for tool in (
          _object(_SESSION_ID, ("session_id",)), _STATUS_RESULT,
          lambda call: _control(call, "CANCEL")),
     Tool("list_sessions", "List sessions",
-         "Every session this server knows, running and recently ended, with its status.",
+         "Every session this server knows, running and recently ended, with its status, "
+         "linger, tag, whether a connection owns it (attached) and, for sessions started "
+         "over MCP, the oldest output offsets still held.",
          _object({"tag": {"type": "string", "description": "only sessions with this tag"}}),
          _object({"sessions": {"type": "array", "items": _SESSION_INFO}}, ("sessions",)),
-         _native(api.sessions), read_only=True),
+         list_sessions, read_only=True),
 )}
 
 

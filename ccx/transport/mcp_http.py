@@ -114,7 +114,7 @@ class HttpSession:
             s._follower is not None for s in self.streams.values())
 
     def close(self) -> None:
-        self.endpoint.close()  # cancels its processes (MCP sessions have no linger)
+        self.endpoint.close()  # cancels its processes, detaches those with linger
         for stream in self.streams.values():
             stream.close()
 
