@@ -9,7 +9,8 @@ Outputs: one HTTP/1.1 exchange per TCP connection, framed by h11 (`Connection: c
   notifications, then the response); any other request → `application/json`.
 - GET → an SSE stream: with `Last-Event-ID`, the rest of the stream that id belongs to;
   without, a new stream of server-to-client messages (`notifications/message` logs).
-- DELETE → ends the session and cancels every process it started (204).
+- DELETE → ends the session and cancels every process it started (204), except those started
+  with `linger`, which are detached (`McpEndpoint.close`).
 Every SSE event has an id `<stream>:<seq>`; events are held (sent ones too, within
 `CCX_REPLAY_BYTES` per stream: `ccx.transport.sse`) so a dropped stream is resumed by GET with
 `Last-Event-ID` with nothing lost. A request keeps running when its stream drops.

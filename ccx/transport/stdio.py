@@ -2,7 +2,8 @@
 
 Inputs: `Settings`; file descriptors for input (stdin) and output (stdout).
 Outputs: one `McpEndpoint` served until stdin reaches EOF (or SIGTERM/SIGINT); then every
-session it started is cancelled and the process returns once their groups are empty. stdout
+session it started is cancelled, lingering ones too (nobody can reconnect to this process),
+and the process returns once their groups are empty. stdout
 carries protocol messages only (one per line; JSON escapes newlines inside strings).
 Blocking reads and writes run in worker threads, so the descriptors keep their blocking mode
 (a parent sharing them is not surprised by O_NONBLOCK).
@@ -133,6 +134,7 @@ async def serve_stdio(settings: Settings, *, stdin_fd: int = 0, stdout_fd: int =
                     log.info("stdin_closed")
                     requests.cancel_scope.cancel()
             endpoint.close()  # cancels the sessions (PROTOCOL.md 5: they die with their peer)
+            # ...and shutdown cancels the lingering ones it only detached.
             await manager.shutdown(timeout=settings.kill_grace + SHUTDOWN_MARGIN_S)
         nursery.cancel_scope.cancel()
     log.info("stopped")
