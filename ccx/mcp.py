@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
+import msgspec
 import structlog
 import trio
 
@@ -181,6 +182,10 @@ class McpEndpoint:
                                 seq=seq, writer=self)
         elif method == "process.completed":
             buffer.complete(dict(params))
+
+    async def send_frame(self, frame: bytes) -> None:
+        """`send_message` for an encoded notification (sessions hold them encoded)."""
+        await self.send_message(msgspec.json.decode(frame))
 
     # ------------------------------------------------------------------------------ ToolHost
 

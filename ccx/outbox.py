@@ -1,10 +1,14 @@
 """A session's held notifications: unsent ones in order, and recently sent output for replay.
 
-Inputs: notifications built by the session (output carries a `seq` and its raw byte size).
-Outputs: the next message to deliver to the current owner; `rewind()` to re-deliver from a
+Inputs: notifications encoded once by the session, as the UTF-8 JSON that goes on the wire
+(output carries a `seq`).
+Outputs: the next frame to deliver to the current owner; `rewind()` to re-deliver from a
 given seq to a new owner (PROTOCOL.md section 8); room checks that turn into back-pressure.
-Two byte budgets of raw output (`budget_bytes` each): `pending` (not yet delivered; when full,
-the session stops reading the child) and `sent` (delivered; oldest evicted first).
+Two budgets (`budget_bytes` each) of the bytes really held, i.e. the encoded output frames
+(JSON escapes and the envelope make them slightly larger than the raw output; base64 4/3):
+`pending` (not yet delivered; when full, the session stops reading the child) and `sent`
+(delivered; oldest evicted first). So a session holds at most twice `budget_bytes` (plus one
+frame each), whatever the text: no `str` or dict copies are kept.
 Pure data, no I/O, no trio. Docs: ../shared/PROTOCOL.md section 8.
 """
 
@@ -20,16 +24,20 @@ from ccx.protocol import ReplayUnavailable
 
 @attrs.frozen
 class Held:
-    """One notification as it will go on the wire; output has a `seq` and a raw size."""
+    """One notification exactly as it goes on the wire; output has a `seq`."""
 
     method: str
-    message: dict[str, object]  # the whole JSON-RPC notification
+    frame: bytes  # the whole JSON-RPC notification: compact JSON, UTF-8 (`encode_utf8`)
     seq: int | None = None
-    raw_bytes: int = 0
 
     @property
     def is_output(self) -> bool:
         return self.seq is not None
+
+    @property
+    def size(self) -> int:
+        """Bytes charged to a budget: output frames count whole; control ones are not."""
+        return len(self.frame) if self.seq is not None else 0
 
 
 @attrs.define
@@ -48,7 +56,7 @@ class Outbox:
 
     def push(self, held: Held) -> None:
         self.pending.append(held)
-        self.pending_bytes += held.raw_bytes
+        self.pending_bytes += held.size
 
     def take_seq(self) -> int:
         seq, self.next_seq = self.next_seq, self.next_seq + 1
@@ -60,16 +68,16 @@ class Outbox:
     def delivered(self) -> Held:
         """The head went out: keep it (if output) among the recently sent."""
         held = self.pending.popleft()
-        self.pending_bytes -= held.raw_bytes
+        self.pending_bytes -= held.size
         if held.is_output:
             self._remember(held)
         return held
 
     def _remember(self, held: Held) -> None:
         self.sent.append(held)
-        self.sent_bytes += held.raw_bytes
+        self.sent_bytes += held.size
         while self.sent_bytes > self.budget_bytes and len(self.sent) > 1:
-            self.sent_bytes -= self.sent.popleft().raw_bytes
+            self.sent_bytes -= self.sent.popleft().size
 
     @property
     def first_seq(self) -> int:
@@ -110,7 +118,7 @@ class Outbox:
 if __name__ == "__main__":
     box = Outbox(budget_bytes=10)
     for _ in range(4):
-        box.push(Held("process.output", {}, box.take_seq(), 4))
+        box.push(Held("process.output", b"1234", box.take_seq()))
     assert not box.has_room
     for _ in range(3):
         box.delivered()
@@ -125,6 +133,6 @@ if __name__ == "__main__":
         assert exc.data == {"first_seq": 2}, exc.data
     else:
         raise AssertionError("seq 1 is gone: replay after 0 must fail")
-    box.rewind(2, [Held("process.completed", {})])
+    box.rewind(2, [Held("process.completed", b"{}")])
     assert [h.seq for h in box.pending] == [3, None] and [h.seq for h in box.sent] == [2]
     print("ccx.outbox: PASS")

@@ -214,6 +214,23 @@ def encode(message: Mapping[str, object] | list[dict[str, object]]) -> str:
     return _dumps(message)
 
 
+def _dumps_utf8(message: Mapping[str, object]) -> bytes:
+    try:
+        return _msgspec_encode(message)
+    except (TypeError, UnicodeError, msgspec.EncodeError):
+        # ASCII escapes: a lone surrogate (which UTF-8 cannot carry) becomes a valid \udXXX.
+        return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def encode_utf8(message: Mapping[str, object] | list[dict[str, object]]) -> bytes:
+    """The same compact JSON as `encode`, as the UTF-8 bytes that go on the wire. This is what
+    sessions hold and connections send: no `str` copy (1, 2 or 4 bytes per character, plus the
+    UTF-8 cache msgspec leaves on it) is kept, and nothing is encoded twice."""
+    if isinstance(message, list):
+        return b"[" + b",".join(map(_dumps_utf8, message)) + b"]"
+    return _dumps_utf8(message)
+
+
 # ---------------------------------------------------------------------------------------------
 # Typed params. Unknown extra params are ignored (PROTOCOL.md section 2).
 
@@ -392,4 +409,8 @@ if __name__ == "__main__":
             pass
         else:
             raise AssertionError(f"pty {bad!r} must be refused")
+    message = {"jsonrpc": "2.0", "id": "\ud800", "result": ["é", 1]}
+    assert encode_utf8(message) == b'{"jsonrpc":"2.0","id":"\\ud800","result":["\\u00e9",1]}'
+    batch = [notification("x", {"a": "é"}), response(1, None)]
+    assert encode_utf8(batch) == encode(batch).encode()
     print("ccx.protocol: PASS")

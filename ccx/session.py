@@ -47,7 +47,7 @@ from ccx.process import (
     signal_name,
     stop_group,
 )
-from ccx.protocol import InvalidState, notification
+from ccx.protocol import InvalidState, encode_utf8, notification
 
 log = get_logger("ccx.session")
 
@@ -66,6 +66,9 @@ class Owner(Protocol):
 
     async def send_message(self, message: dict[str, object]) -> None:
         """Deliver one message; wait while the peer is slow; raise `OwnerGone` if closed."""
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Deliver one message already encoded (`encode_utf8`), as `send_message` does."""
 
 
 class State(enum.Enum):
@@ -343,8 +346,8 @@ class Session:
         self._gate_open = False
         tail = []
         if self.state is State.PAUSED:
-            tail.append(Held("process.paused",
-                             notification("process.paused", {"session_id": self.id})))
+            tail.append(Held("process.paused", encode_utf8(
+                notification("process.paused", {"session_id": self.id}))))
         if self._completion is not None:
             tail.append(self._completion)
         self._outbox.rewind(since_seq, tail)
@@ -533,7 +536,8 @@ class Session:
         self._room.set()
 
     def _queue(self, method: str, params: dict[str, object]) -> None:
-        self._outbox.push(Held(method, notification(method, {"session_id": self.id, **params})))
+        message = notification(method, {"session_id": self.id, **params})
+        self._outbox.push(Held(method, encode_utf8(message)))
         self._poke()
 
     async def _collect(self) -> None:
@@ -557,7 +561,7 @@ class Session:
             await self._output(name, b"", decoder, final=True)
         completion = self._completion_params()
         self._completion = Held("process.completed",
-                                notification("process.completed", completion))
+                                encode_utf8(notification("process.completed", completion)))
         self._outbox.push(self._completion)
         self._collected_all = True
         self._poke()
@@ -584,8 +588,8 @@ class Session:
                 return
             params["data"] = text
         seq = params["seq"] = self._outbox.take_seq()
-        message = notification("process.output", params)
-        self._outbox.push(Held("process.output", message, seq, len(data)))
+        frame = encode_utf8(notification("process.output", params))  # once; held as sent
+        self._outbox.push(Held("process.output", frame, seq))
         self._poke()
 
     def _completion_params(self) -> dict[str, object]:
@@ -623,7 +627,7 @@ class Session:
                 with trio.CancelScope() as scope:
                     self._send_scope = scope
                     try:
-                        await owner.send_message(held.message)
+                        await owner.send_frame(held.frame)
                     except OwnerGone:
                         if generation == self.generation:
                             self._owner_broken = True  # its connection's release decides

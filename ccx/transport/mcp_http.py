@@ -263,7 +263,7 @@ class McpHttp:
         await exchange.start_sse()
         if (session.endpoint.protocol_version or "") >= "2025-11-25":
             # priming: the point to resume from, and how soon to come back after a drop
-            await exchange.write(sse_event(f"{stream.id}:-1", "", retry_ms=RETRY_MS))
+            await exchange.write(sse_event(f"{stream.id}:-1", b"", retry_ms=RETRY_MS))
         await self._follow(exchange, stream)
 
     async def _get(self, exchange: Exchange) -> None:
@@ -277,7 +277,7 @@ class McpHttp:
                 session.standalone.close()
             session.standalone = stream = session.new_stream("g")
             await exchange.start_sse()
-            await exchange.write(sse_event(f"{stream.id}:-1", "", retry_ms=RETRY_MS))
+            await exchange.write(sse_event(f"{stream.id}:-1", b"", retry_ms=RETRY_MS))
             await self._follow(exchange, stream)
             return
         stream_id, _, seq_text = last_id.rpartition(":")

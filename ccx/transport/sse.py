@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from ccx.outbox import Held, Outbox
-from ccx.protocol import ReplayUnavailable, encode
+from ccx.protocol import ReplayUnavailable, encode_utf8
 from ccx.session import OwnerGone
 
 
@@ -45,12 +45,12 @@ class EventStream:
 
         **Cancellation**: safe; nothing is held if cancelled while waiting.
         """
-        size = len(encode(message))
+        frame = encode_utf8(message)
         while not self.outbox.has_room and not self.closed:
             await self._changed.wait()
         if self.closed:
             raise OwnerGone(self.id)
-        self.outbox.push(Held("event", message, self.outbox.take_seq(), size))
+        self.outbox.push(Held("event", frame, self.outbox.take_seq()))
         self._notify()
 
     def finish(self) -> None:
@@ -100,7 +100,7 @@ class EventStream:
                     if trio.current_time() >= deadline:
                         return "paused"
                     if held is not None:
-                        await write(sse_event(f"{self.id}:{held.seq}", encode(held.message)))
+                        await write(sse_event(f"{self.id}:{held.seq}", held.frame))
                         self.outbox.delivered()
                         self._notify()  # room for a waiting pusher
             finally:
@@ -109,10 +109,10 @@ class EventStream:
         return "replaced"
 
 
-def sse_event(event_id: str, data: str, *, retry_ms: int | None = None) -> bytes:
-    """One SSE event; `data` is compact JSON (no newlines) or empty (a priming event)."""
+def sse_event(event_id: str, data: bytes, *, retry_ms: int | None = None) -> bytes:
+    """One SSE event; `data` is compact UTF-8 JSON (no newlines) or empty (a priming event)."""
     retry = f"retry: {retry_ms}\n" if retry_ms is not None else ""
-    return f"id: {event_id}\n{retry}data: {data}\n\n".encode()
+    return f"id: {event_id}\n{retry}data: ".encode() + data + b"\n\n"
 
 
 async def _self_check() -> None:

@@ -26,7 +26,7 @@ from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
-from ccx.protocol import Invalid, encode, error_response, parse_frame
+from ccx.protocol import Invalid, encode_utf8, error_response, parse_frame
 from ccx.session import OwnerGone
 from ccx.transport.http import Head, ReplayStream
 
@@ -88,14 +88,14 @@ class Connection:
     closed: bool = False
     mcp: McpEndpoint | None = attrs.field(init=False, default=None)
     _in_flight: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
-    _outgoing: trio.MemorySendChannel[str] = attrs.field(init=False)
-    _outgoing_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
+    _outgoing: trio.MemorySendChannel[bytes] = attrs.field(init=False)
+    _outgoing_receive: trio.MemoryReceiveChannel[bytes] = attrs.field(init=False)
     _drained: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         # Capacity 0: a sender waits until the writer takes its message, so a slow peer
         # back-pressures every session of this connection and nothing queues up here.
-        self._outgoing, self._outgoing_receive = trio.open_memory_channel[str](0)
+        self._outgoing, self._outgoing_receive = trio.open_memory_channel[bytes](0)
         if self.speaks_mcp:
             self.mcp = McpEndpoint(self.manager, self.send_message)
 
@@ -106,19 +106,24 @@ class Connection:
         **Cancellation**: safe. A message is either taken whole by the writer or not at all,
         so an abandoned hand-over never leaves half a frame on the socket.
         """
+        await self.send_frame(encode_utf8(message))
+
+    async def send_frame(self, frame: bytes) -> None:
+        """`send_message` for a message already encoded (`encode_utf8`): sessions encode
+        their notifications once and hold them that way."""
         if self.closed:
             raise OwnerGone(self.id)
         try:
-            await self._outgoing.send(encode(message))
+            await self._outgoing.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise OwnerGone(self.id) from None
 
     async def _write(self) -> None:
         """The only task that writes frames: one message at a time, in hand-over order."""
         async with self._outgoing_receive:
-            async for text in self._outgoing_receive:
+            async for frame in self._outgoing_receive:
                 try:
-                    await self.ws.send_message(text)
+                    await self.ws.send_message(frame.decode("utf-8"))
                 except trio_websocket.ConnectionClosed:
                     self.closed = True
                     return
