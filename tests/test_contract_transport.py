@@ -550,6 +550,47 @@ async def test_server_answers_websocket_pings(client: RawClient) -> None:
     await still_usable(client)
 
 
+async def test_lone_surrogate_in_request_id_is_echoed_as_valid_json(client: RawClient) -> None:
+    """JSON may carry a lone surrogate as an escape; UTF-8 cannot: the reply escapes it."""
+    await client.send('{"jsonrpc":"2.0","id":"\\ud800","method":"ping"}')
+    with trio.fail_after(10):
+        reply = await client.receive()
+    assert reply["id"] == "\ud800" and reply["result"]["pong"] is True
+    await still_usable(client)
+
+
+async def test_no_websocket_extension_is_negotiated(server: Any) -> None:
+    """ccx writes its text frames itself (ccx/transport/websocket.py): that is only valid
+    while no extension such as permessage-deflate is in use."""
+    request = (f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n")
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(request.encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some(4096)
+                assert chunk, head
+                head += chunk
+    lines = head.split(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")
+    assert lines[0].split()[1] == "101", lines
+    assert not [line for line in lines if line.startswith("sec-websocket-extensions")], lines
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 100_000])
+def test_text_frame_header_matches_wsproto(length: int) -> None:
+    from wsproto.frame_protocol import FrameProtocol
+
+    from ccx.transport.websocket import text_frame_header
+
+    payload = "x" * length
+    expected = FrameProtocol(client=False, extensions=[]).send_data(payload, fin=True)
+    assert text_frame_header(length) + payload.encode() == bytes(expected)
+
+
 async def test_silent_process_not_killed_with_server_pings(start_server: Any,
                                                            connect: Any) -> None:
     server = await start_server(ws_ping_interval=0.2)
