@@ -617,16 +617,21 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{'yes' if row['no_loss'] else '**no**'} |")
     control = results.get("control_latency")
     if control:
+        before = results.get("control_latency_before")
+        extra = " ccx-before p50 | p99 | max |" if before else ""
         lines += ["", f"### Control latency (ms, {control['tries']} tries, "
                   f"{control['members']}-process tree)", "",
-                  "| measure | p50 | p99 | max |", "|---|---|---|---|"]
+                  "| measure | p50 | p99 | max |" + extra,
+                  "|---|---|---|---|" + ("---|---|---|" if before else "")]
         for key, label in (("pause_seen_s", "PAUSE sent → all members in state T"),
                            ("pause_reply_s", "PAUSE sent → response"),
                            ("resume_reply_s", "RESUME sent → response"),
                            ("cancel_completed_s", "CANCEL sent → process.completed")):
-            stats = control[key]
-            lines.append(f"| {label} | {fmt(stats['p50'] * 1e3, 2)} | "
-                         f"{fmt(stats['p99'] * 1e3, 2)} | {fmt(stats['max'] * 1e3, 2)} |")
+            row = f"| {label} |"
+            for stats in (control[key], *([before[key]] if before else [])):
+                row += (f" {fmt(stats['p50'] * 1e3, 2)} | {fmt(stats['p99'] * 1e3, 2)} | "
+                        f"{fmt(stats['max'] * 1e3, 2)} |")
+            lines.append(row)
     if results.get("concurrency"):
         lines += ["", "### Concurrency (over 10 connections / reader processes)", "",
                   "| case | peer | sessions | failures | sessions/s | p99 completion (s) | "
@@ -765,10 +770,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(ccx_peers) > 1:
             results["control_latency_before"] = workload_control(ccx_peers[1], sizes)
     if "concurrency" in only:
-        results["concurrency"] = workload_concurrency(
-            [p for p in peers if p.name != "ccx-before"], sizes, inputs["lines"])
+        results["concurrency"] = workload_concurrency(peers, sizes, inputs["lines"])
     if "spawn" in only:
-        results["spawn"] = workload_spawn([p for p in peers if p.name != "ccx-before"], sizes)
+        results["spawn"] = workload_spawn(peers, sizes)
     results["goals"] = goals(results)
     results["runtime_s"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
