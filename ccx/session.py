@@ -12,9 +12,10 @@ stops taking from the channel while the outbox holds `replay_bytes` of unsent ou
 deliverer awaits the owner's (WebSocket) send. A slow or absent client stalls delivery, the
 outbox fills, the channel fills, the pumps stop reading, the pipe fills, the child blocks in
 write(2). Memory per session: two `replay_bytes` budgets (unsent, recently sent) plus the
-channel; nothing is dropped. A PTY session has one pump, on the terminal's master (stream
-"pty", counted as stdout); the master reports EIO once no process holds the slave: that is
-its EOF.
+channel; nothing is dropped. Notifications are encoded once, by the collector, to the UTF-8
+JSON that goes on the wire; the outbox holds those bytes and the budgets count them. A PTY
+session has one pump, on the terminal's master (stream "pty", counted as stdout); the master
+reports EIO once no process holds the slave: that is its EOF.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#using-channels-to-pass-values-between-tasks
       https://docs.python.org/3/library/codecs.html#codecs.getincrementaldecoder
 """
