@@ -15,7 +15,10 @@ Group inspection cost: Linux has no "members of group G" query, so a full answer
 after a signal, `wait_group_stopped` for PAUSE) poll, so they first look only at the pids
 last seen in the group (a live, running one among them answers "not yet" for free) and run a
 full scan only to confirm "empty" / "all stopped" (unless `killpg(pgid, 0)` already says the
-group is gone), in a worker thread so the event loop keeps serving other sessions.
+group is gone). On a host with many processes (more than `SCAN_INLINE_MAX` at the last scan)
+that scan runs in a worker thread, so the event loop keeps serving other sessions; on a small
+host it runs inline, because the thread hand-off (~1 ms on a busy 2-core machine) would cost
+more than the scan.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#spawning-subprocesses
       https://trio.readthedocs.io/en/stable/reference-lowlevel.html#trio.lowlevel.FdStream
       https://man7.org/linux/man-pages/man2/kill.2.html
@@ -52,6 +55,8 @@ POLL_FIRST_S = 0.001  # first look at /proc after a signal; processes often die 
 POLL_MAX_S = 0.05  # later looks back off to this, so a stubborn group costs little CPU
 AFTER_KILL_TIMEOUT_S = 10.0  # SIGKILL cannot be ignored; only D-state can outlast this
 STOP_SEEN_TIMEOUT_S = 1.0  # how long PAUSE waits to see every member in state T
+SCAN_INLINE_MAX = 200  # processes on the host up to which a full scan (~10 us each) runs inline
+_host_processes = 0  # processes the last full /proc scan went through
 MAX_WINDOW_CELLS = 0xFFFF  # struct winsize holds unsigned shorts
 DEFAULT_EOF_CHAR = b"\x04"  # ^D, when the terminal's VEOF cannot be read
 
@@ -288,15 +293,16 @@ def group_members(pgid: int, *, whole_session: bool = False) -> list[Member]:
 
 
 def _scan(*, pgrp: int | None = None, session: int | None = None) -> Iterator[Member]:
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        stat = _read_stat(int(entry.name))
+    global _host_processes
+    pids = [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
+    _host_processes = len(pids)
+    for pid in pids:
+        stat = _read_stat(pid)
         if stat is None or (pgrp is not None and stat[2] != pgrp):
             continue
         if session is not None and stat[3] != session:
             continue
-        yield Member(int(entry.name), stat[0], stat[1], stat[2], stat[3])
+        yield Member(pid, stat[0], stat[1], stat[2], stat[3])
 
 
 def reap_adopted(members: Sequence[Member], *, leader: int) -> None:
@@ -324,7 +330,10 @@ def live_members(group: Group) -> list[Member]:
 
 
 async def scan_live_members(group: Group) -> list[Member]:
-    """`live_members`, with the /proc scan in a worker thread (reaping stays here)."""
+    """`live_members`, with the /proc scan in a worker thread on a host with many processes
+    (reaping stays here)."""
+    if _host_processes <= SCAN_INLINE_MAX:
+        return live_members(group)
     members = await trio.to_thread.run_sync(
         functools.partial(group_members, group.pgid, whole_session=group.whole_session))
     group.known = frozenset(m.pid for m in members)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import trio
 from conftest import PY
 
@@ -31,6 +32,13 @@ LATE_CHILD = (
     "    os._exit(0)\n"
     "time.sleep(float(sys.argv[1]))\n"
 )
+
+
+@pytest.fixture(params=["inline", "thread"], autouse=True)
+def scan_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full scans run inline on a small host and in a worker thread on a big one: both."""
+    if request.param == "thread":
+        monkeypatch.setattr("ccx.process.SCAN_INLINE_MAX", -1)
 
 
 async def start(leader_s: float) -> Group:
