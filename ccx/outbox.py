@@ -4,11 +4,12 @@ Inputs: notifications encoded once by the session, as the UTF-8 JSON that goes o
 (output carries a `seq`).
 Outputs: the next frame to deliver to the current owner; `rewind()` to re-deliver from a
 given seq to a new owner (PROTOCOL.md section 8); room checks that turn into back-pressure.
-Two budgets (`budget_bytes` each) of the bytes really held, i.e. the encoded output frames
-(JSON escapes and the envelope make them slightly larger than the raw output; base64 4/3):
-`pending` (not yet delivered; when full, the session stops reading the child) and `sent`
-(delivered; oldest evicted first). So a session holds at most twice `budget_bytes` (plus one
-frame each), whatever the text: no `str` or dict copies are kept.
+Two budgets (`budget_bytes` each) of the raw output bytes the held frames carry, as
+PROTOCOL.md section 8 counts them: `pending` (not yet delivered; when full, the session stops
+reading the child) and `sent` (delivered; oldest evicted first). Frames are kept encoded, no
+`str` or dict copies, so memory is the budgets times the frame's expansion over its raw bytes
+(about 1.05 for stream-json text, 4/3 for base64, at worst 6 for text of control characters
+escaped as backslash-u-00XX), plus one frame each.
 Pure data, no I/O, no trio. Docs: ../shared/PROTOCOL.md section 8.
 """
 
@@ -29,6 +30,7 @@ class Held:
     method: str
     frame: bytes  # the whole JSON-RPC notification: compact JSON, UTF-8 (`encode_utf8`)
     seq: int | None = None
+    raw_bytes: int | None = None  # output bytes it carries; None: count the frame itself
 
     @property
     def is_output(self) -> bool:
@@ -36,8 +38,11 @@ class Held:
 
     @property
     def size(self) -> int:
-        """Bytes charged to a budget: output frames count whole; control ones are not."""
-        return len(self.frame) if self.seq is not None else 0
+        """Bytes charged to a budget: the raw output carried (or the whole frame when that
+        is not given); control notifications are not charged."""
+        if self.seq is None:
+            return 0
+        return len(self.frame) if self.raw_bytes is None else self.raw_bytes
 
 
 @attrs.define

@@ -13,7 +13,8 @@ deliverer awaits the owner's (WebSocket) send. A slow or absent client stalls de
 outbox fills, the channel fills, the pumps stop reading, the pipe fills, the child blocks in
 write(2). Memory per session: two `replay_bytes` budgets (unsent, recently sent) plus the
 channel; nothing is dropped. Notifications are encoded once, by the collector, to the UTF-8
-JSON that goes on the wire; the outbox holds those bytes and the budgets count them. A PTY
+JSON that goes on the wire; the outbox holds those bytes, and its budgets count the raw
+output bytes they carry (PROTOCOL.md section 8). A PTY
 session has one pump, on the terminal's master (stream "pty", counted as stdout); the master
 reports EIO once no process holds the slave: that is its EOF.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#using-channels-to-pass-values-between-tasks
@@ -590,7 +591,7 @@ class Session:
             params["data"] = text
         seq = params["seq"] = self._outbox.take_seq()
         frame = encode_utf8(notification("process.output", params))  # once; held as sent
-        self._outbox.push(Held("process.output", frame, seq))
+        self._outbox.push(Held("process.output", frame, seq, raw_bytes=len(data)))
         self._poke()
 
     def _completion_params(self) -> dict[str, object]:

@@ -223,6 +223,32 @@ async def test_attach_errors(start_server: Any, nursery: trio.Nursery) -> None:
     assert [p["seq"] for p in replay] == list(range(first_seq, attached["next_seq"]))
 
 
+async def test_replay_budget_counts_raw_output_bytes(start_server: Any, nursery: trio.Nursery) -> None:
+    """PROTOCOL.md 8: CCX_REPLAY_BYTES of *raw* output stays replayable, also in base64 mode
+    where each frame is 4/3 larger (regression: budgets counted encoded frames)."""
+    budget = 256 * 1024
+    server = await start_server(replay_bytes=budget)
+    client = await open_via(nursery, server.port)
+    code = "import sys\nfor _ in range(16):\n    sys.stdout.buffer.write(b'r' * 65536); sys.stdout.flush()"
+    sid = (await client.execute(py(code), encoding="base64"))["session_id"]
+    outputs: list[dict[str, Any]] = []
+    assert await read_outputs(client, sid, collected=outputs) is not None
+    sizes = [len(decode(p)) for p in outputs]
+    # the longest tail of sent output whose raw bytes fit the budget must come back
+    tail, kept = 0, 0
+    while tail < len(sizes) and kept + sizes[-1 - tail] <= budget:
+        kept += sizes[-1 - tail]
+        tail += 1
+    assert kept >= budget - 65536, sizes
+    since_seq = outputs[-1 - tail]["seq"]
+    other = await open_via(nursery, server.port)
+    await other.result("attach", {"session_id": sid, "since_seq": since_seq})
+    replay: list[dict[str, Any]] = []
+    assert await read_outputs(other, sid, collected=replay) is not None
+    assert [p["seq"] for p in replay] == [p["seq"] for p in outputs[-tail:]]
+    assert b"".join(decode(p) for p in replay) == b"r" * kept
+
+
 async def test_two_clients_fight_over_a_session(server: Server, nursery: trio.Nursery) -> None:
     a = await open_via(nursery, server.port or 0)
     b = await open_via(nursery, server.port or 0)
