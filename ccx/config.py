@@ -108,6 +108,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("mcp_sse_max", "CCX_MCP_SSE_MAX", float, 0.0,
            "MCP over HTTP: seconds after which a response stream is closed for the client to "
            "resume with Last-Event-ID (for proxies with response timeouts); 0 = never"),
+    Option("track_interval", "CCX_TRACK_INTERVAL", float, 0.5,
+           "seconds between scans for descendants that left their session's group "
+           "(0 = scan only when a session ends)"),
     Option("log_level", "CCX_LOG_LEVEL", _log_level, "info", "debug, info, warning, error"),
     Option("log_format", "CCX_LOG_FORMAT", _log_format, "json", "json or console"),
 )
@@ -146,6 +149,7 @@ class Settings:
     mcp_tail_bytes: int = 32 * 1024
     mcp_http_idle: float = 3600.0
     mcp_sse_max: float = 0.0
+    track_interval: float = 0.5
     log_level: str = "info"
     log_format: str = "json"
 
@@ -157,7 +161,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
         for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger",
-                     "mcp_http_idle", "mcp_sse_max"):
+                     "mcp_http_idle", "mcp_sse_max", "track_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"CCX_{name.upper()}: must not be negative")
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):

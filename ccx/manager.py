@@ -24,6 +24,7 @@ import structlog
 import trio
 
 from ccx.config import Settings
+from ccx.descendants import SESSION_ENV, adopted_by_session, snapshot_async
 from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
@@ -89,8 +90,23 @@ class SessionManager:
         """Host session tasks until cancelled; cancelling it still empties every group."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.settings.track_interval > 0:
+                nursery.start_soon(self._track_descendants)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _track_descendants(self) -> None:
+        """Every `track_interval` s, one /proc scan updates each running session's tracker,
+        so a descendant that escapes the group is known before its parent chain breaks."""
+        while True:
+            await trio.sleep(self.settings.track_interval)
+            running = self.running()
+            if not running:
+                continue
+            procs = await snapshot_async()
+            adopted = adopted_by_session(procs)
+            for session in running:
+                session.tracker.update(procs, adopted.get(session.id, []))
 
     # ------------------------------------------------------------------------------ lookups
 
@@ -237,9 +253,12 @@ class SessionManager:
             raise
         self._check_limits(owner)
         assert self._nursery is not None, "SessionManager.run() is not running"
+        session_id = self._new_id()
+        # The marker lets the subreaper recognise this session's orphans (ccx.descendants).
+        env = {**launch.env, SESSION_ENV: session_id}
         try:
             group = await spawn(launch.argv, executable=launch.executable, cwd=launch.cwd,
-                                env=launch.env, stdin=params.stdin and params.pty is None,
+                                env=env, stdin=params.stdin and params.pty is None,
                                 pty=None if params.pty is None
                                 else (params.pty.cols, params.pty.rows))
         except OSError as exc:
@@ -258,7 +277,7 @@ class SessionManager:
                 tag=params.tag,
                 replay_bytes=self.settings.replay_bytes,
             )
-            session = Session(self._new_id(), group, options, owner, on_done=self._on_done)
+            session = Session(session_id, group, options, owner, on_done=self._on_done)
         except BaseException:  # a group nobody supervises must not survive: kill it now
             signal_group(group.pgid, signal.SIGKILL)
             raise

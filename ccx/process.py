@@ -46,6 +46,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 import trio
 
+from ccx.descendants import Proc, signal_procs, still_alive
 from ccx.log import get_logger
 
 log = get_logger("ccx.process")
@@ -354,15 +355,16 @@ def known_live_members(group: Group) -> list[Member]:
     return _alive(group, members)
 
 
-async def wait_group_empty(group: Group) -> None:
-    """Wait until the leader is reaped and no other member of the group is alive.
+async def wait_group_empty(group: Group, escapees: Sequence[Proc] = ()) -> None:
+    """Wait until the leader is reaped and no other member of the group is alive, nor any
+    of *escapees* (descendants that left the group).
 
     "Empty" is always confirmed by `killpg(pgid, 0)` failing or by a full scan.
     **Cancellation**: safe to cancel at any point; nothing is left half-done.
     """
     await group.process.wait()  # a zombie leader still counts as a member: reap it first
     delay = POLL_FIRST_S
-    while known_live_members(group) or await scan_live_members(group):
+    while still_alive(escapees) or known_live_members(group) or await scan_live_members(group):
         await trio.sleep(delay)
         delay = min(delay * 2, POLL_MAX_S)
 
@@ -404,7 +406,7 @@ async def pause_group(group: Group) -> bool:
     return await wait_group_stopped(group)
 
 
-async def stop_group(group: Group, *, grace: float) -> StopStep:
+async def stop_group(group: Group, *, grace: float, escapees: Sequence[Proc] = ()) -> StopStep:
     """Make the group empty. The one kill path: every way a session ends goes through here.
 
     Timeline: SIGTERM then SIGCONT to the group (TERM first, so a stopped member wakes up with
@@ -412,32 +414,42 @@ async def stop_group(group: Group, *, grace: float) -> StopStep:
     group of the session gets them), wait up to *grace* seconds
     for every member to go, then SIGKILL to the group and wait again, up to
     `AFTER_KILL_TIMEOUT_S` (only an uninterruptible D-state member can outlast it; that is
-    logged as an error). Zombies are reaped on the way (the leader by trio).
+    logged as an error). Zombies are reaped on the way (the leader by trio). *escapees*
+    (descendants that left the group, see `ccx.descendants`) get the same signals, one by
+    one, at the same steps, and the wait covers them too.
 
     **Cancellation**: shielded; it always finishes, bounded by grace + AFTER_KILL_TIMEOUT_S.
     """
     with trio.CancelScope(shield=True):
-        step = await _escalate(group, grace)
+        step = await _escalate(group, grace, escapees)
     return step
 
 
-async def _escalate(group: Group, grace: float) -> StopStep:
-    if group.process.returncode is not None and not live_members(group):
+def _signal_all(group: Group, escapees: Sequence[Proc], *signals: signal.Signals) -> None:
+    signal_members(group, *signals)
+    for sig in signals:
+        signal_procs(escapees, sig)
+    log.info("signal_sent", pgid=group.pgid, signals=[s.name for s in signals],
+             escapees=[p.pid for p in escapees] or None)
+
+
+async def _escalate(group: Group, grace: float, escapees: Sequence[Proc]) -> StopStep:
+    escapees = still_alive(escapees)
+    if group.process.returncode is not None and not live_members(group) and not escapees:
         return StopStep.ALREADY_EMPTY
     # No SIGHUP on a terminal, although a closing terminal sends one: pending together with
     # SIGTERM it is delivered first and its default action would pre-empt a TERM handler.
-    signal_members(group, signal.SIGTERM, signal.SIGCONT)
-    log.info("signal_sent", pgid=group.pgid, signals=["SIGTERM", "SIGCONT"])
+    _signal_all(group, escapees, signal.SIGTERM, signal.SIGCONT)
     with trio.move_on_after(grace):
-        await wait_group_empty(group)
+        await wait_group_empty(group, escapees)
         return StopStep.TERMINATED
-    signal_members(group, signal.SIGKILL)
-    log.info("signal_sent", pgid=group.pgid, signals=["SIGKILL"])
+    _signal_all(group, still_alive(escapees), signal.SIGKILL)
     with trio.move_on_after(AFTER_KILL_TIMEOUT_S):
-        await wait_group_empty(group)
+        await wait_group_empty(group, escapees)
         return StopStep.KILLED
     log.error("group_outlived_sigkill", pgid=group.pgid,
-              members=[attrs.asdict(m) for m in live_members(group)])
+              members=[attrs.asdict(m) for m in live_members(group)],
+              escapees=[p.pid for p in still_alive(escapees)])
     return StopStep.KILLED
 
 

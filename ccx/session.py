@@ -38,6 +38,7 @@ import attrs
 import structlog
 import trio
 
+from ccx.descendants import Tracker, adopted_by_session, snapshot_async, still_alive
 from ccx.log import get_logger
 from ccx.outbox import Held, Outbox
 from ccx.process import (
@@ -163,6 +164,7 @@ class Session:
     _stdin_lock: trio.Lock = attrs.field(factory=trio.Lock)
     _grace_cap: float | None = None
     _outbox: Outbox = attrs.field(init=False)
+    tracker: Tracker = attrs.field(init=False)  # descendants, escaped ones included
     _gate_open: bool = False  # closed until the execute/attach response is on its way
     _owner_broken: bool = False  # the owner's connection failed; wait for release or attach
     _collected_all: bool = False  # process.completed is queued; nothing more will be
@@ -177,6 +179,7 @@ class Session:
 
     def __attrs_post_init__(self) -> None:
         self._outbox = Outbox(self.options.replay_bytes)
+        self.tracker = Tracker(self.id, self.group.pgid, self.group.whole_session)
         self._send, self._receive = trio.open_memory_channel[tuple[str, bytes] | str](
             CHANNEL_CHUNKS
         )
@@ -463,12 +466,30 @@ class Session:
             grace = self.options.kill_grace
             if self._grace_cap is not None:
                 grace = min(grace, self._grace_cap)
-            self.stop_step = await stop_group(self.group, grace=grace)
+            await self.refresh_descendants()  # a last look while the tree is still intact
+            self.stop_step = await stop_group(self.group, grace=grace,
+                                              escapees=self.tracker.escapees())
+            await self._stop_late_escapees()
             self._decide()
             self._group_gone = True
             for scope in list(self._live_reads):
                 scope.cancel()
             self._send.close()
+
+    async def refresh_descendants(self) -> None:
+        """Scan /proc now for this session's descendants (see `ccx.descendants`)."""
+        procs = await snapshot_async()
+        self.tracker.update(procs, adopted_by_session(procs).get(self.id, []))
+
+    async def _stop_late_escapees(self) -> None:
+        """A member may have daemonized during the grace: its orphan carries our marker."""
+        await self.refresh_descendants()
+        late = self.tracker.escapees()
+        if late:
+            log.warning("late_escapees", pids=[p.pid for p in late], pgid=self.group.pgid)
+            await stop_group(self.group, grace=0, escapees=late)
+        if still_alive(late):
+            log.error("escapees_survived", pids=[p.pid for p in still_alive(late)])
 
     # ------------------------------------------------------------------------------ output
 

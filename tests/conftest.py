@@ -25,6 +25,32 @@ from ccx.process import group_members
 from ccx.server import Server
 
 PY = sys.executable
+RELIABILITY_DIR = os.path.join(os.path.dirname(__file__), "reliability")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the long (soak) variants of tests/reliability")
+
+
+def soak_enabled(config: pytest.Config) -> bool:
+    return bool(config.getoption("--soak")) or os.environ.get("CCX_SOAK", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark everything under tests/reliability; skip soak variants unless asked for."""
+    soak = soak_enabled(config)
+    for item in items:
+        if str(item.path).startswith(RELIABILITY_DIR + os.sep):
+            item.add_marker(pytest.mark.reliability)
+        if "soak" in item.keywords and not soak:
+            item.add_marker(pytest.mark.skip(reason="soak variant: run with --soak or CCX_SOAK=1"))
+
+
+@pytest.fixture
+def soak(request: pytest.FixtureRequest) -> bool:
+    """True when the long variants were asked for (--soak or CCX_SOAK=1)."""
+    return soak_enabled(request.config)
 
 
 def py(code: str) -> list[str]:

@@ -1,0 +1,155 @@
+"""Reliability: silence, huge lines, bursts of children, clients that vanish with a reset.
+
+Rules (as in tests/conftest.py): 127.0.0.1, port 0, real children, real signals, a deadline
+on every test (pytest-timeout), every server fixture asserts that no group it started is left
+alive. The long variants (a child silent for 120 s) run with --soak or CCX_SOAK=1.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import pytest
+import trio
+from conftest import RawClient, group_pids, py, wait_for
+from relhelp import RawWs
+
+# 10 bytes, characters of 1, 2, 3 and 4 bytes: every 64 KiB chunk boundary splits some of them.
+PATTERN = "aé€😀".encode()
+LINE_BYTES = 50 * 1024 * 1024
+LINE_CHILD = py(
+    "import sys\n"
+    f"block = {PATTERN!r} * 104857\n"  # 1 MiB minus 6 bytes, so blocks straddle chunks too
+    f"total, out = {LINE_BYTES}, sys.stdout.buffer\n"
+    "while total > 0:\n"
+    "    piece = block[:total]; out.write(piece); total -= len(piece)\n"
+    "out.flush()\n"
+)
+
+
+def expected_line_sha256() -> str:
+    block = PATTERN * 104857
+    digest, total = hashlib.sha256(), LINE_BYTES
+    while total > 0:
+        piece = block[:total]
+        digest.update(piece)
+        total -= len(piece)
+    return digest.hexdigest()
+
+
+async def _stream_hash(client: RawClient, session_id: str) -> tuple[str, int, dict[str, Any]]:
+    """sha256 of the session's stdout as received, the number of chunks, and completion."""
+    digest, chunks, seq = hashlib.sha256(), 0, 0
+    while True:
+        message = await client.receive()
+        if message.get("params", {}).get("session_id") != session_id:
+            continue
+        params = message["params"]
+        if message["method"] == "process.output":
+            assert params["seq"] == seq, (params["seq"], seq)
+            seq += 1
+            if params.get("encoding") == "base64":
+                raw = base64.b64decode(params["data"])
+                assert len(raw) <= 64 * 1024
+            else:
+                raw = params["data"].encode("utf-8")
+            digest.update(raw)
+            chunks += 1
+        elif message["method"] == "process.completed":
+            return digest.hexdigest(), chunks, params
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "base64"])
+async def test_single_50_mib_line_arrives_complete(client: RawClient, encoding: str) -> None:
+    """A 50 MiB line with no newline is chunked, never dropped, never stalls; in utf-8 mode
+    no character split across chunks is damaged (the sha256 covers every byte)."""
+    started = await client.execute(LINE_CHILD, encoding=encoding)
+    with trio.fail_after(90):
+        sha, chunks, completed = await _stream_hash(client, started["session_id"])
+    assert completed["status"] == "exited" and completed["exit_code"] == 0, completed
+    assert completed["stdout_bytes"] == LINE_BYTES
+    assert chunks >= LINE_BYTES // (64 * 1024)
+    assert sha == expected_line_sha256()
+
+
+async def _silent_child_survives(start_server: Any, connect: Any, silent_s: float) -> None:
+    # Short ping interval: if any idle timer existed (on pings, pongs, output or requests),
+    # it would fire many times over during the silence.
+    server = await start_server(ws_ping_interval=0.1)
+    client = await connect(server)
+    code = (f"import time; print('before', flush=True); time.sleep({silent_s}); "
+            "print('after', flush=True)")
+    started = await client.execute(py(code))
+    with trio.fail_after(silent_s + 30):
+        outputs, completed = await client.run_to_completion(started["session_id"])
+    assert "".join(o["data"] for o in outputs) == "before\nafter\n"
+    assert completed["status"] == "exited" and completed["exit_code"] == 0, completed
+    assert completed["duration_s"] >= silent_s
+
+
+async def test_silent_child_is_not_killed(start_server: Any, connect: Any) -> None:
+    await _silent_child_survives(start_server, connect, silent_s=3)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(300)
+async def test_silent_child_is_not_killed_soak(start_server: Any, connect: Any) -> None:
+    await _silent_child_survives(start_server, connect, silent_s=120)
+
+
+BURST = py(
+    "import os, sys, time\n"
+    "spawned = 0\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"  # keeps forking until cancelled: ~200 alive at any time
+    "    pid = os.fork()\n"
+    "    if pid == 0:\n"
+    "        time.sleep(0.05 + (spawned % 20) / 100); os._exit(0)\n"
+    "    spawned += 1\n"
+    "    if spawned % 200 == 0:\n"
+    "        print(spawned, flush=True)\n"
+    "    while True:\n"  # reap what ended, without blocking
+    "        try:\n"
+    "            if os.waitpid(-1, os.WNOHANG)[0] == 0: break\n"
+    "        except ChildProcessError: break\n"
+    "    if spawned >= 200 and spawned % 200 == 0: time.sleep(0.01)\n"
+)
+
+
+async def test_burst_of_200_children_cancelled_cleanly(server: Any, client: RawClient) -> None:
+    """A child forking 200 short-lived children over and over: CANCEL ends every one of them,
+    zombies included, and the completion says cancelled."""
+    started = await client.execute(BURST)
+    sid, pgid = started["session_id"], started["pgid"]
+    with trio.fail_after(20):
+        seen = 0
+        while seen < 400:  # at least two rounds of 200 children
+            params = await client.notification("process.output", sid)
+            if params["data"].strip().isdigit():
+                seen = int(params["data"].split()[-1])
+    assert len(group_pids(pgid)) > 1
+    assert (await client.result("control", session_id=sid, type="CANCEL"))["status"] \
+        == "cancelling"
+    with trio.fail_after(20):
+        _, completed = await client.run_to_completion(sid)
+    assert completed["status"] == "cancelled", completed
+    assert group_pids(pgid, zombies=True) == {}
+
+
+async def test_tcp_reset_cancels_the_sessions_of_the_connection(server: Any) -> None:
+    """A client that vanishes with a RST (no close handshake, no FIN) loses its sessions."""
+    assert server.port is not None
+    raw = await RawWs.connect(server.port)
+    groups = []
+    for _ in range(3):
+        reply = await raw.request("execute", {
+            "command": py("import itertools, time\n"
+                          "for i in itertools.count(): print(i, flush=True); time.sleep(0.01)")})
+        groups.append(reply["result"]["pgid"])
+    await raw.receive()  # output flows
+    raw.reset()
+    await wait_for(lambda: all(group_pids(g, zombies=True) == {} for g in groups), timeout=15)
+    statuses = {s.state.value for s in server.manager.all()}
+    assert statuses == {"cancelled"}, statuses
