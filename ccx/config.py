@@ -69,6 +69,14 @@ def _log_format(text: str) -> str:
     return fmt
 
 
+def default_state_dir() -> str:
+    """Per-user runtime directory for the crash record: $XDG_RUNTIME_DIR/ccx or /tmp/ccx-UID."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "ccx")
+    return f"/tmp/ccx-{os.getuid()}"
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("host", "CCX_HOST", str, "127.0.0.1", "address to bind"),
     Option("port", "CCX_PORT", int, 8003, "TCP port (0 = any free port)"),
@@ -90,6 +98,11 @@ OPTIONS: tuple[Option, ...] = (
            "seconds between SIGTERM and SIGKILL on cancel"),
     Option("ws_ping_interval", "CCX_WS_PING_INTERVAL", float, 0.0,
            "seconds between server pings (0 = off)"),
+    Option("tcp_keepalive", "CCX_TCP_KEEPALIVE", float, 60.0,
+           "seconds a connection may be idle before TCP keepalive probes check the peer"),
+    Option("tcp_user_timeout", "CCX_TCP_USER_TIMEOUT", float, 120.0,
+           "seconds sent data (or a probe) may stay unacknowledged before the connection "
+           "is dropped and its sessions released; a slow reader is never cut off"),
     Option("retention", "CCX_RETENTION", float, 3600.0,
            "seconds an ended session (and output nobody received) is kept"),
     Option("max_linger", "CCX_MAX_LINGER", float, 86400.0,
@@ -111,6 +124,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("track_interval", "CCX_TRACK_INTERVAL", float, 0.5,
            "seconds between scans for descendants that left their session's group "
            "(0 = scan only when a session ends)"),
+    Option("state_dir", "CCX_STATE_DIR", str, default_state_dir(),
+           "directory of the crash record (live process groups), so the next start kills "
+           "what a SIGKILLed server left running; empty = off"),
     Option("log_level", "CCX_LOG_LEVEL", _log_level, "info", "debug, info, warning, error"),
     Option("log_format", "CCX_LOG_FORMAT", _log_format, "json", "json or console"),
 )
@@ -141,6 +157,8 @@ class Settings:
     max_message_bytes: int = 1024 * 1024
     kill_grace: float = 5.0
     ws_ping_interval: float = 0.0
+    tcp_keepalive: float = 60.0
+    tcp_user_timeout: float = 120.0
     retention: float = 3600.0
     max_linger: float = 86400.0
     replay_bytes: int = 8 * 1024 * 1024
@@ -150,6 +168,7 @@ class Settings:
     mcp_http_idle: float = 3600.0
     mcp_sse_max: float = 0.0
     track_interval: float = 0.5
+    state_dir: str = attrs.field(factory=default_state_dir)
     log_level: str = "info"
     log_format: str = "json"
 
@@ -161,7 +180,8 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
         for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger",
-                     "mcp_http_idle", "mcp_sse_max", "track_interval"):
+                     "mcp_http_idle", "mcp_sse_max", "track_interval", "tcp_keepalive",
+                     "tcp_user_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"CCX_{name.upper()}: must not be negative")
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):

@@ -39,6 +39,7 @@ from ccx.protocol import (
     notification,
 )
 from ccx.session import Owner, OwnerGone, Session, SessionOptions
+from ccx.state import GroupRecord, StateFile
 
 log = get_logger("ccx.manager")
 
@@ -79,6 +80,7 @@ class SessionManager:
     _sessions: dict[str, Session] = attrs.field(factory=dict)
     _accepting: bool = True
     _changed: trio.Event = attrs.field(factory=trio.Event)
+    state: StateFile = attrs.field(factory=lambda: StateFile(""))  # the crash record
     started_total: int = 0
     spawn_failures_total: int = 0
     metrics: Metrics = attrs.field(factory=Metrics)
@@ -88,12 +90,24 @@ class SessionManager:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host session tasks until cancelled; cancelling it still empties every group."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.settings.track_interval > 0:
-                nursery.start_soon(self._track_descendants)
-            task_status.started()
-            await trio.sleep_forever()
+        self.state = StateFile.open(self.settings.state_dir)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.settings.track_interval > 0:
+                    nursery.start_soon(self._track_descendants)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:  # every group is empty now (each session ran its shielded kill path)
+            self.state.remove()
+
+    def _record(self) -> None:
+        """Rewrite the crash record: every group that may still have members."""
+        self.state.write(
+            GroupRecord(s.id, s.group.pgid, s.group.start or 0,
+                        tuple((p.pid, p.start) for p in s.tracker.escapees()))
+            for s in self.running()
+        )
 
     async def _track_descendants(self) -> None:
         """Every `track_interval` s, one /proc scan updates each running session's tracker,
@@ -107,6 +121,7 @@ class SessionManager:
             adopted = adopted_by_session(procs)
             for session in running:
                 session.tracker.update(procs, adopted.get(session.id, []))
+            self._record()  # escapees are part of it
 
     # ------------------------------------------------------------------------------ lookups
 
@@ -282,6 +297,7 @@ class SessionManager:
             signal_group(group.pgid, signal.SIGKILL)
             raise
         self._sessions[session.id] = session
+        self._record()  # on disk before the client hears of it
         self.started_total += 1
         with structlog.contextvars.bound_contextvars(session_id=session.id):
             log.info("spawned", command=launch.argv, executable=launch.executable,
@@ -298,6 +314,7 @@ class SessionManager:
             log.exception("session_crashed", session_id=session.id)
 
     def _on_done(self, session: Session) -> None:
+        self._record()
         self._notify()
 
     def _notify(self) -> None:

@@ -46,7 +46,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 import trio
 
-from ccx.descendants import Proc, signal_procs, still_alive
+from ccx.descendants import Proc, read_proc, signal_procs, still_alive
 from ccx.log import get_logger
 
 log = get_logger("ccx.process")
@@ -117,6 +117,7 @@ class Group:
     argv: list[str]
     terminal: Terminal | None = None
     known: frozenset[int] = frozenset()  # pids seen among the members by the last full scan
+    start: int | None = None  # the leader's start time (/proc/PID/stat field 22)
 
     @property
     def pid(self) -> int:
@@ -188,7 +189,8 @@ async def spawn(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    return Group(process, list(argv))
+    leader = read_proc(process.pid)
+    return Group(process, list(argv), start=leader.start if leader is not None else None)
 
 
 def set_window_size(fd: int, cols: int, rows: int) -> None:
@@ -228,7 +230,9 @@ async def _spawn_on_terminal(
     finally:
         os.close(slave)  # the child holds it now; an open slave here would hide EOF
     terminal = Terminal(trio.lowlevel.FdStream(master), cols=size[0], rows=size[1])
-    return Group(process, list(argv), terminal)
+    leader = read_proc(process.pid)
+    return Group(process, list(argv), terminal,
+                 start=leader.start if leader is not None else None)
 
 
 def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = False) -> bool:

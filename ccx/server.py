@@ -24,6 +24,7 @@ from ccx.manager import SessionManager
 from ccx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ccx.metrics import ServerState
 from ccx.process import become_subreaper
+from ccx.state import recover
 from ccx.transport.http import BadHead, Head, read_head, send_plain
 from ccx.transport.mcp_http import McpHttp
 from ccx.transport.websocket import (
@@ -38,13 +39,13 @@ from ccx.transport.websocket import (
 log = get_logger("ccx.server")
 
 SHUTDOWN_MARGIN_S = 1.5  # beyond kill_grace: time to deliver completions and close sockets
-KEEPALIVE_IDLE_S = 60  # TCP keepalive finds peers that vanished without a FIN or RST
+# TCP keepalive (CCX_TCP_KEEPALIVE s idle, then KEEPALIVE_COUNT probes KEEPALIVE_INTERVAL_S
+# apart) finds idle peers that vanished without a FIN or RST. CCX_TCP_USER_TIMEOUT: data
+# (or a keepalive probe) unacknowledged for that long drops the connection. A live peer that
+# merely stops reading still answers zero-window probes, so back-pressure never trips it; a
+# vanished one does, and its sessions are then cancelled instead of blocking forever.
 KEEPALIVE_INTERVAL_S = 10
 KEEPALIVE_COUNT = 6
-# Unacknowledged data older than this drops the connection. A live peer that merely stops
-# reading still answers zero-window probes, so back-pressure never trips it; a vanished one
-# does, and its sessions are then cancelled instead of blocking forever.
-USER_TIMEOUT_MS = 120_000
 
 
 @attrs.define(eq=False)
@@ -80,6 +81,8 @@ class Server:
         through its shielded kill path, so no process outlives the server.
         """
         become_subreaper()
+        # Before listening: what a server that died without cleaning up left running goes now.
+        await recover(self.settings.state_dir, grace=self.settings.kill_grace)
         listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
@@ -116,7 +119,7 @@ class Server:
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One TCP connection: route it; never let its failure reach the server."""
         try:
-            _set_keepalive(stream.socket)
+            _set_keepalive(stream.socket, self.settings)
             try:
                 head = await read_head(stream)
             except BadHead as exc:
@@ -161,13 +164,16 @@ class Server:
                            self.manager.output_bytes())
 
 
-def _set_keepalive(sock: trio.socket.SocketType) -> None:
+def _set_keepalive(sock: trio.socket.SocketType, settings: Settings) -> None:
+    idle_s = max(1, round(settings.tcp_keepalive))
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL,
+                        min(KEEPALIVE_INTERVAL_S, idle_s))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        max(1, round(settings.tcp_user_timeout * 1000)))
     except (OSError, AttributeError):  # not every platform has every option
         pass
 

@@ -188,13 +188,16 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
-async def start_server(nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
+async def start_server(nursery: trio.Nursery,
+                       tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ServerFactory]:
     """Start in-process servers with given settings; at teardown stop them and check that
-    every process group they started is empty."""
+    every process group they started is empty. Each test gets its own CCX_STATE_DIR."""
     servers: list[Server] = []
+    state_dir = str(tmp_path_factory.mktemp("state"))
 
     async def factory(**overrides: Any) -> Server:
-        settings = Settings(**{"port": 0, "kill_grace": 2.0, **overrides})
+        settings = Settings(**{"port": 0, "kill_grace": 2.0, "state_dir": state_dir,
+                               **overrides})
         server: Server = await nursery.start(Server(settings).run)
         servers.append(server)
         return server

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -28,6 +34,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+CCX = str(Path(sys.executable).with_name("ccx"))
 OP_TEXT = 0x1
 OP_BINARY = 0x2
 
@@ -164,3 +171,33 @@ def start_time(pid: int) -> int | None:
     except OSError:
         return None
     return int(raw[raw.rfind(b")") + 2 :].split()[19])
+
+
+class Serve:
+    """A `ccx serve` subprocess and the JSON log events it wrote before listening."""
+
+    def __init__(self, state_dir: Path, *, prefix: Sequence[str] = (), **env: str) -> None:
+        self.proc = subprocess.Popen(
+            [*prefix, CCX, "serve", "--port", "0", "--kill-grace", "1"], stderr=subprocess.PIPE,
+            env={**os.environ, "CCX_LOG_FORMAT": "json", "CCX_STATE_DIR": str(state_dir),
+                 "CCX_TRACK_INTERVAL": "0.1", **env},
+        )
+        assert self.proc.stderr is not None
+        self.events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            event = json.loads(line)
+            self.events.append(event)
+            if event.get("event") == "listening":
+                self.port = int(event["port"])
+                return
+        self.proc.kill()
+        raise AssertionError(f"ccx serve did not start: {self.events}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.communicate(timeout=15)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -74,29 +75,42 @@ async def test_single_50_mib_line_arrives_complete(client: RawClient, encoding: 
     assert sha == expected_line_sha256()
 
 
-async def _silent_child_survives(start_server: Any, connect: Any, silent_s: float) -> None:
-    # Short ping interval: if any idle timer existed (on pings, pongs, output or requests),
-    # it would fire many times over during the silence.
-    server = await start_server(ws_ping_interval=0.1)
-    client = await connect(server)
-    code = (f"import time; print('before', flush=True); time.sleep({silent_s}); "
-            "print('after', flush=True)")
-    started = await client.execute(py(code))
+async def _silent_child_survives(start_server: Any, silent_s: float) -> None:
+    # Every timer short (server pings, TCP keepalive and user timeout, descendant scans): if
+    # any idle timer existed (on pings, pongs, output or requests), it would fire many times
+    # over during the silence. The client sends nothing but pongs. (RawWs, because
+    # trio-websocket's client can crash answering a ping while it closes.)
+    server = await start_server(ws_ping_interval=0.1, tcp_keepalive=1, tcp_user_timeout=1,
+                                track_interval=0.05)
+    raw = await RawWs.connect(server.port)
+    code = (f"import sys, time; print('before', flush=True); time.sleep({silent_s}); "
+            "print('after', flush=True); print('err', file=sys.stderr)")
+    reply = await raw.request("execute", {"command": py(code)})
+    sid = reply["result"]["session_id"]
+    text = {"stdout": "", "stderr": ""}
     with trio.fail_after(silent_s + 30):
-        outputs, completed = await client.run_to_completion(started["session_id"])
-    assert "".join(o["data"] for o in outputs) == "before\nafter\n"
+        while True:
+            message = json.loads(await raw.receive())
+            params = message.get("params", {})
+            if message.get("method") == "process.output" and params["session_id"] == sid:
+                text[params["stream"]] += params["data"]
+            elif message.get("method") == "process.completed" and params["session_id"] == sid:
+                completed = params
+                break
+    await raw.aclose()
+    assert text == {"stdout": "before\nafter\n", "stderr": "err\n"}, text
     assert completed["status"] == "exited" and completed["exit_code"] == 0, completed
     assert completed["duration_s"] >= silent_s
 
 
-async def test_silent_child_is_not_killed(start_server: Any, connect: Any) -> None:
-    await _silent_child_survives(start_server, connect, silent_s=3)
+async def test_silent_child_is_not_killed(start_server: Any) -> None:
+    await _silent_child_survives(start_server, silent_s=3)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(300)
-async def test_silent_child_is_not_killed_soak(start_server: Any, connect: Any) -> None:
-    await _silent_child_survives(start_server, connect, silent_s=120)
+async def test_silent_child_is_not_killed_soak(start_server: Any) -> None:
+    await _silent_child_survives(start_server, silent_s=120)
 
 
 BURST = py(

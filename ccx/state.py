@@ -1,0 +1,206 @@
+"""Crash record: the process groups a server runs, kept on disk so that the next server to
+start can kill what a SIGKILLed (or crashed) one left behind.
+
+Inputs: the state directory (`CCX_STATE_DIR`, by default `$XDG_RUNTIME_DIR/ccx` or
+`/tmp/ccx-$UID`), the running sessions (pgid, leader start time, escaped descendants).
+Outputs: `server-<pid>-<n>.json` in that directory, replaced atomically (write, fsync,
+rename) whenever the set changes and removed on a clean stop; `recover()`, which at start-up
+finds the files of servers that are no longer running and stops every recorded process still
+alive, logging each.
+Identity: a pid alone can be reused, so every process is recorded with its start time (field
+22 of /proc/PID/stat); a group whose leader is gone is only touched through members that
+still carry the session's `CCX_SESSION_ID` marker. The directory must belong to this user and
+be writable by nobody else, or the record is neither written nor trusted.
+Docs: https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
+      https://specifications.freedesktop.org/basedir-spec/latest/ (XDG_RUNTIME_DIR)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import stat
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from ccx.descendants import Proc, read_proc, session_marker, signal_procs, snapshot, still_alive
+from ccx.log import get_logger
+
+log = get_logger("ccx.state")
+
+STATE_VERSION = 1
+RECOVER_POLL_S = 0.02
+AFTER_KILL_WAIT_S = 5.0  # SIGKILL cannot be ignored; only D-state outlasts this
+_instances = itertools.count(1)  # several servers may share one process (tests)
+
+
+def prepare_dir(path: str) -> bool:
+    """Create *path* (0700) if needed; False (logged) if it is not ours alone to trust."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError as exc:
+        log.error("state_dir_unusable", path=path, error=str(exc))
+        return False
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        log.error("state_dir_untrusted", path=path, uid=info.st_uid, mode=oct(info.st_mode),
+                  why="must be a directory owned by this user, writable by nobody else")
+        return False
+    return True
+
+
+@attrs.frozen
+class GroupRecord:
+    """One session's process group as the crash record keeps it."""
+
+    session_id: str
+    pgid: int
+    start: int  # the leader's start time
+    escapees: tuple[tuple[int, int], ...] = ()  # (pid, start) of descendants outside the group
+
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "pgid": self.pgid, "start": self.start,
+                "escapees": [list(e) for e in self.escapees]}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> GroupRecord:
+        return cls(str(value["session_id"]), int(value["pgid"]), int(value["start"]),
+                   tuple((int(p), int(s)) for p, s in value.get("escapees", ())))
+
+
+@attrs.define(eq=False)
+class StateFile:
+    """This server's crash record. Disabled (every call a no-op) when the dir is unusable."""
+
+    directory: str
+    enabled: bool = False
+    path: str = ""
+    _last: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def open(cls, directory: str) -> StateFile:
+        if not directory or not prepare_dir(directory):
+            return cls(directory)
+        name = f"server-{os.getpid()}-{next(_instances)}.json"
+        return cls(directory, True, os.path.join(directory, name))
+
+    def write(self, groups: Iterable[GroupRecord]) -> None:
+        """Replace the record with *groups* (skipped when nothing changed)."""
+        if not self.enabled:
+            return
+        entries = [g.to_json() for g in groups]
+        if entries == self._last:
+            return
+        me = read_proc(os.getpid())
+        body = {"version": STATE_VERSION, "server": {"pid": os.getpid(),
+                                                    "start": me.start if me else None},
+                "groups": entries}
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(body, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self._last = entries
+        except OSError as exc:
+            log.error("state_write_failed", path=self.path, error=str(exc))
+
+    def remove(self) -> None:
+        if self.enabled:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _server_running(server: Mapping[str, Any]) -> bool:
+    proc = read_proc(int(server["pid"]))
+    return proc is not None and proc.start == server.get("start") and proc.state != "Z"
+
+
+def _leftovers(record: GroupRecord, procs: Mapping[int, Proc]) -> list[Proc]:
+    """The recorded group's processes that still run and are provably the recorded ones."""
+    found: list[Proc] = []
+    leader = procs.get(record.pgid)
+    leader_ours = leader is not None and leader.start == record.start
+    for proc in procs.values():
+        # Every session leader called setsid: its session id is its pgid, so processes that
+        # changed group (setpgid, a PTY shell's jobs) but not session are found too.
+        in_session = proc.pgid == record.pgid or proc.sid == record.pgid
+        if not in_session or proc.state == "Z" or proc.start < record.start:
+            continue
+        if leader_ours or session_marker(proc.pid) == record.session_id:
+            found.append(proc)
+    for pid, start in record.escapees:
+        escapee = procs.get(pid)
+        if escapee is not None and escapee.start == start and escapee.state != "Z" \
+                and escapee not in found:
+            found.append(escapee)
+    return found
+
+
+async def _stop(procs: list[Proc], grace: float) -> str:
+    signal_procs(procs, signal.SIGTERM)
+    signal_procs(procs, signal.SIGCONT)
+    with trio.move_on_after(grace):
+        while still_alive(procs):
+            await trio.sleep(RECOVER_POLL_S)
+        return "terminated"
+    signal_procs(still_alive(procs), signal.SIGKILL)
+    with trio.move_on_after(AFTER_KILL_WAIT_S):
+        while still_alive(procs):
+            await trio.sleep(RECOVER_POLL_S)
+        return "killed"
+    log.error("orphan_outlived_sigkill", pids=[p.pid for p in still_alive(procs)])
+    return "killed"
+
+
+def _read_record(path: str) -> tuple[dict[str, Any], list[GroupRecord]]:
+    """(server, groups) of one record; a small file on a local (usually tmpfs) directory."""
+    with open(path) as f:
+        body = json.load(f)
+    return dict(body["server"]), [GroupRecord.from_json(g) for g in body["groups"]]
+
+
+async def recover(directory: str, *, grace: float) -> int:
+    """Stop what servers that died without cleaning up left running; return how many
+    groups were stopped. Files of servers still running are left alone.
+
+    **Cancellation**: each stop is bounded by *grace* + 5 s; cancelling leaves the files of
+    groups not yet handled in place for the next start.
+    """
+    if not directory or not prepare_dir(directory):
+        return 0
+    stopped = 0
+    for name in sorted(os.listdir(directory)):
+        if not (name.startswith("server-") and name.endswith(".json")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            server, records = _read_record(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("state_file_unreadable", path=path, error=str(exc))
+            continue
+        if _server_running(server):
+            continue
+        for record in records:
+            leftovers = _leftovers(record, snapshot())
+            if not leftovers:
+                continue
+            step = await _stop(leftovers, grace)
+            stopped += 1
+            log.warning("orphan_group_stopped", pgid=record.pgid, session_id=record.session_id,
+                        pids=[p.pid for p in leftovers], step=step,
+                        dead_server_pid=server.get("pid"))
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        log.info("state_file_recovered", path=path, groups=len(records))
+    return stopped
