@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import os
 import shlex
-import signal
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -28,7 +27,7 @@ from ccx.descendants import SESSION_ENV, adopted_by_session, snapshot_async
 from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
-from ccx.process import resolve_executable, signal_group, spawn
+from ccx.process import Group, resolve_executable, spawn, stop_group
 from ccx.protocol import (
     ExecuteParams,
     InvalidParams,
@@ -59,6 +58,13 @@ def _normalize(path: str) -> str:
     """
     directory, name = os.path.split(os.path.abspath(path))
     return os.path.join(os.path.realpath(directory), name)
+
+
+async def _close_pipes(group: Group) -> None:
+    with trio.CancelScope(shield=True):
+        for stream in (group.process.stdin, group.process.stdout, group.process.stderr):
+            if stream is not None:
+                await stream.aclose()
 
 
 @attrs.frozen
@@ -293,8 +299,19 @@ class SessionManager:
                 replay_bytes=self.settings.replay_bytes,
             )
             session = Session(session_id, group, options, owner, on_done=self._on_done)
-        except BaseException:  # a group nobody supervises must not survive: kill it now
-            signal_group(group.pgid, signal.SIGKILL)
+            # Shutdown may have begun while the process was starting: it cancelled only the
+            # sessions it saw, and the nursery may even be closed (RuntimeError) by now.
+            if not self._accepting:
+                raise LimitReached("server is shutting down")
+            # No checkpoint between spawn and here: the group cannot be orphaned by
+            # cancellation.
+            self._nursery.start_soon(self._run_session, session)
+        except BaseException as exc:  # a group nobody supervises must not survive
+            log.warning("spawned_but_not_supervised", pgid=group.pgid, error=repr(exc))
+            await stop_group(group, grace=0)  # shielded: finishes even when cancelled
+            await _close_pipes(group)
+            if isinstance(exc, RuntimeError):  # "Nursery is closed to new arrivals"
+                raise LimitReached("server is shutting down") from None
             raise
         self._sessions[session.id] = session
         self._record()  # on disk before the client hears of it
@@ -302,8 +319,6 @@ class SessionManager:
         with structlog.contextvars.bound_contextvars(session_id=session.id):
             log.info("spawned", command=launch.argv, executable=launch.executable,
                      pid=group.pid, pgid=group.pgid, cwd=launch.cwd)
-        # No checkpoint between spawn and here: the group cannot be orphaned by cancellation.
-        self._nursery.start_soon(self._run_session, session)
         self._notify()
         return session
 

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,7 +153,15 @@ class RawWs:
 
 
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open fds of *pid*, not counting the short-lived ones of a /proc scan in progress."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        count += not target.startswith("/proc")
+    return count
 
 
 def rss_kib(pid: int) -> int:
@@ -193,11 +202,23 @@ class Serve:
             self.events.append(event)
             if event.get("event") == "listening":
                 self.port = int(event["port"])
+                # Keep reading: a full stderr pipe would block the server's logging.
+                self._drain = threading.Thread(target=self._read_log, daemon=True)
+                self._drain.start()
                 return
         self.proc.kill()
         raise AssertionError(f"ccx serve did not start: {self.events}")
 
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                self.events.append({"event": "unparsed", "line": line.decode("replace")})
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        self.proc.communicate(timeout=15)
+        self.proc.wait(timeout=15)
+        self._drain.join(timeout=5)

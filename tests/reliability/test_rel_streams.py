@@ -10,10 +10,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import signal
 from typing import Any
 
 import pytest
 import trio
+import trio_websocket
 from conftest import RawClient, group_pids, py, wait_for
 from relhelp import RawWs
 
@@ -167,3 +170,86 @@ async def test_tcp_reset_cancels_the_sessions_of_the_connection(server: Any) -> 
     await wait_for(lambda: all(group_pids(g, zombies=True) == {} for g in groups), timeout=15)
     statuses = {s.state.value for s in server.manager.all()}
     assert statuses == {"cancelled"}, statuses
+
+
+async def test_execute_racing_shutdown_is_refused_and_leaves_nothing(
+        start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: an execute whose spawn was in flight when shutdown began used to start a
+    session nobody cancelled (shutdown then hung until its timeout); if the manager's nursery
+    had closed meanwhile, the group was left unsupervised. It is refused (-32003) and its
+    group is killed."""
+    import ccx.manager
+
+    server = await start_server(kill_grace=5.0)
+    client = await connect(server)
+    real_spawn = ccx.manager.spawn
+    spawned = trio.Event()
+    pgids: list[int] = []
+
+    async def spawn_then_shutdown(*args: Any, **kwargs: Any) -> Any:
+        group = await real_spawn(*args, **kwargs)
+        pgids.append(group.pgid)
+        spawned.set()
+        # The spawn "takes" until shutdown has begun; shielded like the real one, which has
+        # no checkpoint once the process exists.
+        with trio.CancelScope(shield=True):
+            while server.manager._accepting:
+                await trio.sleep(0.005)
+            await trio.sleep(0.05)  # shutdown gets going meanwhile
+        return group
+
+    monkeypatch.setattr(ccx.manager, "spawn", spawn_then_shutdown)
+    await client.send({"jsonrpc": "2.0", "id": 1, "method": "execute",
+                       "params": {"command": ["sleep", "30"]}})
+    await spawned.wait()
+    began = trio.current_time()
+    server.stop()
+    try:  # refused, or the connection closed with 1001 first (PROTOCOL.md section 5)
+        reply = await client.response(1)
+        assert reply.get("error", {}).get("code") == -32003, reply
+    except trio_websocket.ConnectionClosed as exc:
+        assert exc.reason.code == 1001
+    await wait_for(lambda: group_pids(pgids[0], zombies=True) == {}, timeout=10)
+    with trio.fail_after(10):
+        while server.manager.live() or server.port is None:
+            await trio.sleep(0.01)
+    assert trio.current_time() - began < 2, "shutdown waited for a session it never cancelled"
+
+
+async def test_execute_in_flight_when_server_is_cancelled_leaves_nothing(
+        tmp_path: Any, connect: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: cancelling `Server.run` from outside (no orderly stop) while an execute's
+    spawn was in flight closed the manager's nursery first; the session could not start
+    ("Nursery is closed to new arrivals", answered -32603) and its group ran on unsupervised.
+    Found by the fuzz suite (a failing test tears its server down that way)."""
+    import ccx.manager
+    from ccx.config import Settings
+    from ccx.server import Server
+
+    real_spawn = ccx.manager.spawn
+    spawned, cancelled = trio.Event(), trio.Event()
+    pgids: list[int] = []
+
+    async def spawn_across_cancel(*args: Any, **kwargs: Any) -> Any:
+        group = await real_spawn(*args, **kwargs)
+        pgids.append(group.pgid)
+        spawned.set()
+        with trio.CancelScope(shield=True):  # like the real spawn: no checkpoint from here
+            await cancelled.wait()
+            await trio.sleep(0.1)  # the manager's nursery closes meanwhile
+        return group
+
+    monkeypatch.setattr(ccx.manager, "spawn", spawn_across_cancel)
+    async with trio.open_nursery() as outer:
+        server = await outer.start(Server(Settings(port=0, state_dir=str(tmp_path))).run)
+        client = await connect(server)
+        await client.send({"jsonrpc": "2.0", "id": 1, "method": "execute",
+                           "params": {"command": ["sleep", "30"]}})
+        await spawned.wait()
+        outer.cancel_scope.cancel()
+        cancelled.set()
+    try:
+        await wait_for(lambda: group_pids(pgids[0], zombies=False) == {}, timeout=5)
+    finally:
+        if group_pids(pgids[0]):
+            os.killpg(pgids[0], signal.SIGKILL)
