@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -45,6 +45,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.reliability)
         if "soak" in item.keywords and not soak:
             item.add_marker(pytest.mark.skip(reason="soak variant: run with --soak or CCX_SOAK=1"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`ccx serve` processes started by tests keep their crash record (CCX_STATE_DIR) in a
+    private directory, not in the user's runtime directory."""
+    previous = os.environ.get("CCX_STATE_DIR")
+    os.environ["CCX_STATE_DIR"] = str(tmp_path_factory.mktemp("ccx-state"))
+    yield
+    if previous is None:
+        os.environ.pop("CCX_STATE_DIR", None)
+    else:
+        os.environ["CCX_STATE_DIR"] = previous
 
 
 @pytest.fixture
