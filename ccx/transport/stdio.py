@@ -27,6 +27,7 @@ from ccx.mcp import McpEndpoint
 from ccx.process import become_subreaper
 from ccx.protocol import InvalidRequest, encode, error_response
 from ccx.session import OwnerGone
+from ccx.state import recover
 
 log = get_logger("ccx.stdio")
 
@@ -100,6 +101,9 @@ async def serve_stdio(settings: Settings, *, stdin_fd: int = 0, stdout_fd: int =
     path, so no process it started outlives it.
     """
     become_subreaper()
+    # Before serving: what a `ccx mcp` or `ccx serve` that died without cleaning up left
+    # running goes now (docs/reliability.md).
+    await recover(settings.state_dir, grace=settings.kill_grace)
     manager = SessionManager(settings)
     peer = StdioPeer(stdout_fd)
     endpoint = McpEndpoint(manager, peer.send)

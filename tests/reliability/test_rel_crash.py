@@ -167,3 +167,35 @@ async def test_in_process_server_records_and_forgets(start_server: Any, connect:
     await client.notification("process.completed", started["session_id"])
     await wait_for(lambda: json.loads(Path(server.manager.state.path).read_text())["groups"]
                    == [])
+
+
+def test_ccx_mcp_over_stdio_recovers_too(tmp_path: Path) -> None:
+    """`ccx mcp` (started by an MCP client, perhaps after a SIGKILLed one) runs the same
+    recovery before it serves."""
+    from relhelp import CCX
+
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        record = GroupRecord("s", victim.pid, start_time(victim.pid) or 0)
+        (tmp_path / "server-1-1.json").write_text(json.dumps(
+            {"version": 1, "server": {"pid": 2**22 - 1, "start": 1},
+             "groups": [record.to_json()]}))
+        mcp = subprocess.Popen([CCX, "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE,
+                               env={**os.environ, "CCX_STATE_DIR": str(tmp_path),
+                                    "CCX_LOG_FORMAT": "json", "CCX_KILL_GRACE": "0.5"})
+        assert mcp.stderr is not None
+        events = []
+        for line in mcp.stderr:
+            events.append(json.loads(line))
+            if events[-1].get("event") == "mcp_stdio_ready":
+                break
+        assert victim.wait(timeout=5) is not None, "the recorded group was not stopped"
+        assert any(e.get("event") == "orphan_group_stopped" and e["pgid"] == victim.pid
+                   for e in events), events
+        mcp.communicate(b"", timeout=15)  # EOF on stdin ends it
+        assert list(tmp_path.glob("server-1-1.json")) == []
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
