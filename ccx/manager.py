@@ -44,6 +44,8 @@ log = get_logger("ccx.manager")
 
 SHELL = "/bin/sh"
 MAX_ENDED_KEPT = 1000  # ended sessions remembered at most, whatever CCX_RETENTION says
+SWEEP_MIN_S = 0.1  # retention sweeps: at least this far apart...
+SWEEP_MAX_S = 60.0  # ...and at most this far (an expired session lingers this long at worst)
 HIDDEN_FROM_CHILDREN = ("CCX_TOKEN",)
 SHUTDOWN_POLL_S = 0.01
 DETACH_NOTICE_TIMEOUT_S = 10.0  # how long we try to tell a connection it lost a session
@@ -102,6 +104,7 @@ class SessionManager:
                 self._nursery = nursery
                 if self.settings.track_interval > 0:
                     nursery.start_soon(self._track_descendants)
+                nursery.start_soon(self._sweep_expired)
                 task_status.started()
                 await trio.sleep_forever()
         finally:  # every group is empty now (each session ran its shielded kill path)
@@ -330,7 +333,15 @@ class SessionManager:
 
     def _on_done(self, session: Session) -> None:
         self._record()
+        self._forget_expired()  # the cap on ended sessions holds at once
         self._notify()
+
+    async def _sweep_expired(self) -> None:
+        """Forget ended sessions once CCX_RETENTION has passed, even if nobody looks them up:
+        each holds up to `replay_bytes` of output for replay."""
+        while True:
+            await trio.sleep(min(max(self.settings.retention / 2, SWEEP_MIN_S), SWEEP_MAX_S))
+            self._forget_expired()
 
     def _notify(self) -> None:
         self._changed.set()

@@ -13,6 +13,7 @@ Rules as in tests/conftest.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 from conftest import PY, group_pids, http_get, py, wait_for
 from relhelp import RawWs, Serve, fd_count, rss_kib
@@ -118,9 +120,21 @@ async def _churn(server: Any, rounds: int) -> None:
 
 async def test_connection_churn_leaks_nothing(start_server: Any, connect: Any,
                                               soak: bool) -> None:
-    """200 connections (2000 with --soak) open and close while three sessions stream."""
-    server = await start_server(kill_grace=0.5, max_sessions=256)
-    reader = await connect(server)
+    """200 connections (2000 with --soak) open and close while three sessions stream.
+
+    Ended sessions are kept for replay by design (CCX_RETENTION, at most 1000): a short
+    retention keeps that out of the measurement, and so does quieting the server's log
+    lines, which pytest would otherwise capture in this very process."""
+    server = await start_server(kill_grace=0.5, max_sessions=256, retention=0.2)
+    config = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    try:
+        await _churn_and_measure(server, await connect(server), soak)
+    finally:
+        structlog.configure(**config)
+
+
+async def _churn_and_measure(server: Any, reader: Any, soak: bool) -> None:
     stream = py("import itertools, time\n"
                 "for i in itertools.count(): print(i, flush=True); time.sleep(0.002)")
     streams = [await reader.execute(stream) for _ in range(3)]
@@ -134,15 +148,19 @@ async def test_connection_churn_leaks_nothing(start_server: Any, connect: Any,
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(consume)
-        await _churn(server, 20)  # warm-up: lazily created things exist from here on
+        rounds = 2000 if soak else 200
+        # Warm-up: lazily created things exist from here on (allocator arenas, and trio's
+        # deadline heap, which holds each handshake's 10 s timeout until it passes).
+        await _churn(server, max(20, rounds // 5))
         await wait_for(lambda: len(server.manager.running()) == 3, timeout=20)
         await trio.sleep(0.2)
         me = os.getpid()
         fds, tasks, rss = fd_count(me), task_count(), rss_kib(me)
-        await _churn(server, 2000 if soak else 200)
+        await _churn(server, rounds)
         await wait_for(lambda: len(server.manager.running()) == 3
                        and len(server.connections) == 1, timeout=20)
         await wait_for(lambda: fd_count(me) <= fds, timeout=10)
+        await trio.sleep(0.5)  # ended sessions pass their retention and are swept
         assert task_count() <= tasks, (task_count(), tasks)
         assert rss_kib(me) <= rss * 1.10, (rss_kib(me), rss)
         before = received
@@ -156,7 +174,7 @@ async def test_connection_churn_leaks_nothing(start_server: Any, connect: Any,
 async def test_connection_churn_against_a_real_server(tmp_path: Path) -> None:
     """The same from outside: /proc/<server pid>/fd and VmRSS of a `ccx serve` process,
     its /metrics connection gauge, after 200 connections came and went."""
-    server = Serve(tmp_path)
+    server = Serve(tmp_path, CCX_RETENTION="0.2")
     try:
         reader = await RawWs.connect(server.port)
         for _ in range(2):
@@ -180,3 +198,34 @@ async def test_connection_churn_against_a_real_server(tmp_path: Path) -> None:
         await reader.aclose()
     finally:
         server.stop()
+
+
+async def _run_sessions(client: Any, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        _, _, completed = await client.run(py("print('x' * 1000)"))
+        ids.append(completed["session_id"])
+    return ids
+
+
+async def test_ended_sessions_beyond_the_cap_are_forgotten_without_any_lookup(
+        start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: ended sessions (each holding up to CCX_REPLAY_BYTES of recent output for
+    replay) were dropped only when someone called `status`/`sessions`/`control`...; a server
+    fed nothing but `execute` (every `ccx run`) kept them all, past the 1000-session cap and
+    past CCX_RETENTION: memory grew without bound."""
+    import ccx.manager
+
+    monkeypatch.setattr(ccx.manager, "MAX_ENDED_KEPT", 3)
+    server = await start_server()
+    ids = await _run_sessions(await connect(server), 6)
+    # find() does no sweep: only the server itself may forget them.
+    await wait_for(lambda: [server.manager.find(i) is not None for i in ids]
+                   == [False] * 3 + [True] * 3, timeout=2)
+
+
+async def test_ended_sessions_past_retention_are_forgotten_without_any_lookup(
+        start_server: Any, connect: Any) -> None:
+    server = await start_server(retention=0.5)
+    ids = await _run_sessions(await connect(server), 3)
+    await wait_for(lambda: all(server.manager.find(i) is None for i in ids), timeout=5)
