@@ -110,6 +110,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("replay_bytes", "CCX_REPLAY_BYTES", int, 8 * 1024 * 1024,
            "per session: unsent output held before the child is throttled, and again "
            "recently sent output kept for replay"),
+    Option("ended_replay_bytes", "CCX_ENDED_REPLAY_BYTES", int, 256 * 1024 * 1024,
+           "whole server: sent output kept for replay by ended sessions; beyond it the "
+           "oldest ended sessions' replay goes first (their unsent output never)"),
     Option("node_name", "CCX_NODE_NAME", _optional_str, None,
            "prefix of session ids (e.g. the pod name) so an id tells which server has it"),
     Option("mcp_buffer_bytes", "CCX_MCP_BUFFER_BYTES", int, 1024 * 1024,
@@ -162,6 +165,7 @@ class Settings:
     retention: float = 3600.0
     max_linger: float = 86400.0
     replay_bytes: int = 8 * 1024 * 1024
+    ended_replay_bytes: int = 256 * 1024 * 1024
     node_name: str | None = None
     mcp_buffer_bytes: int = 1024 * 1024
     mcp_tail_bytes: int = 32 * 1024
@@ -179,6 +183,8 @@ class Settings:
                      "replay_bytes", "mcp_buffer_bytes", "mcp_tail_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
+        if self.ended_replay_bytes < 0:
+            raise ConfigError("CCX_ENDED_REPLAY_BYTES: must not be negative")
         for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger",
                      "mcp_http_idle", "mcp_sse_max", "track_interval", "tcp_keepalive",
                      "tcp_user_timeout"):

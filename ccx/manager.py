@@ -175,6 +175,22 @@ class SessionManager:
                 buffer = self.mcp_buffers.pop(sid, None)
                 if buffer is not None:
                     buffer.close()
+        self._cap_ended_replay()
+
+    def _cap_ended_replay(self) -> None:
+        """Keep ended sessions' sent output for replay within CCX_ENDED_REPLAY_BYTES, the
+        newest first: without it 1000 ended sessions could hold 1000 x CCX_REPLAY_BYTES."""
+        budget = self.settings.ended_replay_bytes
+        ended = sorted((s for s in self._sessions.values()
+                        if s.ended_at is not None and not s.running and s.replay_bytes_held),
+                       key=lambda s: s.ended_at or 0.0, reverse=True)
+        for session in ended:
+            held = session.replay_bytes_held
+            if held <= budget:
+                budget -= held
+            else:
+                session.forget_replay()
+                log.debug("replay_forgotten", session_id=session.id, bytes=held)
 
     def _new_id(self) -> str:
         """A fresh session id: random hex, after `CCX_NODE_NAME` and a dot when set."""

@@ -84,6 +84,13 @@ class Outbox:
         while self.sent_bytes > self.budget_bytes and len(self.sent) > 1:
             self.sent_bytes -= self.sent.popleft().size
 
+    def forget_sent(self) -> int:
+        """Drop the recently sent output kept for replay; return the raw bytes it counted."""
+        freed = self.sent_bytes
+        self.sent.clear()
+        self.sent_bytes = 0
+        return freed
+
     @property
     def first_seq(self) -> int:
         """The oldest seq still held (sent or pending), or `next_seq` if none is."""

@@ -362,6 +362,16 @@ class Session:
     def check_replay(self, since_seq: int) -> None:
         self._outbox.check_replay(since_seq)
 
+    @property
+    def replay_bytes_held(self) -> int:
+        """Raw bytes of already sent output kept for a later replay."""
+        return self._outbox.sent_bytes
+
+    def forget_replay(self) -> int:
+        """Drop the sent output kept for replay (unsent output stays); return bytes freed.
+        A later `attach` with an older `since_seq` then gets -32006."""
+        return self._outbox.forget_sent()
+
     def detach(self) -> None:
         """The owner is gone: keep running and hold output for a later `attach`."""
         self.generation += 1

@@ -249,6 +249,34 @@ async def test_replay_budget_counts_raw_output_bytes(start_server: Any, nursery:
     assert b"".join(decode(p) for p in replay) == b"r" * kept
 
 
+async def test_ended_sessions_replay_is_capped_server_wide(start_server: Any, nursery: trio.Nursery) -> None:
+    """CCX_ENDED_REPLAY_BYTES: the newest ended sessions keep their sent output for replay,
+    the oldest lose it first (-32006), and every one still gives its completion."""
+    server = await start_server(replay_bytes=128 * 1024, ended_replay_bytes=200 * 1024)
+    client = await open_via(nursery, server.port)
+    size = 96 * 1024  # two chunks at least (64 KiB each at most), so seq 1 exists
+    code = f"import sys; sys.stdout.buffer.write(b'z' * {size})"
+    sids, firsts = [], {}
+    for _ in range(4):  # 96 KiB each, 384 KiB in all: only the newest two fit
+        sid = (await client.execute(py(code), encoding="base64"))["session_id"]
+        outputs: list[dict[str, Any]] = []
+        assert await read_outputs(client, sid, collected=outputs) is not None
+        sids.append(sid)
+        firsts[sid] = len(decode(outputs[0]))
+    for sid, replayable in zip(sids, (False, False, True, True), strict=True):
+        reply = await client.request("attach", {"session_id": sid, "since_seq": 0})
+        if replayable:
+            assert "result" in reply, reply
+            replay: list[dict[str, Any]] = []
+            assert await read_outputs(client, sid, collected=replay) is not None
+            assert replay[0]["seq"] == 1
+            assert b"".join(decode(p) for p in replay) == b"z" * (size - firsts[sid])
+        else:
+            assert reply["error"]["code"] == -32006, reply
+            await client.result("attach", {"session_id": sid, "since_seq": -1})
+            assert (await read_outputs(client, sid, collected=[]))["status"] == "exited"
+
+
 async def test_two_clients_fight_over_a_session(server: Server, nursery: trio.Nursery) -> None:
     a = await open_via(nursery, server.port or 0)
     b = await open_via(nursery, server.port or 0)
