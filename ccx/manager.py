@@ -236,6 +236,10 @@ class SessionManager:
             raise InvalidParams("Invalid params: command is empty")
         if any("\0" in part for part in argv):
             raise InvalidParams("Invalid params: command contains a NUL byte")
+        if not all(_encodable(part) for part in argv) or (
+                params.cwd is not None and not _encodable(params.cwd)):
+            raise InvalidParams("Invalid params: command or cwd is not valid Unicode "
+                                "(a lone surrogate cannot become a file name or argument)")
         cwd = params.cwd
         if cwd is not None and not os.path.isdir(cwd):
             raise InvalidParams(f"Invalid params: cwd does not exist: {cwd}", {"cwd": cwd})
@@ -256,7 +260,8 @@ class SessionManager:
     def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in HIDDEN_FROM_CHILDREN}
         for key, value in extra.items():
-            if not key or "=" in key or "\0" in key or "\0" in value:
+            if (not key or "=" in key or "\0" in key or "\0" in value
+                    or not _encodable(key) or not _encodable(value)):
                 raise InvalidParams(f"Invalid params: env: bad variable {key!r}")
             env[key] = value
         return env
@@ -426,6 +431,18 @@ class SessionManager:
             for session in self.live():
                 session.abandon()
             return
-        log.error("shutdown_timeout", live=[s.id for s in self.live()])
+        if any(s.running for s in self.live()):
+            log.error("shutdown_timeout", live=[s.id for s in self.live()])
+        else:  # every group is gone; some owners did not read their completions in time
+            log.warning("completions_undelivered", sessions=[s.id for s in self.live()])
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+
+def _encodable(text: str) -> bool:
+    """Whether *text* can reach the OS (a JSON string may hold a lone surrogate, \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

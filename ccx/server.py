@@ -38,7 +38,8 @@ from ccx.transport.websocket import (
 
 log = get_logger("ccx.server")
 
-SHUTDOWN_MARGIN_S = 1.5  # beyond kill_grace: time to deliver completions and close sockets
+SHUTDOWN_MARGIN_S = 1.2  # beyond kill_grace: time to deliver completions and close sockets
+CLOSE_RESERVE_S = 0.5  # of that margin, kept for closing connections with 1001
 # TCP keepalive (CCX_TCP_KEEPALIVE s idle, then KEEPALIVE_COUNT probes KEEPALIVE_INTERVAL_S
 # apart) finds idle peers that vanished without a FIN or RST. CCX_TCP_USER_TIMEOUT: data
 # (or a keepalive probe) unacknowledged for that long drops the connection. A live peer that
@@ -97,10 +98,16 @@ class Server:
                 await self._stopping.wait()
                 accepting.cancel()
                 log.info("shutting_down", sessions=len(self.manager.live()))
-                await self.manager.shutdown(timeout=self.settings.kill_grace + SHUTDOWN_MARGIN_S)
+                # One deadline for all of it (PROTOCOL.md 5: exit within kill_grace + 2 s),
+                # whatever the clients do: sessions get kill_grace and some time to deliver
+                # their completions, connections what is left to close with 1001.
+                stop_by = trio.current_time() + self.settings.kill_grace + SHUTDOWN_MARGIN_S
+                await self.manager.shutdown(
+                    timeout=stop_by - CLOSE_RESERVE_S - trio.current_time())
                 for connection in list(self.connections):
+                    connection.close_deadline = stop_by
                     handlers.start_soon(connection.close, CLOSE_GOING_AWAY, "server shutting down")
-                with trio.move_on_after(SHUTDOWN_MARGIN_S):
+                with trio.move_on_at(stop_by):
                     while self.connections:
                         await trio.sleep(0.01)
                 handlers.cancel_scope.cancel()
@@ -145,7 +152,7 @@ class Server:
         elif path in ("/health", "/metrics") and head.method not in ("GET", "HEAD"):
             await send_plain(stream, 405, "method not allowed\n", headers=[("Allow", "GET")])
         elif path == "/health":
-            body = {"status": "ok", "version": __version__, "sessions": len(self.manager.live())}
+            body = {"status": "ok", "version": __version__, "sessions": len(self.manager.running())}
             await send_plain(stream, 200, body, head_only=head.method == "HEAD")
         elif path == "/metrics":
             if not token_ok(self.settings, head):

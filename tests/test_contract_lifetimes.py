@@ -465,3 +465,31 @@ async def test_server_stop_with_term_ignoring_child(start_server: Any, connect: 
     assert len(completed) == 1 and completed[0]["status"] == "cancelled"
     assert group_pids(started["pgid"]) == {}
     assert proc_stat(started["pid"]) is None or proc_stat(started["pid"])[0] == "Z"
+
+
+async def test_shutdown_within_kill_grace_plus_2_with_a_client_that_does_not_read(
+        nursery: trio.Nursery) -> None:
+    """PROTOCOL.md 5: exit within kill_grace + 2 s, even when an owner never reads (its
+    socket buffers full, completion undeliverable, close handshake unanswerable).
+    Regression: shutdown, connection close and its shielded retry each waited their own
+    timeout (kill_grace + 5 s in all)."""
+    import trio_websocket
+
+    from ccx.config import Settings
+    from ccx.server import Server
+
+    kill_grace = 1.0
+    async with trio.open_nursery() as server_nursery:
+        server = await server_nursery.start(Server(Settings(port=0, kill_grace=kill_grace)).run)
+        ws = await trio_websocket.connect_websocket(nursery, "127.0.0.1", server.port, "/ws",
+                                                    use_ssl=False)
+        stuck = RawClient(ws)
+        flood = py("import signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                   "while True:\n    sys.stdout.write('x' * 65536)\n")
+        started = await stuck.execute(flood)  # and never read again
+        await wait_for(lambda: server.manager.get(started["session_id"]).stdout_bytes > 4 << 20)
+        stopping_at = trio.current_time()
+        server.stop()
+    elapsed = trio.current_time() - stopping_at
+    assert elapsed < kill_grace + 2, elapsed
+    assert not group_pids(started["pgid"])

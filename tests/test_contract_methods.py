@@ -851,3 +851,17 @@ def test_node_name_is_checked() -> None:
 
     with pytest.raises(ConfigError, match="CCX_NODE_NAME"):
         Settings.from_env({"CCX_NODE_NAME": "bad name/with slash"})
+
+
+@pytest.mark.parametrize("params", [
+    {"command": ["echo", "a\ud800"]},
+    {"command": "echo \udc80"},
+    {"command": ["echo"], "env": {"X": "\ud800"}},
+    {"command": ["echo"], "env": {"\ud800": "x"}},
+    {"command": ["echo"], "cwd": "/tmp/\ud800"},
+])
+async def test_lone_surrogates_are_bad_params(client: RawClient, params: dict[str, Any]) -> None:
+    """JSON can carry a lone surrogate; an argv, env or cwd cannot (regression: -32603 with
+    a logged traceback instead of -32602)."""
+    assert_error(await client.error("execute", params), -32602)
+    assert (await client.result("ping"))["pong"] is True

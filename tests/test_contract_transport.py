@@ -18,6 +18,7 @@ from conftest import (
     http_get,
     join,
     py,
+    wait_for,
 )
 
 PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
@@ -68,6 +69,31 @@ async def test_health_is_200_json(server: Any, client: RawClient) -> None:
         await client.notification("process.completed", sid)
     status, _, body = await http_get(server.port, "/health")
     assert json.loads(body)["sessions"] == 0
+
+
+async def test_health_counts_running_not_undelivered(server: Any, client: RawClient) -> None:
+    """`sessions` is the running count: an exited session whose output its (non-reading)
+    client has not taken yet is not running any more."""
+    started = await client.execute(["head", "-c", "4000000", "/dev/zero"])
+    session = server.manager.get(started["session_id"])
+    await wait_for(lambda: session.state.ended)
+    assert not session.done, "the test needs output still waiting for the client"
+    status, _, body = await http_get(server.port, "/health")
+    assert status == 200 and json.loads(body)["sessions"] == 0
+
+
+async def test_status_lines_carry_reason_phrases(server: Any) -> None:
+
+    for target, line in (("/ws", b"HTTP/1.1 426 Upgrade Required"), ("/nope", b"HTTP/1.1 404 Not Found"),
+                         ("/health", b"HTTP/1.1 200 OK")):
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = b""
+            while b"\r\n" not in head:
+                head += await stream.receive_some(4096)
+            await stream.aclose()
+        assert head.split(b"\r\n")[0] == line
 
 
 async def test_health_needs_no_token(start_server: Any) -> None:

@@ -13,6 +13,7 @@ Docs: https://h11.readthedocs.io/en/latest/api.html
 
 from __future__ import annotations
 
+import http
 import json
 from collections.abc import Sequence
 
@@ -121,7 +122,8 @@ async def send_plain(
     connection.next_event()
     all_headers = [("Content-Type", content_type), ("Content-Length", str(len(payload))),
                    ("Connection", "close"), *headers]
-    data = connection.send(h11.Response(status_code=status, headers=all_headers)) or b""
+    data = connection.send(h11.Response(status_code=status, headers=all_headers,
+                                        reason=_reason(status))) or b""
     if not head_only:
         data += connection.send(h11.Data(data=payload)) or b""
     data += connection.send(h11.EndOfMessage()) or b""
@@ -226,7 +228,7 @@ class Exchange:
     async def start_sse(self) -> None:
         headers = [("Content-Type", SSE_TYPE), ("Cache-Control", "no-cache"),
                    ("Connection", "close")]
-        await self.stream.send_all(self.h11.send(h11.Response(status_code=200,
+        await self.stream.send_all(self.h11.send(h11.Response(status_code=200, reason=b"OK",
                                                               headers=headers)) or b"")
 
     async def end(self) -> None:
@@ -242,10 +244,19 @@ class Exchange:
             all_headers += [("Content-Type", content_type),
                             ("Content-Length", str(len(payload)))]
         try:
-            data = self.h11.send(h11.Response(status_code=status, headers=all_headers)) or b""
+            data = self.h11.send(h11.Response(status_code=status, headers=all_headers,
+                                              reason=_reason(status))) or b""
             if payload and status not in (204, 304):
                 data += self.h11.send(h11.Data(data=payload)) or b""
             data += self.h11.send(h11.EndOfMessage()) or b""
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             pass
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase ("426 Upgrade Required"), as PROTOCOL.md writes them."""
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""

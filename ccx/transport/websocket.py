@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import math
 import struct
 from urllib.parse import parse_qs, urlsplit
 
@@ -145,6 +146,7 @@ class Connection:
     _outgoing: trio.MemorySendChannel[bytes] = attrs.field(init=False)
     _outgoing_receive: trio.MemoryReceiveChannel[bytes] = attrs.field(init=False)
     _drained: trio.Event = attrs.field(factory=trio.Event)
+    close_deadline: float = math.inf  # set at server shutdown: no close waits beyond it
 
     def __attrs_post_init__(self) -> None:
         # Capacity 0: a sender waits until the writer takes its message, so a slow peer
@@ -174,16 +176,18 @@ class Connection:
 
     async def _write(self) -> None:
         """The only task that writes messages: one frame each, in hand-over order."""
-        async with self._outgoing_receive:
-            async for frame in self._outgoing_receive:
-                try:
-                    sent = await self.wire.send_text_frame(frame, self.ws)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    sent = False
-                if not sent:
-                    self.closed = True
-                    break
-        self._drained.set()  # nothing more will be written: `close` need not wait
+        try:
+            async with self._outgoing_receive:
+                async for frame in self._outgoing_receive:
+                    try:
+                        sent = await self.wire.send_text_frame(frame, self.ws)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        sent = False
+                    if not sent:
+                        self.closed = True
+                        break
+        finally:  # also when cancelled: nothing more will be written, `close` need not wait
+            self._drained.set()
 
     async def serve(self) -> None:
         """Read frames until the peer goes; then release what this connection owns.
@@ -273,8 +277,9 @@ class Connection:
                     return
 
     async def close(self, code: int, reason: str) -> None:
-        """Let the writer send what it was handed (completions at shutdown), then close."""
-        with trio.move_on_after(CLOSE_TIMEOUT_S):
+        """Let the writer send what it was handed (completions at shutdown), then close;
+        give up after CLOSE_TIMEOUT_S or at `close_deadline` (the server's shutdown)."""
+        with trio.move_on_at(min(trio.current_time() + CLOSE_TIMEOUT_S, self.close_deadline)):
             self._outgoing.close()
             if not self.ws.closed:
                 await self._drained.wait()
