@@ -733,3 +733,15 @@ def test_token_required_for_non_loopback_bind() -> None:
     Settings.from_env({"CCX_HOST": "0.0.0.0", "CCX_TOKEN": "t"}).check_exposure()
     Settings.from_env({"CCX_HOST": "0.0.0.0", "CCX_INSECURE": "1"}).check_exposure()
     Settings.from_env({"CCX_HOST": "127.0.0.1"}).check_exposure()
+
+
+@pytest.mark.parametrize(("origin", "allowed"), [
+    ("http://localhost", True), ("http://127.0.0.1:8080", True), ("http://[::1]:99", True),
+    ("https://localhost", True), ("http://evil@localhost", False), ("http://[::1]evil", False),
+    ("http://localhost.evil.com", False), ("http://localhost/path", False), ("null", False),
+])
+def test_origin_check_is_strict_about_loopback(origin: str, allowed: bool) -> None:
+    from ccx.config import Settings
+    from ccx.transport.websocket import origin_ok
+
+    assert origin_ok(Settings(), origin) is allowed

@@ -119,14 +119,18 @@ def origin_ok(settings: Settings, origin: str | None) -> bool:
         return True
     try:
         parts = urlsplit(origin)
-        hostname = parts.netloc.rsplit("@", 1)[-1]
-        if hostname.startswith("["):
-            host = hostname[: hostname.index("]") + 1]
-        else:
-            host = hostname.split(":", 1)[0]
         _ = parts.port  # raises ValueError for a malformed port
     except ValueError:
         return False
+    netloc = parts.netloc
+    host = netloc if netloc.startswith("[") else netloc.split(":", 1)[0]
+    if netloc.startswith("["):  # "[::1]" or "[::1]:port", nothing else after the bracket
+        end = netloc.find("]")
+        host, rest = netloc[: end + 1], netloc[end + 1:]
+        if end < 0 or (rest and not rest.startswith(":")):
+            return False
+    if "@" in netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return False  # an Origin is scheme://host[:port], nothing more
     return parts.scheme in ("http", "https") and host.lower() in LOOPBACK_HOSTS
 
 
