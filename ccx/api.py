@@ -33,6 +33,7 @@ from ccx.protocol import (
     MethodNotFound,
     NoParams,
     Request,
+    RequestId,
     ResizeParams,
     RpcError,
     SessionParams,
@@ -189,6 +190,15 @@ METHODS: dict[str, Handler] = {
 }
 
 
+def error_reply(request_id: RequestId, exc: Exception) -> tuple[dict[str, object], str]:
+    """The response for a request that raised *exc*, and its log outcome: an `RpcError` as
+    itself, anything else as -32603 with its traceback logged. Call it in the except block."""
+    if isinstance(exc, RpcError):
+        return error_response(request_id, exc), f"error {exc.code}"
+    log.exception("request_crashed")
+    return error_response(request_id, InternalError(f"Internal error: {exc!r}")), "error -32603"
+
+
 async def dispatch(request: Request, call: Call) -> dict[str, object] | None:
     """Run one request; return its response, or None for a notification. Never raises
     anything but cancellation: errors become JSON-RPC errors, bugs become -32603."""
@@ -201,13 +211,8 @@ async def dispatch(request: Request, call: Call) -> dict[str, object] | None:
                 raise MethodNotFound(f"Method not found: {request.method}")
             result = await handler(call)
             reply = response(request.id, result)
-        except RpcError as exc:
-            outcome = f"error {exc.code}"
-            reply = error_response(request.id, exc)
         except Exception as exc:
-            log.exception("request_crashed")
-            outcome = "error -32603"
-            reply = error_response(request.id, InternalError(f"Internal error: {exc!r}"))
+            reply, outcome = error_reply(request.id, exc)
         log.info("request", outcome=outcome,
                  duration_ms=round((time.monotonic() - started) * 1000, 3))
     return None if request.is_notification else reply

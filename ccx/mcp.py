@@ -30,6 +30,7 @@ import structlog
 import trio
 
 from ccx import __version__
+from ccx.api import error_reply
 from ccx.config import Settings
 from ccx.log import add_tap, get_logger, remove_tap
 from ccx.manager import SessionManager
@@ -37,7 +38,6 @@ from ccx.mcp_buffer import OutputBuffer
 from ccx.mcp_tools import TOOLS, ToolCall
 from ccx.protocol import (
     ExecuteParams,
-    InternalError,
     Invalid,
     InvalidParams,
     InvalidRequest,
@@ -300,13 +300,8 @@ class McpEndpoint:
                     outcome = "cancelled"
                 else:
                     reply = response(request.id, result)
-            except RpcError as exc:
-                outcome = f"error {exc.code}"
-                reply = error_response(request.id, exc)
             except Exception as exc:
-                log.exception("request_crashed")
-                outcome = "error -32603"
-                reply = error_response(request.id, InternalError(f"Internal error: {exc!r}"))
+                reply, outcome = error_reply(request.id, exc)
             log.info("mcp_request", outcome=outcome,
                      duration_ms=round((time.monotonic() - started) * 1000, 3))
         return reply
