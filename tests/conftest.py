@@ -26,6 +26,7 @@ from ccx.server import Server
 
 PY = sys.executable
 RELIABILITY_DIR = os.path.join(os.path.dirname(__file__), "reliability")
+SECURITY_DIR = os.path.join(os.path.dirname(__file__), "security")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,11 +39,14 @@ def soak_enabled(config: pytest.Config) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark everything under tests/reliability; skip soak variants unless asked for."""
+    """Mark everything under tests/reliability and tests/security; skip soak variants unless
+    asked for."""
     soak = soak_enabled(config)
     for item in items:
         if str(item.path).startswith(RELIABILITY_DIR + os.sep):
             item.add_marker(pytest.mark.reliability)
+        if str(item.path).startswith(SECURITY_DIR + os.sep):
+            item.add_marker(pytest.mark.security)
         if "soak" in item.keywords and not soak:
             item.add_marker(pytest.mark.skip(reason="soak variant: run with --soak or CCX_SOAK=1"))
 
