@@ -123,7 +123,9 @@ class Tracker:
         """Add what *procs* shows descending from the group, the known ones, or *adopted*
         (server children carrying this session's marker); forget the dead."""
         roots = [p for p in procs.values() if self.is_member(p)]
-        roots += [p for p in self.known.values() if same_process(p, procs)]
+        # The known ones as *procs* shows them now: `known` carries each process's state
+        # from this scan (PAUSE and the paused-session check read it).
+        roots += [procs[p.pid] for p in self.known.values() if same_process(p, procs)]
         roots += adopted
         children: dict[int, list[Proc]] = {}
         for proc in procs.values():

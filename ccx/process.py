@@ -41,7 +41,7 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 import trio
@@ -394,18 +394,21 @@ async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S,
     return False
 
 
-async def pause_group(group: Group) -> bool:
+async def pause_group(group: Group, *, wanted: Callable[[], bool] = lambda: True) -> bool:
     """SIGSTOP every member; True once all are seen stopped (False after
-    `STOP_SEEN_TIMEOUT_S`).
+    `STOP_SEEN_TIMEOUT_S`, or if *wanted* says False before the second signal).
 
     On a terminal the leader's process group is stopped (and seen stopped) before the
     session's other groups: a job-control shell that saw its foreground job stop would take
     the terminal back, and the job, once resumed, would be stopped again by its first read.
+    Descendants that left the group are `ccx.tree`'s (`pause_tree` calls this first).
     **Cancellation**: safe; members may then be left stopped (RESUME or CANCEL wakes them).
     """
     signal_group(group.pgid, signal.SIGSTOP)
     if group.whole_session:
         await wait_group_stopped(group, leader_group_only=True)
+        if not wanted():  # a RESUME or CANCEL came meanwhile: stop nothing more
+            return False
         signal_members(group, signal.SIGSTOP)
     return await wait_group_stopped(group)
 
