@@ -13,7 +13,8 @@ after that check, so a recycled pid is never hit.
 No networking, no JSON. Linux /proc only; elsewhere every scan is empty.
 
 Inputs: /proc.  Outputs: `snapshot()` (`snapshot_async()` scans in a worker thread on a host
-with many processes), `Tracker` (per session), `signal_procs`.
+with many processes), `Tracker` (per session; `known` holds each process as its last scan saw
+it, state included, which `ccx.tree` reads to pause the whole tree), `signal_procs`.
 Docs: https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
       https://man7.org/linux/man-pages/man5/proc_pid_environ.5.html
       https://man7.org/linux/man-pages/man2/pidfd_open.2.html

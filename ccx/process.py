@@ -485,6 +485,7 @@ async def _self_check() -> None:
         assert stream is not None
         await stream.aclose()
     await _self_check_terminal()
+    await _self_check_escapee()
     print("ccx.process: PASS")
 
 
@@ -499,6 +500,14 @@ async def _self_check_terminal() -> None:
     assert await stop_group(group, grace=1) is StopStep.TERMINATED
     assert not group_members(group.pgid, whole_session=True), "orphans left"
     await group.terminal.master.aclose()
+
+
+async def _self_check_escapee() -> None:
+    """A member that left the group (setsid) is paused, resumed and killed with it: the
+    tree-wide pause is `ccx.tree`'s, so its check runs here."""
+    from ccx.tree import self_check  # ccx.tree imports this module: import it late
+
+    await self_check()
 
 
 if __name__ == "__main__":

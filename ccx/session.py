@@ -2,7 +2,8 @@
 
 Inputs: a spawned `Group`, its `SessionOptions`, and an `Owner` that delivers notifications.
 Outputs: `process.started/output/paused/resumed/completed` notifications in order, with one
-`seq` counter; control (`pause`, `resume`, `cancel`, `write_input`) through a state table;
+`seq` counter; control (`pause`, `resume`, `cancel`, `write_input`) through a state table,
+PAUSE and RESUME acting on the whole tree (group and escaped descendants, `ccx.tree`);
 `attach`/`detach` of owners with replay (PROTOCOL.md section 8); `info()` for `status`;
 `resize` of a PTY session (PROTOCOL.md section 9).
 

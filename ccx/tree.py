@@ -158,7 +158,7 @@ def stop_arrivals(tracker: Tracker) -> list[Proc]:
     return late
 
 
-async def _self_check() -> None:
+async def self_check() -> None:
     """A leader whose child leaves the group (setsid) and forks: PAUSE stops all three,
     RESUME continues them, the kill path ends them."""
     import os
@@ -193,4 +193,4 @@ async def _self_check() -> None:
 
 
 if __name__ == "__main__":
-    trio.run(_self_check)
+    trio.run(self_check)
