@@ -101,12 +101,6 @@ def session_marker(pid: int) -> str | None:
     return None
 
 
-def same_process(proc: Proc, procs: Mapping[int, Proc]) -> bool:
-    """True while *proc* still runs: same pid, same start time, not a zombie."""
-    now = procs.get(proc.pid)
-    return now is not None and now.start == proc.start and now.state != "Z"
-
-
 @attrs.define(eq=False)
 class Tracker:
     """Every descendant of one session seen so far, by pid (start time kept with it)."""
@@ -124,9 +118,7 @@ class Tracker:
         """Add what *procs* shows descending from the group, the known ones, or *adopted*
         (server children carrying this session's marker); forget the dead."""
         roots = [p for p in procs.values() if self.is_member(p)]
-        # The known ones as *procs* shows them now: `known` carries each process's state
-        # from this scan (PAUSE and the paused-session check read it).
-        roots += [procs[p.pid] for p in self.known.values() if same_process(p, procs)]
+        roots += self._still_known(procs)
         roots += adopted
         children: dict[int, list[Proc]] = {}
         for proc in procs.values():
@@ -140,6 +132,20 @@ class Tracker:
             alive[proc.pid] = proc
             stack.extend(children.get(proc.pid, ()))
         self.known = {pid: p for pid, p in alive.items() if p.state != "Z"}
+
+    def _still_known(self, procs: Mapping[int, Proc]) -> list[Proc]:
+        """The known processes still alive, as they are now: from *procs*, or, for one that
+        *procs* lacks, from /proc itself. *procs* may be older than what the tracker knows (a
+        periodic scan and a PAUSE's scan run in worker threads side by side on a big host);
+        forgetting a known escapee would leave it out of RESUME, stopped for good."""
+        alive = []
+        for proc in self.known.values():
+            now = procs.get(proc.pid)
+            if now is None:  # dead, or born after *procs* was taken
+                now = read_proc(proc.pid)
+            if now is not None and now.start == proc.start and now.state != "Z":
+                alive.append(now)  # its state from this scan: ccx.tree reads it
+        return alive
 
     def escapees(self) -> list[Proc]:
         """Known descendants outside the session's group: what `killpg` would miss."""

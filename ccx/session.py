@@ -249,13 +249,15 @@ class Session:
             await self._paused_seen.wait()
             return self.state
         self.state = target
-        self._paused_seen = trio.Event()
+        # Kept locally: after a RESUME, a later PAUSE installs its own event, which this
+        # (possibly still running) pause must not set.
+        seen = self._paused_seen = trio.Event()
         self._post_control("process.paused")
         try:
             settled = await pause_tree(self.group, self.tracker,
                                        wanted=lambda: self.state is State.PAUSED)
         finally:
-            self._paused_seen.set()
+            seen.set()
         log.info("signal_sent", signals=["SIGSTOP"], pgid=self.group.pgid, session_id=self.id,
                  escapees=[p.pid for p in self.tracker.escapees()] or None, settled=settled)
         return self.state

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from typing import Any
 import pytest
 import trio
 from conftest import RawClient, completion, py, start_ready, wait_for
+
+from ccx.descendants import Tracker, snapshot
+from ccx.process import become_subreaper
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -266,3 +270,32 @@ async def test_an_escapee_woken_while_paused_is_stopped_again(client: RawClient)
     await client.result("control", session_id=sid, type="CANCEL")
     assert (await completion(client, sid))["status"] == "cancelled"
     assert stat_of(pid) is None or stat_of(pid)[0] == "Z"  # type: ignore[index]
+
+
+def test_tracker_keeps_a_known_escapee_when_given_an_older_snapshot() -> None:
+    """Two scans may finish out of order (worker threads on a big host): a snapshot taken
+    before an escapee was born must not make the tracker forget it, or RESUME, which
+    continues the escapees the tracker knows, would leave it stopped."""
+    assert become_subreaper()  # as a server is: the orphaned escapee is ours to reap
+    older = snapshot()
+    leader = subprocess.Popen(py("import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+                                 "print('ready', flush=True)\ntime.sleep(60)"),
+                              stdout=subprocess.PIPE, start_new_session=True)
+    tracker = Tracker("t", leader.pid)
+    try:
+        assert leader.stdout is not None
+        leader.stdout.readline()
+        leader.stdout.readline()  # both printed: the child has left the group
+        tracker.update(snapshot())
+        escaped = tracker.escapees()
+        assert len(escaped) == 1, tracker.known
+        tracker.update(older)  # has neither process: the leader is not in it either
+        assert tracker.escapees() == escaped, tracker.known
+    finally:
+        tracker.update(snapshot())
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
+        for proc in tracker.escapees():  # orphaned now: re-parented to us, the subreaper
+            os.kill(proc.pid, signal.SIGKILL)
+            os.waitpid(proc.pid, 0)
+        leader.stdout.close()  # type: ignore[union-attr]
