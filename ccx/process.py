@@ -374,12 +374,13 @@ async def wait_group_empty(group: Group, escapees: Sequence[Proc] = ()) -> None:
 
 
 async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S, *,
-                             leader_group_only: bool = False) -> bool:
+                             leader_group_only: bool = False, confirm: bool = True) -> bool:
     """After SIGSTOP: wait until every live member (of the leader's process group only, if
     asked) shows state T; False if *timeout* hit.
 
-    "All stopped" is always confirmed by a full scan (stopped members cannot fork, so the
-    answer holds); a known member still running answers "not yet" without one.
+    "All stopped" is confirmed by a full scan (stopped members cannot fork, so the answer
+    holds) unless *confirm* is False (the caller scans next anyway); a known member still
+    running answers "not yet" without one.
     """
     def running(members: list[Member]) -> bool:
         return any(m.state not in ("T", "t") for m in members
@@ -387,16 +388,20 @@ async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S,
 
     delay = POLL_FIRST_S
     with trio.move_on_after(timeout):
-        while running(known_live_members(group)) or running(await scan_live_members(group)):
+        while running(known_live_members(group)) or (
+                confirm and running(await scan_live_members(group))):
             await trio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_S)
         return True
     return False
 
 
-async def pause_group(group: Group, *, wanted: Callable[[], bool] = lambda: True) -> bool:
+async def pause_group(group: Group, *, wanted: Callable[[], bool] = lambda: True,
+                      confirm: bool = True) -> bool:
     """SIGSTOP every member; True once all are seen stopped (False after
-    `STOP_SEEN_TIMEOUT_S`, or if *wanted* says False before the second signal).
+    `STOP_SEEN_TIMEOUT_S`, or if *wanted* says False before the second signal). Without
+    *confirm*, "seen stopped" covers only the members known from the last full scan (the
+    caller scans next: `ccx.tree.pause_tree`).
 
     On a terminal the leader's process group is stopped (and seen stopped) before the
     session's other groups: a job-control shell that saw its foreground job stop would take
@@ -410,7 +415,7 @@ async def pause_group(group: Group, *, wanted: Callable[[], bool] = lambda: True
         if not wanted():  # a RESUME or CANCEL came meanwhile: stop nothing more
             return False
         signal_members(group, signal.SIGSTOP)
-    return await wait_group_stopped(group)
+    return await wait_group_stopped(group, confirm=confirm)
 
 
 async def stop_group(group: Group, *, grace: float, escapees: Sequence[Proc] = ()) -> StopStep:

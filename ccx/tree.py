@@ -13,10 +13,10 @@ parent runs while a child of it is still stopped: a parent that waits with WUNTR
 job-control shell, `bash -i` run by an agent) would see the stop, mark the job "Stopped" and
 take the terminal back; once SIGCONT has continued the child, wait() no longer reports it.
 
-Re-scan rule: a descendant may be born between the /proc snapshot and the SIGSTOP of its
-parent (a fork in flight, a child that setsid'd a moment before). So after the first stop,
-and after every later one, PAUSE re-scans (a fresh snapshot through the tracker) and stops
-whatever of the tree it finds still running, until a scan finds nothing running. Stopped
+Re-scan rule: a descendant may be born between a /proc snapshot and the SIGSTOP of its
+parent (a fork in flight, a child that setsid'd a moment before). So once the group is seen
+stopped, PAUSE scans (a fresh snapshot through the tracker), stops whatever of the tree it
+finds running, waits to see it stopped, and scans again, until a scan finds nothing running. Stopped
 processes cannot fork, so each round can only find what the previous one's targets made
 before they stopped: it converges. It is bounded (`PAUSE_ROUNDS_MAX`, `PAUSE_TIMEOUT_S`; a
 process in uninterruptible sleep stops only when it leaves it) and logs when the bound is hit.
@@ -110,22 +110,22 @@ async def pause_tree(group: Group, tracker: Tracker, *,
                      wanted: Callable[[], bool] = lambda: True) -> bool:
     """SIGSTOP the whole tree; True once a scan found every process of it stopped.
 
-    Fresh scan, the group (`pause_group`), the escapees top-down, then the re-scan rule of the
-    module docstring. *wanted* is asked before every signal: once it says False (a RESUME or
+    The group (`pause_group`), then a fresh scan and the escapees top-down, then the re-scan
+    rule of the module docstring: the common case (no escapee) costs one scan more than
+    `pause_group`. *wanted* is asked before every signal: once it says False (a RESUME or
     CANCEL came meanwhile) nothing more is stopped and the answer is False. False also when a
     bound was hit (logged).
     **Cancellation**: safe; processes may be left stopped (RESUME or CANCEL wakes them).
     """
     rounds = 0
     with trio.move_on_after(PAUSE_TIMEOUT_S):
-        await refresh(tracker)
-        if wanted():
-            await pause_group(group, wanted=wanted)  # a member stuck in D: the re-scan sees it
-        stopping = top_down(tracker.escapees(), tracker)
+        # The group first and at once (one killpg, before any scan): it is what runs the
+        # agent, and once it is stopped it makes no new escapees. A member stuck in D state
+        # makes this return False after its own wait; the scans below see it still running.
+        if wanted():  # its own confirming scan would only repeat the snapshot below
+            await pause_group(group, wanted=wanted, confirm=False)
         while wanted():
-            signal_procs(stopping, signal.SIGSTOP)
-            await _wait_stopped(stopping)
-            await refresh(tracker)  # at least once: a setsid child may predate the group's stop
+            await refresh(tracker)  # the escapees now, and whatever they forked meanwhile
             stopping = top_down(running(tracker), tracker)
             if not stopping:
                 return True
@@ -133,9 +133,12 @@ async def pause_tree(group: Group, tracker: Tracker, *,
                 log.warning("pause_not_settled", pgid=group.pgid, rounds=rounds,
                             running=[p.pid for p in stopping])
                 return False
+            if rounds:
+                log.info("pause_rescan_stops", pgid=group.pgid, round=rounds,
+                         pids=[p.pid for p in stopping])
             rounds += 1
-            log.info("pause_rescan_stops", pgid=group.pgid, round=rounds,
-                     pids=[p.pid for p in stopping])
+            signal_procs(stopping, signal.SIGSTOP)
+            await _wait_stopped(stopping)
         return False
     log.warning("pause_timeout", pgid=group.pgid, timeout_s=PAUSE_TIMEOUT_S, rounds=rounds,
                 running=[p.pid for p in running(tracker)])
