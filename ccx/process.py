@@ -374,9 +374,11 @@ async def wait_group_empty(group: Group, escapees: Sequence[Proc] = ()) -> None:
 
 
 async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S, *,
-                             leader_group_only: bool = False, confirm: bool = True) -> bool:
+                             leader_group_only: bool = False, confirm: bool = True,
+                             wanted: Callable[[], bool] = lambda: True) -> bool:
     """After SIGSTOP: wait until every live member (of the leader's process group only, if
-    asked) shows state T; False if *timeout* hit.
+    asked) shows state T; False if *timeout* hit or once *wanted* says False (a RESUME
+    came: the members will not stop).
 
     "All stopped" is confirmed by a full scan (stopped members cannot fork, so the answer
     holds) unless *confirm* is False (the caller scans next anyway); a known member still
@@ -390,6 +392,8 @@ async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S,
     with trio.move_on_after(timeout):
         while running(known_live_members(group)) or (
                 confirm and running(await scan_live_members(group))):
+            if not wanted():
+                return False
             await trio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_S)
         return True
@@ -411,11 +415,11 @@ async def pause_group(group: Group, *, wanted: Callable[[], bool] = lambda: True
     """
     signal_group(group.pgid, signal.SIGSTOP)
     if group.whole_session:
-        await wait_group_stopped(group, leader_group_only=True)
+        await wait_group_stopped(group, leader_group_only=True, wanted=wanted)
         if not wanted():  # a RESUME or CANCEL came meanwhile: stop nothing more
             return False
         signal_members(group, signal.SIGSTOP)
-    return await wait_group_stopped(group, confirm=confirm)
+    return await wait_group_stopped(group, confirm=confirm, wanted=wanted)
 
 
 async def stop_group(group: Group, *, grace: float, escapees: Sequence[Proc] = ()) -> StopStep:

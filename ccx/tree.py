@@ -88,12 +88,12 @@ def running(tracker: Tracker) -> list[Proc]:
     return [p for p in tracker.known.values() if p.state not in STOPPED | GONE]
 
 
-async def _wait_stopped(procs: Iterable[Proc]) -> None:
+async def _wait_stopped(procs: Iterable[Proc], wanted: Callable[[], bool]) -> None:
     """Wait until each of *procs* is stopped or gone (a pid now naming another process
-    counts as gone). No deadline of its own: `pause_tree` bounds it."""
+    counts as gone), or *wanted* says False. No deadline of its own: `pause_tree` bounds it."""
     waiting = list(procs)
     delay = POLL_FIRST_S
-    while True:
+    while wanted():
         later = []
         for proc in waiting:
             now = read_proc(proc.pid)
@@ -137,8 +137,10 @@ async def pause_tree(group: Group, tracker: Tracker, *,
                 log.info("pause_rescan_stops", pgid=group.pgid, round=rounds,
                          pids=[p.pid for p in stopping])
             rounds += 1
+            if not wanted():  # asked again after the scan's await: a RESUME may have come
+                return False
             signal_procs(stopping, signal.SIGSTOP)
-            await _wait_stopped(stopping)
+            await _wait_stopped(stopping, wanted)
         return False
     log.warning("pause_timeout", pgid=group.pgid, timeout_s=PAUSE_TIMEOUT_S, rounds=rounds,
                 running=[p.pid for p in running(tracker)])
