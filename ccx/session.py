@@ -51,6 +51,7 @@ CHUNK_BYTES = 64 * 1024  # most raw bytes one process.output carries (PROTOCOL.m
 UTF8_CARRY_BYTES = 3  # an incremental decoder holds back at most 3 bytes of a split character
 CHANNEL_CHUNKS = 8  # channel slots: 8 x 64 KiB = 512 KiB in flight per session, at most
 DRAIN_MAX_READS = 64  # after the group is gone, read what the pipe still holds, not more
+LATE_ROUNDS_MAX = 20  # kill-and-rescan rounds for escapees born during the kill path
 
 
 class OwnerGone(Exception):
@@ -514,14 +515,23 @@ class Session:
         self.tracker.update(procs, adopted_by_session(procs).get(self.id, []))
 
     async def _stop_late_escapees(self) -> None:
-        """A member may have daemonized during the grace: its orphan carries our marker."""
-        await self.refresh_descendants()
-        late = self.tracker.escapees()
-        if late:
+        """Kill what the kill path could not know of: a member that daemonized during the
+        grace (its orphan carries our marker), or a child an escapee forked after the last
+        scan. Scan and kill again until a scan finds no one new: killed processes fork no
+        more, so this converges; one that outlives SIGKILL (D state) is not waited for twice.
+        """
+        killed: set[tuple[int, int]] = set()
+        for _ in range(LATE_ROUNDS_MAX):
+            await self.refresh_descendants()
+            late = self.tracker.escapees()
+            if not {(p.pid, p.start) for p in late} - killed:
+                break
             log.warning("late_escapees", pids=[p.pid for p in late], pgid=self.group.pgid)
             await stop_group(self.group, grace=0, escapees=late)
-        if still_alive(late):
-            log.error("escapees_survived", pids=[p.pid for p in still_alive(late)])
+            killed |= {(p.pid, p.start) for p in late}
+        survivors = still_alive(self.tracker.escapees())
+        if survivors:
+            log.error("escapees_survived", pids=[p.pid for p in survivors])
 
     # ------------------------------------------------------------------------------ output
 
