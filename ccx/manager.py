@@ -120,7 +120,8 @@ class SessionManager:
 
     async def _track_descendants(self) -> None:
         """Every `track_interval` s, one /proc scan updates each running session's tracker,
-        so a descendant that escapes the group is known before its parent chain breaks."""
+        so a descendant that escapes the group is known before its parent chain breaks, and
+        stops what it finds running in a paused session's tree."""
         while True:
             await trio.sleep(self.settings.track_interval)
             running = self.running()
@@ -130,6 +131,7 @@ class SessionManager:
             adopted = adopted_by_session(procs)
             for session in running:
                 session.tracker.update(procs, adopted.get(session.id, []))
+                session.stop_arrivals()  # a paused tree stays stopped (ccx.tree)
             self._record()  # escapees are part of it
 
     # ------------------------------------------------------------------------------ lookups

@@ -41,7 +41,7 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 import trio
@@ -374,12 +374,15 @@ async def wait_group_empty(group: Group, escapees: Sequence[Proc] = ()) -> None:
 
 
 async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S, *,
-                             leader_group_only: bool = False) -> bool:
+                             leader_group_only: bool = False, confirm: bool = True,
+                             wanted: Callable[[], bool] = lambda: True) -> bool:
     """After SIGSTOP: wait until every live member (of the leader's process group only, if
-    asked) shows state T; False if *timeout* hit.
+    asked) shows state T; False if *timeout* hit or once *wanted* says False (a RESUME
+    came: the members will not stop).
 
-    "All stopped" is always confirmed by a full scan (stopped members cannot fork, so the
-    answer holds); a known member still running answers "not yet" without one.
+    "All stopped" is confirmed by a full scan (stopped members cannot fork, so the answer
+    holds) unless *confirm* is False (the caller scans next anyway); a known member still
+    running answers "not yet" without one.
     """
     def running(members: list[Member]) -> bool:
         return any(m.state not in ("T", "t") for m in members
@@ -387,27 +390,36 @@ async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S,
 
     delay = POLL_FIRST_S
     with trio.move_on_after(timeout):
-        while running(known_live_members(group)) or running(await scan_live_members(group)):
+        while running(known_live_members(group)) or (
+                confirm and running(await scan_live_members(group))):
+            if not wanted():
+                return False
             await trio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_S)
         return True
     return False
 
 
-async def pause_group(group: Group) -> bool:
+async def pause_group(group: Group, *, wanted: Callable[[], bool] = lambda: True,
+                      confirm: bool = True) -> bool:
     """SIGSTOP every member; True once all are seen stopped (False after
-    `STOP_SEEN_TIMEOUT_S`).
+    `STOP_SEEN_TIMEOUT_S`, or if *wanted* says False before the second signal). Without
+    *confirm*, "seen stopped" covers only the members known from the last full scan (the
+    caller scans next: `ccx.tree.pause_tree`).
 
     On a terminal the leader's process group is stopped (and seen stopped) before the
     session's other groups: a job-control shell that saw its foreground job stop would take
     the terminal back, and the job, once resumed, would be stopped again by its first read.
+    Descendants that left the group are `ccx.tree`'s (`pause_tree` calls this first).
     **Cancellation**: safe; members may then be left stopped (RESUME or CANCEL wakes them).
     """
     signal_group(group.pgid, signal.SIGSTOP)
     if group.whole_session:
-        await wait_group_stopped(group, leader_group_only=True)
+        await wait_group_stopped(group, leader_group_only=True, wanted=wanted)
+        if not wanted():  # a RESUME or CANCEL came meanwhile: stop nothing more
+            return False
         signal_members(group, signal.SIGSTOP)
-    return await wait_group_stopped(group)
+    return await wait_group_stopped(group, confirm=confirm, wanted=wanted)
 
 
 async def stop_group(group: Group, *, grace: float, escapees: Sequence[Proc] = ()) -> StopStep:
@@ -482,6 +494,7 @@ async def _self_check() -> None:
         assert stream is not None
         await stream.aclose()
     await _self_check_terminal()
+    await _self_check_escapee()
     print("ccx.process: PASS")
 
 
@@ -496,6 +509,14 @@ async def _self_check_terminal() -> None:
     assert await stop_group(group, grace=1) is StopStep.TERMINATED
     assert not group_members(group.pgid, whole_session=True), "orphans left"
     await group.terminal.master.aclose()
+
+
+async def _self_check_escapee() -> None:
+    """A member that left the group (setsid) is paused, resumed and killed with it: the
+    tree-wide pause is `ccx.tree`'s, so its check runs here."""
+    from ccx.tree import self_check  # ccx.tree imports this module: import it late
+
+    await self_check()
 
 
 if __name__ == "__main__":

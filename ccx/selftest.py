@@ -20,6 +20,7 @@ import trio_websocket
 
 from ccx.client import Client, Output, ServerError, connect
 from ccx.config import Settings
+from ccx.descendants import snapshot
 from ccx.process import group_members
 from ccx.server import Server
 
@@ -74,12 +75,17 @@ async def check_exit_code(server: Server, client: Client) -> None:
 
 
 async def check_pause_resume(server: Server, client: Client) -> None:
-    code = "import time\nwhile True:\n    print(time.time(), flush=True); time.sleep(0.01)"
+    # The leader and a child in a session of its own (as Claude Code runs its Bash tool) print.
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+            "while True:\n    print(time.time(), flush=True); time.sleep(0.01)")
     session = await client.execute([PY, "-c", code])
     await trio.sleep(0.2)
     assert await session.pause() == "paused"
     states = {m.state for m in group_members(session.pgid)}
     assert states <= {"T", "t"}, f"group not stopped: {states}"
+    escapees = [p for p in snapshot().values()
+                if p.ppid == session.pid and p.pgid != session.pgid]
+    assert escapees and {p.state for p in escapees} <= {"T", "t"}, f"escapee runs: {escapees}"
     before = (await client.status(session.id))["stdout_bytes"]
     await trio.sleep(0.3)
     after = (await client.status(session.id))["stdout_bytes"]
@@ -204,7 +210,8 @@ async def check_pty(server: Server, client: Client) -> None:
 CHECKS: list[tuple[str, Callable[[Server, Client], Awaitable[None]]]] = [
     ("execute streams output byte-exact (base64 and split UTF-8)", check_stream_exact),
     ("non-zero exit code is reported", check_exit_code),
-    ("PAUSE stops the group and output, RESUME restarts it", check_pause_resume),
+    ("PAUSE stops the tree (a setsid child too) and output, RESUME restarts it",
+     check_pause_resume),
     ("CANCEL kills a 3-process tree with no survivors", check_cancel_tree),
     ("a TERM-ignoring child is SIGKILLed after the grace", check_term_ignored),
     ("a slow reader throttles the child: bounded RSS, no byte lost", check_slow_reader),

@@ -2,7 +2,8 @@
 
 Inputs: a spawned `Group`, its `SessionOptions`, and an `Owner` that delivers notifications.
 Outputs: `process.started/output/paused/resumed/completed` notifications in order, with one
-`seq` counter; control (`pause`, `resume`, `cancel`, `write_input`) through a state table;
+`seq` counter; control (`pause`, `resume`, `cancel`, `write_input`) through a state table,
+PAUSE and RESUME acting on the whole tree (group and escaped descendants, `ccx.tree`);
 `attach`/`detach` of owners with replay (PROTOCOL.md section 8); `info()` for `status`;
 `resize` of a PTY session (PROTOCOL.md section 9).
 
@@ -28,7 +29,6 @@ import codecs
 import collections
 import enum
 import os
-import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -41,16 +41,9 @@ import trio
 from ccx.descendants import Tracker, adopted_by_session, snapshot_async, still_alive
 from ccx.log import get_logger
 from ccx.outbox import Held, Outbox
-from ccx.process import (
-    Group,
-    StopStep,
-    live_members,
-    pause_group,
-    signal_members,
-    signal_name,
-    stop_group,
-)
+from ccx.process import Group, StopStep, live_members, signal_name, stop_group
 from ccx.protocol import InvalidState, encode_utf8, notification
+from ccx.tree import pause_tree, resume_tree, stop_arrivals
 
 log = get_logger("ccx.session")
 
@@ -58,6 +51,7 @@ CHUNK_BYTES = 64 * 1024  # most raw bytes one process.output carries (PROTOCOL.m
 UTF8_CARRY_BYTES = 3  # an incremental decoder holds back at most 3 bytes of a split character
 CHANNEL_CHUNKS = 8  # channel slots: 8 x 64 KiB = 512 KiB in flight per session, at most
 DRAIN_MAX_READS = 64  # after the group is gone, read what the pipe still holds, not more
+LATE_ROUNDS_MAX = 20  # kill-and-rescan rounds for escapees born during the kill path
 
 
 class OwnerGone(Exception):
@@ -158,6 +152,7 @@ class Session:
     _started_monotonic: float = attrs.field(factory=time.monotonic)
     _cancel_requested: trio.Event = attrs.field(factory=trio.Event)
     _done: trio.Event = attrs.field(factory=trio.Event)
+    _paused_seen: trio.Event = attrs.field(factory=trio.Event)  # the last PAUSE has settled
     _group_gone: bool = False
     _live_reads: set[trio.CancelScope] = attrs.field(factory=set)
     _control_overflow: collections.deque[str] = attrs.field(factory=collections.deque)
@@ -243,24 +238,52 @@ class Session:
             ) from None
 
     async def pause(self) -> State:
-        """SIGSTOP to the group; returns once every member is seen stopped (or after 1 s)."""
+        """SIGSTOP to the whole tree (group and escapees, `ccx.tree.pause_tree`); returns
+        once every process of it is seen stopped (or the pause's bound was hit, logged).
+
+        A PAUSE that finds the session already paused waits for the pause in progress, if
+        any, so its answer makes the same promise.
+        **Cancellation**: safe; processes may be left stopped (RESUME or CANCEL wakes them).
+        """
         target = self._transition("PAUSE")
-        if self.state is not target:
-            self.state = target
-            log.info("signal_sent", signals=["SIGSTOP"], pgid=self.group.pgid, session_id=self.id)
-            self._post_control("process.paused")
-            await pause_group(self.group)
+        if self.state is target:
+            await self._paused_seen.wait()
+            return self.state
+        self.state = target
+        # Kept locally: after a RESUME, a later PAUSE installs its own event, which this
+        # (possibly still running) pause must not set.
+        seen = self._paused_seen = trio.Event()
+        self._post_control("process.paused")
+        try:
+            settled = await pause_tree(self.group, self.tracker,
+                                       wanted=lambda: self.state is State.PAUSED)
+        finally:
+            seen.set()
+        log.info("signal_sent", signals=["SIGSTOP"], pgid=self.group.pgid, session_id=self.id,
+                 escapees=[p.pid for p in self.tracker.escapees()] or None, settled=settled)
         return self.state
 
     def resume(self) -> State:
-        """SIGCONT to the group. Idempotent."""
+        """SIGCONT to the whole tree: escapees children-first, then the group
+        (`ccx.tree.resume_tree`). Idempotent."""
         target = self._transition("RESUME")
         if self.state is not target:
             self.state = target
-            signal_members(self.group, signal.SIGCONT)
-            log.info("signal_sent", signals=["SIGCONT"], pgid=self.group.pgid, session_id=self.id)
+            resume_tree(self.group, self.tracker)
+            log.info("signal_sent", signals=["SIGCONT"], pgid=self.group.pgid, session_id=self.id,
+                     escapees=[p.pid for p in self.tracker.escapees()] or None)
             self._post_control("process.resumed")
         return self.state
+
+    def stop_arrivals(self) -> None:
+        """While paused: SIGSTOP whatever of the tree the tracker's last scan saw running (a
+        process something outside ccx continued). The manager's periodic scan calls this
+        right after updating the tracker."""
+        if self.state is State.PAUSED:
+            late = stop_arrivals(self.tracker)
+            if late:
+                log.warning("paused_tree_was_running", pids=[p.pid for p in late],
+                            session_id=self.id)
 
     def cancel(self, *, reason: State = State.CANCELLED, grace: float | None = None) -> State:
         """Ask the session to stop (the escalation runs in `run()`); returns the status now.
@@ -492,14 +515,23 @@ class Session:
         self.tracker.update(procs, adopted_by_session(procs).get(self.id, []))
 
     async def _stop_late_escapees(self) -> None:
-        """A member may have daemonized during the grace: its orphan carries our marker."""
-        await self.refresh_descendants()
-        late = self.tracker.escapees()
-        if late:
+        """Kill what the kill path could not know of: a member that daemonized during the
+        grace (its orphan carries our marker), or a child an escapee forked after the last
+        scan. Scan and kill again until a scan finds no one new: killed processes fork no
+        more, so this converges; one that outlives SIGKILL (D state) is not waited for twice.
+        """
+        killed: set[tuple[int, int]] = set()
+        for _ in range(LATE_ROUNDS_MAX):
+            await self.refresh_descendants()
+            late = self.tracker.escapees()
+            if not {(p.pid, p.start) for p in late} - killed:
+                break
             log.warning("late_escapees", pids=[p.pid for p in late], pgid=self.group.pgid)
             await stop_group(self.group, grace=0, escapees=late)
-        if still_alive(late):
-            log.error("escapees_survived", pids=[p.pid for p in still_alive(late)])
+            killed |= {(p.pid, p.start) for p in late}
+        survivors = still_alive(self.tracker.escapees())
+        if survivors:
+            log.error("escapees_survived", pids=[p.pid for p in survivors])
 
     # ------------------------------------------------------------------------------ output
 
