@@ -24,24 +24,28 @@ import trio
 from conftest import http_get, py
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "reliability"))
-from relhelp import RawWs, Serve, rss_kib  # noqa: E402
+from relhelp import RawWs, Serve, rss_kib
 
 MIB = 1024 * 1024
 REPLAY_BYTES = 8 * MIB  # the CCX_REPLAY_BYTES default: unsent output one session may hold
 ESCAPED = 6  # "\x01" is held as "\u0001"
 SLACK = 64 * MIB  # allocator and interpreter noise, far below the regressions tested
 CONTROL_CHARS = py(f"import sys; sys.stdout.buffer.write(b'\\x01' * {REPLAY_BYTES})")
+# The same, once its client has surely gone: no output is sent before it detaches.
+LATE_CONTROL_CHARS = py(f"import sys, time; time.sleep(3); "
+                        f"sys.stdout.buffer.write(b'\\x01' * {REPLAY_BYTES})")
 
 
 async def settle(watcher: RawWs, session_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Wait until every session has ended or stopped being read (throttled); return status."""
+    """Wait until every session has written and then ended or stopped being read
+    (throttled); return their status."""
     last: dict[str, tuple[str, int]] = {}
     with trio.fail_after(90):
         while True:
             infos = {sid: (await watcher.request("status", {"session_id": sid}))["result"]
                      for sid in session_ids}
             now = {sid: (i["status"], i["stdout_bytes"]) for sid, i in infos.items()}
-            if now == last:
+            if now == last and all(i["stdout_bytes"] for i in infos.values()):
                 return infos
             last = now
             await trio.sleep(1.0)
@@ -52,6 +56,7 @@ async def read_all(client: RawWs, session_id: str) -> tuple[bytes, dict[str, Any
     reply = await client.request("attach", {"session_id": session_id})
     assert "result" in reply, reply
     data: list[bytes] = []
+    seqs: list[int] = []
     with trio.fail_after(60):
         while True:
             message = json.loads(await client.receive())
@@ -60,7 +65,9 @@ async def read_all(client: RawWs, session_id: str) -> tuple[bytes, dict[str, Any
                 continue
             if message.get("method") == "process.output":
                 data.append(params["data"].encode())
+                seqs.append(params["seq"])
             elif message.get("method") == "process.completed":
+                assert seqs == list(range(len(seqs))), "a gap in the output"
                 return b"".join(data), params
 
 
@@ -132,29 +139,35 @@ async def test_held_output_is_capped_server_wide(tmp_path: Path) -> None:
         attacker = await RawWs.connect(server.port)
         ids = []
         for _ in range(12):
-            reply = await attacker.request("execute", {"command": CONTROL_CHARS, "linger": 600})
-            assert "result" in reply, reply
+            reply = await attacker.request("execute", {"command": LATE_CONTROL_CHARS,
+                                                       "linger": 600})
+            if "error" in reply:  # the budget filled up while the attack went on
+                assert reply["error"]["data"]["scope"] == "held_bytes", reply
+                break
             ids.append(reply["result"]["session_id"])
         await attacker.aclose()
+        assert len(ids) >= 2, ids
         infos = await settle(watcher, ids)
         grown = (rss_kib(server.proc.pid) - baseline) * 1024
         held = await held_gauge(server.port)
         statuses = [i["status"] for i in infos.values()]
-        print(f"\nstatuses {statuses}, RSS +{grown / MIB:.0f} MiB, held {held / MIB:.0f} MiB")
+        print(f"\nstarted {len(ids)}, statuses {statuses}, RSS +{grown / MIB:.0f} MiB, held {held / MIB:.0f} MiB")
         # Per live session beyond the budget: its channel (8 x 64 KiB) and one frame.
-        in_flight = 12 * (8 * 64 * 1024 + 64 * 1024 * ESCAPED)
+        in_flight = len(ids) * (8 * 64 * 1024 + 64 * 1024 * ESCAPED)
         assert grown <= held_limit + in_flight + SLACK, f"RSS grew {grown / MIB:.0f} MiB"
         assert 0 <= held <= held_limit + in_flight
         assert "running" in statuses, "every session ran to its end: nothing was throttled"
         reply = await watcher.request("execute", {"command": ["true"]})
         assert reply.get("error", {}).get("code") == -32003, reply
         assert reply["error"]["data"]["scope"] == "held_bytes", reply
-        # Nothing dropped; reading one session releases bytes and a throttled one goes on.
-        ended = next(sid for sid, i in infos.items() if i["status"] == "exited")
+        # Nothing dropped: a client that reads a throttled session gets all of it (its
+        # session queues a frame whenever the last one was read), and the bytes it frees
+        # let the other throttled sessions go on.
+        chosen = ids[0]
         stalled = {sid: i["stdout_bytes"] for sid, i in infos.items()
-                   if i["status"] == "running"}
-        data, _ = await read_all(watcher, ended)
-        assert data == b"\x01" * REPLAY_BYTES
+                   if i["status"] == "running" and sid != chosen}
+        data, completed = await read_all(watcher, chosen)
+        assert data == b"\x01" * REPLAY_BYTES and completed["status"] == "exited"
         with trio.fail_after(30):
             while True:
                 now = [(await watcher.request("status", {"session_id": sid}))["result"]

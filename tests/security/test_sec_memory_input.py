@@ -22,7 +22,7 @@ import trio
 from conftest import http_get
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "reliability"))
-from relhelp import RawWs, Serve, rss_kib  # noqa: E402
+from relhelp import RawWs, Serve, rss_kib
 
 MIB = 1024 * 1024
 FRAMES = 64
