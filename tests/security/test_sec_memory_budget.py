@@ -16,6 +16,7 @@ from conftest import RawClient, join, py, wait_for
 from test_mcp import initialize, mcp_client
 
 from ccx.mcp_buffer import STREAMS
+from ccx.outbox import Held, HeldBudget, Outbox
 from ccx.server import Server
 
 Connect = Callable[..., Awaitable[RawClient]]
@@ -95,3 +96,45 @@ async def test_a_reading_client_is_not_starved_by_one_that_does_not_read(
     with trio.fail_after(10):
         await reader.run(["true"])
     assert server.manager.held.held_bytes == accounted(server)
+
+
+# Plain synchronous checks of the budget itself (no server): the order of reclaim, and that
+# unsent output is never what goes.
+
+
+def output(box: Outbox, size: int) -> Held:
+    return Held("process.output", b"o" * size, box.take_seq())
+
+
+def test_reclaim_forgets_the_oldest_sent_output_first_across_sessions() -> None:
+    budget = HeldBudget(limit_bytes=1000)
+    boxes = [Outbox(10_000, budget) for _ in range(3)]
+    for _ in range(3):
+        for box in boxes:
+            box.push(output(box, 100))
+            box.delivered()
+    assert budget.held_bytes == 900 and not budget.full
+    boxes[0].push(output(boxes[0], 200))  # 1100: reclaim down to 875, oldest first
+    assert budget.held_bytes == 800
+    assert [len(b.sent) for b in boxes] == [2, 2, 2], "one frame of each, oldest round first"
+    assert [h.seq for h in boxes[0].sent] == [1, 2] and len(boxes[0].pending) == 1
+    assert budget.held_bytes == sum(b.frame_bytes for b in boxes)
+
+
+def test_unsent_output_is_never_reclaimed_and_waiters_wake_on_release() -> None:
+    budget = HeldBudget(limit_bytes=300)
+    hog, reader = Outbox(10_000, budget), Outbox(10_000, budget)
+    for _ in range(3):
+        hog.push(output(hog, 100))
+    assert budget.full and len(hog.pending) == 3
+    woken: list[int] = []
+    budget.wait_for_room(lambda: woken.append(1))
+    budget.wait_for_room(lambda: woken.append(2))
+    reader.push(output(reader, 50))  # a session with nothing unsent may queue one frame
+    reader.delivered()  # sent while full: forgotten at once, but still above the limit
+    assert budget.held_bytes == 300 and not reader.sent and woken == []
+    hog.delivered()
+    assert budget.held_bytes == 200 and woken == [1, 2], "released below the limit: wake all"
+    hog.clear()
+    reader.clear()
+    assert budget.held_bytes == 0
