@@ -69,7 +69,7 @@ class HeldBudget:
 
     limit_bytes: int
     held_bytes: int = 0
-    _replay: set[Outbox] = attrs.field(factory=set)  # outboxes holding sent output
+    replaying: set[Outbox] = attrs.field(factory=set)  # outboxes holding sent output
     _waiting: dict[Callable[[], None], None] = attrs.field(factory=dict)
     _next_stamp: int = 0
 
@@ -79,7 +79,7 @@ class HeldBudget:
 
     def charge(self, size: int) -> None:
         self.held_bytes += size
-        if self.held_bytes >= self.limit_bytes and self._replay:
+        if self.held_bytes >= self.limit_bytes and self.replaying:
             self.reclaim()
 
     def credit(self, size: int) -> None:
@@ -109,7 +109,7 @@ class HeldBudget:
         budget is at `RECLAIM_TO` of its limit or no sent output is left. Returns bytes freed."""
         before = self.held_bytes
         goal = int(self.limit_bytes * RECLAIM_TO)
-        heap = [(box.sent_stamps[0], id(box), box) for box in self._replay]
+        heap = [(box.sent_stamps[0], id(box), box) for box in self.replaying]
         heapq.heapify(heap)
         while heap and self.held_bytes > goal:
             _, _, box = heapq.heappop(heap)
@@ -176,7 +176,7 @@ class Outbox:
         self.sent_stamps.append(self.held.stamp() if self.held is not None else 0)
         self.sent_bytes += held.size
         if self.held is not None:
-            self.held._replay.add(self)
+            self.held.replaying.add(self)
         while self.sent_bytes > self.budget_bytes and len(self.sent) > 1:
             self.forget_oldest_sent()
 
@@ -185,7 +185,7 @@ class Outbox:
         self.sent_stamps.popleft()
         self.sent_bytes -= held.size
         if not self.sent and self.held is not None:
-            self.held._replay.discard(self)
+            self.held.replaying.discard(self)
         self._credit(len(held.frame))
 
     def forget_sent(self) -> int:
@@ -231,7 +231,7 @@ class Outbox:
         self.pending.clear()
         self.pending_bytes = 0
         if self.held is not None:
-            self.held._replay.discard(self)
+            self.held.replaying.discard(self)
         self._credit(self.frame_bytes)  # charged again below, frame by frame
         for held in outputs:
             if held.seq is not None and held.seq <= since_seq:
