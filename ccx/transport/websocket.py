@@ -50,9 +50,10 @@ from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
-from ccx.protocol import Frame, Invalid, Request, encode_utf8, error_response, parse_frame
+from ccx.protocol import Frame, Invalid, encode_utf8, error_response, parse_frame
 from ccx.session import OwnerGone
 from ccx.transport.http import Head, ReplayStream
+from ccx.transport.input_budget import InputBudget, carries_input
 
 log = get_logger("ccx.websocket")
 
@@ -108,43 +109,6 @@ class FrameStream(ReplayStream):
                 return False
             await self.inner.send_all(text_frame_header(len(payload)) + payload)
         return True
-
-
-@attrs.define(eq=False)
-class InputBudget:
-    """Bytes of input frames one connection has read and not yet answered."""
-
-    limit_bytes: int
-    pending_bytes: int = 0
-    _released: trio.Event = attrs.field(factory=trio.Event)
-
-    async def acquire(self, size: int) -> None:
-        """Wait until *size* more bytes fit (a frame always fits when nothing is pending,
-        so one larger than the limit still goes alone); then count them.
-
-        **Cancellation**: safe; nothing is counted if cancelled while waiting.
-        """
-        while self.pending_bytes and self.pending_bytes + size > self.limit_bytes:
-            await self._released.wait()
-        self.pending_bytes += size
-
-    def release(self, size: int) -> None:
-        self.pending_bytes -= size
-        self._released.set()
-        self._released = trio.Event()
-
-
-def carries_input(frame: Frame) -> bool:
-    """Whether a request of *frame* writes to a child's stdin (native or MCP)."""
-    for item in frame.items:
-        if not isinstance(item, Request):
-            continue
-        if item.method == "input":
-            return True
-        if item.method == "tools/call" and isinstance(item.params, dict) \
-                and item.params.get("name") == "send_input":
-            return True
-    return False
 
 
 def token_ok(settings: Settings, head: Head) -> bool:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import trio
-from conftest import http_get
+from conftest import group_alive, http_get
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "reliability"))
-from relhelp import RawWs, Serve, rss_kib
+from relhelp import CCX, RawWs, Serve, rss_kib
 
 MIB = 1024 * 1024
 FRAMES = 64
@@ -114,3 +116,50 @@ async def test_control_is_not_held_behind_pending_input(tmp_path: Path) -> None:
                 answered += str(message.get("id", "")).startswith("in")
     finally:
         server.stop()
+
+
+def test_stdio_stops_reading_input_it_cannot_write(tmp_path: Path) -> None:
+    """`ccx mcp` (stdio): `send_input` lines beyond CCX_MAX_INPUT_BYTES stay in the pipe."""
+    limit = 2 * MIB
+    proc = subprocess.Popen([CCX, "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "CCX_MAX_INPUT_BYTES": str(limit),
+                                 "CCX_STATE_DIR": str(tmp_path)})
+    assert proc.stdin is not None and proc.stdout is not None
+    pgid: int | None = None
+    try:
+        def call(n: int, method: str, params: dict[str, object]) -> None:
+            line = json.dumps({"jsonrpc": "2.0", "id": n, "method": method, "params": params})
+            proc.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+
+        call(0, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                               "clientInfo": {"name": "t", "version": "0"}})
+        proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        call(1, "tools/call", {"name": "start", "arguments": {"command": ["sleep", "600"],
+                                                               "stdin": True}})
+        proc.stdin.flush()
+        sid = None
+        while sid is None:
+            reply = json.loads(proc.stdout.readline())
+            if reply.get("id") == 1:
+                sid = reply["result"]["structuredContent"]["session_id"]
+                pgid = reply["result"]["structuredContent"]["pid"]  # pgid == pid
+        line = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "send_input", "arguments": {"session_id": sid, "data": "c" * (MIB - 200)}}})
+        payload = (line + "\n").encode() * 32  # 32 MiB: far more than budget and pipe hold
+        os.set_blocking(proc.stdin.fileno(), False)
+        written, idle_since = 0, time.monotonic()
+        while written < len(payload) and time.monotonic() - idle_since < 2.0:
+            try:
+                written += os.write(proc.stdin.fileno(), payload[written:written + 65536])
+                idle_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        print(f"\nstdio accepted {written / MIB:.1f} MiB of send_input")
+        # the budget, the line being split, one read and the pipe's own buffer
+        assert written <= limit + 3 * MIB, f"{written / MIB:.1f} MiB read"
+    finally:
+        proc.terminate()  # SIGTERM: the server cancels its sessions, then exits
+        proc.wait(timeout=15)
+    assert pgid is not None and not group_alive(pgid), "a session outlived `ccx mcp`"
