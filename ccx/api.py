@@ -171,6 +171,8 @@ async def server_info(call: Call) -> dict[str, object]:
             "max_linger": settings.max_linger,
             "replay_bytes": settings.replay_bytes,
             "retention": settings.retention,
+            "max_held_bytes": settings.max_held_bytes,
+            "max_input_bytes": settings.max_input_bytes,
         },
         "capabilities": capabilities,
         "node": settings.node_name,

@@ -89,9 +89,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow_shell", "CCX_ALLOW_SHELL", _bool, False, "allow execute with shell=true"),
     Option("allowed_origins", "CCX_ALLOWED_ORIGINS", _csv, (),
            "extra allowed Origin values, comma separated; * allows all"),
-    Option("max_sessions", "CCX_MAX_SESSIONS", int, 64, "live sessions, whole server"),
+    Option("max_sessions", "CCX_MAX_SESSIONS", int, 64,
+           "live sessions, whole server (ended ones holding unread output count too)"),
     Option("max_sessions_per_connection", "CCX_MAX_SESSIONS_PER_CONNECTION", int, 16,
-           "live sessions owned by one connection"),
+           "live sessions owned by one connection (counted the same way)"),
     Option("max_message_bytes", "CCX_MAX_MESSAGE_BYTES", int, 1024 * 1024,
            "largest client frame in bytes (bigger closes with 1009)"),
     Option("kill_grace", "CCX_KILL_GRACE", float, 5.0,
@@ -113,6 +114,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("ended_replay_bytes", "CCX_ENDED_REPLAY_BYTES", int, 256 * 1024 * 1024,
            "whole server: sent output kept for replay by ended sessions; beyond it the "
            "oldest ended sessions' replay goes first (their unsent output never)"),
+    Option("max_held_bytes", "CCX_MAX_HELD_BYTES", int, 1024 * 1024 * 1024,
+           "whole server: bytes of output held in memory by all sessions, live and ended, as "
+           "kept (JSON-encoded); when full, sent replay output is forgotten (oldest first), "
+           "then execute gets -32003 and sessions with unsent output are throttled"),
+    Option("max_input_bytes", "CCX_MAX_INPUT_BYTES", int, 8 * 1024 * 1024,
+           "per connection: bytes of input frames read but not yet written to the child; "
+           "beyond it the connection's input waits, as on a pipe"),
     Option("node_name", "CCX_NODE_NAME", _optional_str, None,
            "prefix of session ids (e.g. the pod name) so an id tells which server has it"),
     Option("mcp_buffer_bytes", "CCX_MCP_BUFFER_BYTES", int, 1024 * 1024,
@@ -166,6 +174,8 @@ class Settings:
     max_linger: float = 86400.0
     replay_bytes: int = 8 * 1024 * 1024
     ended_replay_bytes: int = 256 * 1024 * 1024
+    max_held_bytes: int = 1024 * 1024 * 1024
+    max_input_bytes: int = 8 * 1024 * 1024
     node_name: str | None = None
     mcp_buffer_bytes: int = 1024 * 1024
     mcp_tail_bytes: int = 32 * 1024
@@ -180,7 +190,8 @@ class Settings:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"CCX_PORT: {self.port} is not a TCP port (0-65535)")
         for name in ("max_sessions", "max_sessions_per_connection", "max_message_bytes",
-                     "replay_bytes", "mcp_buffer_bytes", "mcp_tail_bytes"):
+                     "replay_bytes", "mcp_buffer_bytes", "mcp_tail_bytes", "max_held_bytes",
+                     "max_input_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
         if self.ended_replay_bytes < 0:

@@ -6,6 +6,14 @@ torn down by the task that asked for it), lookups by id, and ended sessions kept
 `CCX_RETENTION` seconds. The MCP output buffers of sessions started over MCP live here too
 (`mcp_buffers`), not in one MCP connection, so a lingering session's unread output outlives
 the connection that started it; a buffer is forgotten with its session.
+
+Memory bounds (PROTOCOL.md section 6, docs/security-memory.md): the manager owns `held`, the
+`HeldBudget` of CCX_MAX_HELD_BYTES that every session's outbox and every MCP buffer charges
+with the bytes it keeps. When it is full, sent replay output is forgotten (oldest first),
+then `execute` gets -32003 and sessions with unsent output are throttled. Sessions that hold
+unsent output count against CCX_MAX_SESSIONS (and per connection) as running ones do, so
+sessions that end with output nobody read cannot pile up; at most MAX_ENDED_KEPT other ended
+sessions are remembered, and their replay is capped by CCX_ENDED_REPLAY_BYTES.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#nurseries-and-spawning
 """
 
@@ -27,6 +35,7 @@ from ccx.descendants import SESSION_ENV, adopted_by_session, snapshot_async
 from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
+from ccx.outbox import HeldBudget
 from ccx.process import Group, resolve_executable, spawn, stop_group
 from ccx.protocol import (
     ExecuteParams,
@@ -95,6 +104,10 @@ class SessionManager:
     _forgotten_bytes: collections.Counter[str] = attrs.field(factory=collections.Counter)
     # session id -> its MCP output buffer (ccx.mcp), whichever MCP connection reads it now
     mcp_buffers: dict[str, OutputBuffer] = attrs.field(factory=dict)
+    # bytes of output held in memory by every session and MCP buffer (CCX_MAX_HELD_BYTES)
+    held: HeldBudget = attrs.field(
+        default=attrs.Factory(lambda self: HeldBudget(self.settings.max_held_bytes),
+                              takes_self=True))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host session tasks until cancelled; cancelling it still empties every group."""
@@ -141,8 +154,18 @@ class SessionManager:
         return [s for s in self._sessions.values() if not s.done]
 
     def running(self) -> list[Session]:
-        """Sessions whose process group may still have members: what limits count."""
+        """Sessions whose process group may still have members."""
         return [s for s in self._sessions.values() if s.running]
+
+    def counted(self) -> list[Session]:
+        """What the session limits count: running sessions, and ended ones that still hold
+        output no client has received (so a client cannot pile up unread output)."""
+        return [s for s in self._sessions.values() if s.running or self._holds_unread(s)]
+
+    def _holds_unread(self, session: Session) -> bool:
+        """Output no client has received: in the outbox, or in an MCP buffer, unread."""
+        buffer = self.mcp_buffers.get(session.id)
+        return session.holds_unsent or (buffer is not None and buffer.holds_unread)
 
     def owned_by(self, owner: Owner) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner is owner and not s.done]
@@ -165,15 +188,19 @@ class SessionManager:
     def _forget_expired(self) -> None:
         """Drop ended sessions older than CCX_RETENTION (and the oldest beyond the cap)."""
         now = time.time()
-        ended = sorted((s.ended_at, s.id) for s in self._sessions.values()
+        ended = sorted((s.ended_at, s.id, self._holds_unread(s)) for s in self._sessions.values()
                        if s.ended_at is not None and not s.running)
-        overflow = len(ended) - MAX_ENDED_KEPT
-        for index, (ended_at, sid) in enumerate(ended):
-            if index < overflow or now - ended_at > self.settings.retention:
+        # Unsent output is never dropped before its retention ends; sessions holding it are
+        # few (they count against CCX_MAX_SESSIONS), so the cap concerns the others only.
+        overflow = sum(not unsent for _, _, unsent in ended) - MAX_ENDED_KEPT
+        for ended_at, sid, unsent in ended:
+            expired = now - ended_at > self.settings.retention
+            if expired or (overflow > 0 and not unsent):
+                overflow -= not unsent
                 session = self._sessions.pop(sid)
                 self._forgotten_bytes.update(stdout=session.stdout_bytes,
                                              stderr=session.stderr_bytes)
-                session.abandon()
+                session.forget()
                 buffer = self.mcp_buffers.pop(sid, None)
                 if buffer is not None:
                     buffer.close()
@@ -271,7 +298,7 @@ class SessionManager:
     def _check_limits(self, owner: Owner | None) -> None:
         if not self._accepting:
             raise LimitReached("server is shutting down")
-        live = self.running()
+        live = self.counted()
         if len(live) >= self.settings.max_sessions:
             raise LimitReached(f"session limit reached ({self.settings.max_sessions} per server)",
                                {"limit": self.settings.max_sessions, "scope": "server"})
@@ -279,6 +306,11 @@ class SessionManager:
         if owner is not None and sum(s.owner is owner for s in live) >= per_connection:
             raise LimitReached(f"session limit reached ({per_connection} per connection)",
                                {"limit": per_connection, "scope": "connection"})
+        if self.held.full:
+            limit = self.settings.max_held_bytes
+            raise LimitReached(f"output held in memory is at its limit ({limit} bytes, "
+                               "CCX_MAX_HELD_BYTES) until clients read it",
+                               {"limit": limit, "scope": "held_bytes"})
 
     # ------------------------------------------------------------------------------ life
 
@@ -324,7 +356,8 @@ class SessionManager:
                 tag=params.tag,
                 replay_bytes=self.settings.replay_bytes,
             )
-            session = Session(session_id, group, options, owner, on_done=self._on_done)
+            session = Session(session_id, group, options, owner, on_done=self._on_done,
+                              held=self.held)
             # Shutdown may have begun while the process was starting: it cancelled only the
             # sessions it saw, and the nursery may even be closed (RuntimeError) by now.
             if not self._accepting:

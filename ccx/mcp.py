@@ -38,6 +38,7 @@ from ccx.mcp_buffer import OutputBuffer
 from ccx.mcp_tools import TOOLS, ToolCall
 from ccx.protocol import (
     ExecuteParams,
+    Frame,
     Invalid,
     InvalidParams,
     InvalidRequest,
@@ -192,7 +193,8 @@ class McpEndpoint:
 
     async def start_session(self, params: ExecuteParams) -> tuple[Session, OutputBuffer]:
         session = await self.manager.execute(params, self)
-        buffer = OutputBuffer(session.id, self.settings.mcp_buffer_bytes, owner=self)
+        buffer = OutputBuffer(session.id, self.settings.mcp_buffer_bytes, owner=self,
+                              held=self.manager.held)
         self.manager.mcp_buffers[session.id] = buffer
         session.announce()  # nothing goes on the wire first: the buffer can take output now
         return session, buffer
@@ -261,7 +263,11 @@ class McpEndpoint:
     async def handle_frame(self, text: str | bytes) -> dict[str, object] | list[
             dict[str, object]] | None:
         """Answer one frame (a message or a batch); None when nothing is to be sent back."""
-        frame = parse_frame(text)
+        return await self.handle_parsed(parse_frame(text))
+
+    async def handle_parsed(self, frame: Frame) -> dict[str, object] | list[
+            dict[str, object]] | None:
+        """`handle_frame` for a frame the transport already parsed (`parse_frame`)."""
         replies: list[dict[str, object]] = []
         for item in frame.items:
             if isinstance(item, Invalid):

@@ -15,6 +15,12 @@ A buffer has an `owner`, the MCP connection whose session delivers into it (and 
 `last_seq` is the `seq` of the last output it took, which is where a new owner re-attaches the
 session from (`SessionManager.attach`), so a hand-over neither loses nor repeats a byte. An
 append on behalf of a connection that is no longer the owner fails with `OwnerGone`.
+
+Memory: each stream holds at most `capacity_bytes` plus one chunk (an append waits only while
+the stream is full); the bytes held are charged to the server's `HeldBudget`
+(CCX_MAX_HELD_BYTES), credited when a read releases them or the buffer is closed. An append
+never waits for that budget: delivery into the buffer is what frees the session's outbox, so
+waiting there could deadlock; the budget throttles the session's collector instead.
 Docs: ../shared/PROTOCOL.md section 7; https://trio.readthedocs.io/en/stable/reference-core.html#trio.Event
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import attrs
 import trio
 
+from ccx.outbox import HeldBudget
 from ccx.protocol import InvalidParams
 from ccx.session import OwnerGone
 
@@ -78,6 +85,7 @@ class OutputBuffer:
     closed: bool = False
     owner: object | None = None  # the MCP connection delivering into it; None: detached
     last_seq: int = -1  # seq of the last process.output appended (-1: none yet)
+    held: HeldBudget | None = None  # the server's CCX_MAX_HELD_BYTES budget, charged here too
     _streams: dict[str, _Stream] = attrs.field(factory=lambda: {s: _Stream() for s in STREAMS})
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -94,6 +102,11 @@ class OutputBuffer:
 
     def held_bytes(self, stream: str) -> int:
         return len(self._streams[stream].data)
+
+    @property
+    def holds_unread(self) -> bool:
+        """Some output is held that no read has acknowledged."""
+        return any(s.data for s in self._streams.values())
 
     @property
     def drained(self) -> bool:
@@ -118,6 +131,8 @@ class OutputBuffer:
         if not self._writable(writer):
             raise OwnerGone(self.session_id)
         held.data += data
+        if self.held is not None:
+            self.held.charge(len(data))
         if seq is not None:
             self.last_seq = seq
         self._notify()
@@ -149,8 +164,14 @@ class OutputBuffer:
         return self._streams[stream].start
 
     def close(self) -> None:
-        """Wake and fail every waiting `append`: nobody will read any more."""
+        """Wake and fail every waiting `append`: nobody will read any more. The bytes held
+        are let go."""
         self.closed = True
+        for held in self._streams.values():
+            if self.held is not None:
+                self.held.credit(len(held.data))
+            held.start += len(held.data)
+            held.data.clear()
         self._notify()
 
     def read(self, stream: str, offset: int, max_bytes: int, *, whole: bool = False) -> Slice:
@@ -170,6 +191,8 @@ class OutputBuffer:
                                 "written so far", {"stream": stream, "end_offset": held.end})
         if offset > held.start:
             del held.data[: offset - held.start]
+            if self.held is not None:
+                self.held.credit(offset - held.start)
             held.start = offset
             self._notify()  # room: a throttled append may go on
         data = bytes(held.data[:max_bytes])

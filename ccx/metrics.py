@@ -52,18 +52,32 @@ class _StateCollector(Collector):
         for stream, value in sorted(state.output_bytes.items()):
             streamed.add_metric([stream], value)
         yield streamed
+        yield GaugeMetricFamily("ccx_held_bytes",
+                                "Bytes of output held in memory by all sessions (encoded, as "
+                                "kept), counted against CCX_MAX_HELD_BYTES.",
+                                value=state.held_bytes)
+        yield GaugeMetricFamily("ccx_held_bytes_limit", "CCX_MAX_HELD_BYTES.",
+                                value=state.held_limit)
+        yield GaugeMetricFamily("ccx_input_pending_bytes",
+                                "Bytes of input frames read from clients and not yet written "
+                                "to children, all connections (CCX_MAX_INPUT_BYTES each).",
+                                value=state.input_pending)
 
 
 class ServerState:
     """A snapshot of what the collector reports (filled by the server at scrape time)."""
 
     def __init__(self, statuses: list[str], connections: Sized, started_total: int,
-                 spawn_failures_total: int, output_bytes: dict[str, int]) -> None:
+                 spawn_failures_total: int, output_bytes: dict[str, int], *,
+                 held_bytes: int = 0, held_limit: int = 0, input_pending: int = 0) -> None:
         self.statuses = statuses
         self.connections = len(connections)
         self.started_total = started_total
         self.spawn_failures_total = spawn_failures_total
         self.output_bytes = output_bytes
+        self.held_bytes = held_bytes
+        self.held_limit = held_limit
+        self.input_pending = input_pending
 
 
 class Metrics:
@@ -90,12 +104,13 @@ class Metrics:
 def _self_check() -> None:
     metrics = Metrics()
     metrics.watch(lambda: ServerState(["running", "exited", "exited"], {1, 2}, 3, 1,
-                                      {"stdout": 10, "stderr": 2}))
+                                      {"stdout": 10, "stderr": 2}, held_bytes=7))
     metrics.observe_control("PAUSE", 0.002)
     text = metrics.render().decode()
     for line in ('ccx_sessions{status="exited"} 2.0', 'ccx_sessions{status="paused"} 0.0',
                  "ccx_connections 2.0", "ccx_sessions_started_total 3.0",
-                 "ccx_spawn_failures_total 1.0", 'ccx_output_bytes_total{stream="stdout"} 10.0',
+                 "ccx_spawn_failures_total 1.0", "ccx_held_bytes 7.0",
+                 'ccx_output_bytes_total{stream="stdout"} 10.0',
                  'ccx_control_latency_seconds_bucket{le="0.0025",type="PAUSE"} 1.0'):
         assert line in text.splitlines(), (line, text)
     print("ccx.metrics: PASS")

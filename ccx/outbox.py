@@ -1,22 +1,32 @@
-"""A session's held notifications: unsent ones in order, and recently sent output for replay.
+"""A session's held notifications: unsent ones in order, and recently sent output for replay;
+and `HeldBudget`, the server-wide count of the bytes all sessions hold.
 
 Inputs: notifications encoded once by the session, as the UTF-8 JSON that goes on the wire
 (output carries a `seq`).
 Outputs: the next frame to deliver to the current owner; `rewind()` to re-deliver from a
 given seq to a new owner (PROTOCOL.md section 8); room checks that turn into back-pressure.
-Two budgets (`budget_bytes` each) of the raw output bytes the held frames carry, as
-PROTOCOL.md section 8 counts them: `pending` (not yet delivered; when full, the session stops
-reading the child) and `sent` (delivered; oldest evicted first). Frames are kept encoded, no
-`str` or dict copies, so memory is the budgets times the frame's expansion over its raw bytes
-(about 1.05 for stream-json text, 4/3 for base64, at worst 6 for text of control characters
-escaped as backslash-u-00XX), plus one frame each.
-Pure data, no I/O, no trio. Docs: ../shared/PROTOCOL.md section 8.
+
+Memory bounds. Per session, two budgets (`budget_bytes` each) of the raw output bytes the
+held frames carry, as PROTOCOL.md section 8 counts them: `pending` (not yet delivered; when
+full, the session stops reading the child) and `sent` (delivered; oldest evicted first).
+Frames are kept encoded, no `str` or dict copies, so a session holds the budgets times the
+frame's expansion over its raw bytes (about 1.05 for stream-json text, 4/3 for base64, at
+worst 6 for text of control characters escaped as backslash-u-00XX), plus one frame each.
+Server-wide, every outbox charges the bytes it really keeps (`len` of each encoded frame,
+control notifications included) to one `HeldBudget` (CCX_MAX_HELD_BYTES, PROTOCOL.md
+section 6). When it is full, sent output kept for replay is forgotten first, oldest first
+(the order it was delivered in, across sessions); if that is not enough the budget stays full:
+sessions with unsent output wait (`wait_for_room`) and new sessions are refused. Unsent
+output is never dropped. Every update is O(1) per frame; a reclaim frees down to a low-water
+mark, so its cost (a heap over the outboxes that hold sent output) is amortized.
+Pure data, no I/O, no trio. Docs: ../shared/PROTOCOL.md sections 6 and 8.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+import heapq
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -45,23 +55,101 @@ class Held:
         return len(self.frame) if self.raw_bytes is None else self.raw_bytes
 
 
-@attrs.define
+RECLAIM_TO = 7 / 8  # a reclaim frees sent output down to this share of the limit
+
+
+@attrs.define(eq=False)
+class HeldBudget:
+    """Bytes held in memory by every session of one server, against one limit.
+
+    Outboxes (and MCP output buffers) `charge` what they keep and `credit` what they let go.
+    `full` is O(1). Callers that must wait register a wake-up with `wait_for_room`; it is
+    called once the budget is below its limit again (event-driven: no polling).
+    """
+
+    limit_bytes: int
+    held_bytes: int = 0
+    replaying: set[Outbox] = attrs.field(factory=set)  # outboxes holding sent output
+    _waiting: dict[Callable[[], None], None] = attrs.field(factory=dict)
+    _next_stamp: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.held_bytes >= self.limit_bytes
+
+    def charge(self, size: int) -> None:
+        self.held_bytes += size
+        if self.held_bytes >= self.limit_bytes and self.replaying:
+            self.reclaim()
+
+    def credit(self, size: int) -> None:
+        self.held_bytes -= size
+        if self._waiting and self.held_bytes < self.limit_bytes:
+            waiting, self._waiting = self._waiting, {}
+            for wake in waiting:
+                wake()
+
+    def wait_for_room(self, wake: Callable[[], None]) -> None:
+        """Call *wake* (once) when the budget is no longer full; at once if it is not."""
+        if self.full:
+            self._waiting[wake] = None
+        else:
+            wake()
+
+    def stop_waiting(self, wake: Callable[[], None]) -> None:
+        self._waiting.pop(wake, None)
+
+    def stamp(self) -> int:
+        """A number that grows with every frame delivered, whichever session sent it."""
+        self._next_stamp += 1
+        return self._next_stamp
+
+    def reclaim(self) -> int:
+        """Forget sent output kept for replay, oldest first across all sessions, until the
+        budget is at `RECLAIM_TO` of its limit or no sent output is left. Returns bytes freed."""
+        before = self.held_bytes
+        goal = int(self.limit_bytes * RECLAIM_TO)
+        heap = [(box.sent_stamps[0], id(box), box) for box in self.replaying]
+        heapq.heapify(heap)
+        while heap and self.held_bytes > goal:
+            _, _, box = heapq.heappop(heap)
+            box.forget_oldest_sent()
+            if box.sent:
+                heapq.heappush(heap, (box.sent_stamps[0], id(box), box))
+        return before - self.held_bytes
+
+
+@attrs.define(eq=False)
 class Outbox:
     budget_bytes: int
+    held: HeldBudget | None = None  # the server-wide budget; None: this outbox alone
     pending: collections.deque[Held] = attrs.field(factory=collections.deque)
     pending_bytes: int = 0
     sent: collections.deque[Held] = attrs.field(factory=collections.deque)
+    sent_stamps: collections.deque[int] = attrs.field(factory=collections.deque)
     sent_bytes: int = 0
     next_seq: int = 0
+    frame_bytes: int = 0  # bytes of every frame held (pending and sent): what `held` counts
 
     @property
     def has_room(self) -> bool:
         """Whether more output may be queued; False means: stop reading the child."""
         return self.pending_bytes < self.budget_bytes
 
+    def _charge(self, size: int) -> None:
+        self.frame_bytes += size
+        if self.held is not None:
+            self.held.charge(size)
+
+    def _credit(self, size: int) -> None:
+        self.frame_bytes -= size
+        if self.held is not None:
+            self.held.credit(size)
+
     def push(self, held: Held) -> None:
         self.pending.append(held)
         self.pending_bytes += held.size
+        self._charge(len(held.frame))
 
     def take_seq(self) -> int:
         seq, self.next_seq = self.next_seq, self.next_seq + 1
@@ -76,20 +164,43 @@ class Outbox:
         self.pending_bytes -= held.size
         if held.is_output:
             self._remember(held)
+            if self.held is not None and self.held.full:  # replay goes before anything else
+                self.held.reclaim()
+        else:
+            self._credit(len(held.frame))
         return held
 
     def _remember(self, held: Held) -> None:
+        """Keep *held* (already charged) among the recently sent."""
         self.sent.append(held)
+        self.sent_stamps.append(self.held.stamp() if self.held is not None else 0)
         self.sent_bytes += held.size
+        if self.held is not None:
+            self.held.replaying.add(self)
         while self.sent_bytes > self.budget_bytes and len(self.sent) > 1:
-            self.sent_bytes -= self.sent.popleft().size
+            self.forget_oldest_sent()
+
+    def forget_oldest_sent(self) -> None:
+        held = self.sent.popleft()
+        self.sent_stamps.popleft()
+        self.sent_bytes -= held.size
+        if not self.sent and self.held is not None:
+            self.held.replaying.discard(self)
+        self._credit(len(held.frame))
 
     def forget_sent(self) -> int:
         """Drop the recently sent output kept for replay; return the raw bytes it counted."""
         freed = self.sent_bytes
-        self.sent.clear()
-        self.sent_bytes = 0
+        while self.sent:
+            self.forget_oldest_sent()
         return freed
+
+    def clear(self) -> None:
+        """Let go of everything held (the session is forgotten): its bytes leave `held`."""
+        self.forget_sent()
+        self.pending.clear()
+        self.pending_bytes = 0
+        self._credit(self.frame_bytes)
 
     @property
     def first_seq(self) -> int:
@@ -115,11 +226,16 @@ class Outbox:
         """
         outputs = [h for h in (*self.sent, *self.pending) if h.is_output]
         self.sent.clear()
+        self.sent_stamps.clear()
         self.sent_bytes = 0
         self.pending.clear()
         self.pending_bytes = 0
+        if self.held is not None:
+            self.held.replaying.discard(self)
+        self._credit(self.frame_bytes)  # charged again below, frame by frame
         for held in outputs:
             if held.seq is not None and held.seq <= since_seq:
+                self._charge(len(held.frame))
                 self._remember(held)  # the client has it: keep it only for a later replay
             else:
                 self.push(held)
@@ -147,4 +263,24 @@ if __name__ == "__main__":
         raise AssertionError("seq 1 is gone: replay after 0 must fail")
     box.rewind(2, [Held("process.completed", b"{}")])
     assert [h.seq for h in box.pending] == [3, None] and [h.seq for h in box.sent] == [2]
+    budget = HeldBudget(limit_bytes=64)
+    first, second = Outbox(100, budget), Outbox(100, budget)
+    for box in (first, second, first):
+        box.push(Held("process.output", b"x" * 20, box.take_seq()))
+        box.delivered()  # 60 bytes held, all of it sent output kept for replay
+    assert budget.held_bytes == 60 and not budget.full
+    woken: list[str] = []
+    second.push(Held("process.output", b"y" * 20, second.take_seq()))  # 80: reclaim to 56
+    assert budget.held_bytes == 40 and [h.seq for h in first.sent] == [1], first.sent
+    assert not second.sent, "the oldest sent output goes first, whichever session sent it"
+    first.push(Held("process.output", b"z" * 30, first.take_seq()))  # 70: replay goes
+    assert budget.held_bytes == 50 and not first.sent
+    first.push(Held("process.output", b"z" * 30, first.take_seq()))  # unsent: never dropped
+    assert budget.full and budget.held_bytes == 80
+    budget.wait_for_room(lambda: woken.append("first"))
+    first.delivered()  # sent output now: forgotten at once while the budget is full
+    assert woken == ["first"] and budget.held_bytes == 50, budget
+    first.clear()
+    second.clear()
+    assert budget.held_bytes == 0
     print("ccx.outbox: PASS")

@@ -168,7 +168,9 @@ class Server:
     def _state(self) -> ServerState:
         return ServerState([s.state.value for s in self.manager.all()], self.connections,
                            self.manager.started_total, self.manager.spawn_failures_total,
-                           self.manager.output_bytes())
+                           self.manager.output_bytes(), held_bytes=self.manager.held.held_bytes,
+                           held_limit=self.manager.held.limit_bytes,
+                           input_pending=sum(c.input.pending_bytes for c in self.connections))
 
 
 def _set_keepalive(sock: trio.socket.SocketType, settings: Settings) -> None:

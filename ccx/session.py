@@ -12,10 +12,20 @@ Back-pressure: each pump reads at most `CHUNK_BYTES` and awaits `send()` on a ch
 stops taking from the channel while the outbox holds `replay_bytes` of unsent output; the
 deliverer awaits the owner's (WebSocket) send. A slow or absent client stalls delivery, the
 outbox fills, the channel fills, the pumps stop reading, the pipe fills, the child blocks in
-write(2). Memory per session: two `replay_bytes` budgets (unsent, recently sent) plus the
-channel; nothing is dropped. Notifications are encoded once, by the collector, to the UTF-8
-JSON that goes on the wire; the outbox holds those bytes, and its budgets count the raw
-output bytes they carry (PROTOCOL.md section 8). A PTY
+write(2). Notifications are encoded once, by the collector, to the UTF-8 JSON that goes on
+the wire; the outbox holds those bytes, and its budgets count the raw output bytes they carry
+(PROTOCOL.md section 8).
+
+Memory per session: two `replay_bytes` budgets of raw output (unsent, recently sent), held
+encoded (up to six times larger for text of control characters), plus the channel
+(`CHANNEL_CHUNKS` x `CHUNK_BYTES`); nothing is dropped. Server-wide, the encoded bytes of
+every session count against one `HeldBudget` (CCX_MAX_HELD_BYTES): while it is full (after
+sent output was forgotten), a session with unsent output also stops taking from the channel,
+until bytes are let go anywhere (`HeldBudget.wait_for_room` wakes it: no polling). A session
+whose output has all been delivered may still queue one frame, so a client that reads keeps
+its session moving. An ended session keeps its unsent output until it is read or forgotten
+(`forget()`, at the end of CCX_RETENTION), and `holds_unsent` makes it count against the
+session limits meanwhile. A PTY
 session has one pump, on the terminal's master (stream "pty", counted as stdout); the master
 reports EIO once no process holds the slave: that is its EOF.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#using-channels-to-pass-values-between-tasks
@@ -40,7 +50,7 @@ import trio
 
 from ccx.descendants import Tracker, adopted_by_session, snapshot_async, still_alive
 from ccx.log import get_logger
-from ccx.outbox import Held, Outbox
+from ccx.outbox import Held, HeldBudget, Outbox
 from ccx.process import Group, StopStep, live_members, signal_name, stop_group
 from ccx.protocol import InvalidState, encode_utf8, notification
 from ccx.tree import pause_tree, resume_tree, stop_arrivals
@@ -158,6 +168,7 @@ class Session:
     _control_overflow: collections.deque[str] = attrs.field(factory=collections.deque)
     _stdin_lock: trio.Lock = attrs.field(factory=trio.Lock)
     _grace_cap: float | None = None
+    held: HeldBudget | None = None  # the server's CCX_MAX_HELD_BYTES; None: no such limit
     _outbox: Outbox = attrs.field(init=False)
     tracker: Tracker = attrs.field(init=False)  # descendants, escaped ones included
     _gate_open: bool = False  # closed until the execute/attach response is on its way
@@ -173,7 +184,7 @@ class Session:
     _receive: trio.MemoryReceiveChannel[tuple[str, bytes] | str] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._outbox = Outbox(self.options.replay_bytes)
+        self._outbox = Outbox(self.options.replay_bytes, self.held)
         self.tracker = Tracker(self.id, self.group.pgid, self.group.whole_session)
         self._send, self._receive = trio.open_memory_channel[tuple[str, bytes] | str](
             CHANNEL_CHUNKS
@@ -394,6 +405,23 @@ class Session:
         """Drop the sent output kept for replay (unsent output stays); return bytes freed.
         A later `attach` with an older `since_seq` then gets -32006."""
         return self._outbox.forget_sent()
+
+    @property
+    def holds_unsent(self) -> bool:
+        """Output no client has received is held: the session still counts against limits."""
+        return self._outbox.pending_bytes > 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of encoded notifications this session holds in memory (sent and unsent)."""
+        return self._outbox.frame_bytes
+
+    def forget(self) -> None:
+        """The manager forgets this session (retention over): stop it, let go of its output."""
+        self.abandon()
+        if self.held is not None:
+            self.held.stop_waiting(self._room_changed)
+        self._outbox.clear()
 
     def detach(self) -> None:
         """The owner is gone: keep running and hold output for a later `attach`."""
@@ -638,7 +666,13 @@ class Session:
     async def _output(
         self, name: str, data: bytes, decoder: codecs.IncrementalDecoder, *, final: bool = False
     ) -> None:
-        while not self._outbox.has_room:  # back-pressure: unsent output is at its budget
+        # Back-pressure: unsent output is at this session's budget, or the server's held
+        # bytes are (CCX_MAX_HELD_BYTES): then a session that still has unsent output waits
+        # for it to be read, or for any session to let go of bytes.
+        while not self._outbox.has_room or (
+                self.held is not None and self.held.full and self._outbox.pending_bytes):
+            if self._outbox.has_room and self.held is not None:
+                self.held.wait_for_room(self._room_changed)
             await self._room.wait()
             self._room = trio.Event()
         params: dict[str, object] = {"session_id": self.id, "stream": name}

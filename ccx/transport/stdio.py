@@ -6,7 +6,9 @@ session it started is cancelled, lingering ones too (nobody can reconnect to thi
 and the process returns once their groups are empty. stdout
 carries protocol messages only (one per line; JSON escapes newlines inside strings).
 Blocking reads and writes run in worker threads, so the descriptors keep their blocking mode
-(a parent sharing them is not surprised by O_NONBLOCK).
+(a parent sharing them is not surprised by O_NONBLOCK). Lines are handled in tasks (at most
+`MAX_IN_FLIGHT`), and lines carrying `send_input` are charged to an `InputBudget`
+(CCX_MAX_INPUT_BYTES): while the next one does not fit, stdin is not read (a pipe's wait).
 Docs: https://modelcontextprotocol.io/specification/2025-11-25/basic/transports#stdio
       https://trio.readthedocs.io/en/stable/reference-core.html#trio.to_thread.run_sync
 """
@@ -25,9 +27,10 @@ from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
 from ccx.process import become_subreaper
-from ccx.protocol import InvalidRequest, encode, error_response
+from ccx.protocol import Frame, InvalidRequest, encode, error_response, parse_frame
 from ccx.session import OwnerGone
 from ccx.state import recover
+from ccx.transport.input_budget import InputBudget, carries_input
 
 log = get_logger("ccx.stdio")
 
@@ -69,9 +72,10 @@ class StdioPeer:
 
 
 async def _read_lines(fd: int, limit: int, nursery: trio.Nursery,
-                      handle: Callable[[bytes], Awaitable[None]],
-                      slots: trio.Semaphore) -> None:
-    """Split stdin into lines and hand each to *handle* in a task, until EOF."""
+                      handle: Callable[[Frame | None, int], Awaitable[None]],
+                      slots: trio.Semaphore, budget: InputBudget) -> None:
+    """Split stdin into lines, parse each and hand it to *handle* in a task, until EOF. A line
+    carrying input is charged to *budget* first: while it does not fit, stdin is not read."""
     pending = bytearray()
     too_long = False
     while True:
@@ -85,13 +89,17 @@ async def _read_lines(fd: int, limit: int, nursery: trio.Nursery,
                 too_long = False
                 continue
             if line.strip():
+                frame = parse_frame(line)
+                charge = len(line) if carries_input(frame) else 0
+                if charge:
+                    await budget.acquire(charge)
                 await slots.acquire()
-                nursery.start_soon(handle, line)
+                nursery.start_soon(handle, frame, charge)
         if len(pending) > limit:
             log.warning("line_too_long", limit=limit)
             pending.clear()
             too_long = True
-            await handle(b"")  # answered as an over-long message
+            await handle(None, 0)  # answered as an over-long message
 
 
 async def serve_stdio(settings: Settings, *, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
@@ -109,21 +117,25 @@ async def serve_stdio(settings: Settings, *, stdin_fd: int = 0, stdout_fd: int =
     endpoint = McpEndpoint(manager, peer.send)
     slots = trio.Semaphore(MAX_IN_FLIGHT)
 
-    async def handle(line: bytes) -> None:
+    budget = InputBudget(settings.max_input_bytes)
+
+    async def handle(frame: Frame | None, charge: int) -> None:
         try:
-            if not line:
+            if frame is None:
                 reply: object = error_response(None, InvalidRequest(
                     f"Invalid Request: message exceeds {settings.max_message_bytes} bytes"))
                 await peer.send(reply)  # type: ignore[arg-type]
                 return
-            answer = await endpoint.handle_frame(line)
+            answer = await endpoint.handle_parsed(frame)
             if answer is not None:
                 await peer.send(answer)
         except OwnerGone:
             pass
         finally:
-            if line:
+            if frame is not None:
                 slots.release()
+            if charge:
+                budget.release(charge)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
@@ -134,7 +146,7 @@ async def serve_stdio(settings: Settings, *, stdin_fd: int = 0, stdout_fd: int =
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     requests.start_soon(_stop_on_signal, signals, requests.cancel_scope)
                     await _read_lines(stdin_fd, settings.max_message_bytes, requests, handle,
-                                      slots)
+                                      slots, budget)
                     log.info("stdin_closed")
                     requests.cancel_scope.cancel()
             endpoint.close()  # cancels the sessions (PROTOCOL.md 5: they die with their peer)

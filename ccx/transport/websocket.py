@@ -4,6 +4,17 @@ Inputs: a TCP stream whose request head was already read (`Head`), the `SessionM
 Outputs: a `Connection` that is the `Owner` of the sessions it starts: it reads frames, runs
 each request in its own task (at most `MAX_IN_FLIGHT` at once, so a flood back-pressures),
 sends responses and session notifications, and cancels its sessions when it closes.
+
+Input back-pressure (PROTOCOL.md section 6, docs/security-memory.md): a frame that carries
+child input (native `input`, MCP `tools/call` of `send_input`) is charged its size in bytes
+to the connection's `InputBudget` (CCX_MAX_INPUT_BYTES) until its request is answered, i.e.
+its data is written to the child. When the next input frame does not fit, the reader waits
+for room before it reads another frame: the client waits, as a writer on a full pipe does,
+and TCP holds the rest. Memory per connection: the budget plus the frame in the reader's hand.
+Only input frames wait for the budget; every request read before one (control included) is
+already running, so it is never held behind input. Requests the client sends *after* an input
+frame that waits are read when it fits: when the child reads, or when the session ends (an
+end fails its pending writes with -32004, whoever cancelled it: another connection may).
 A client offering the subprotocol `mcp` (or any upgrade on `/mcp`) gets an MCP connection
 instead: its frames go to a `McpEndpoint`, which owns the sessions (PROTOCOL.md section 7).
 
@@ -39,9 +50,10 @@ from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
-from ccx.protocol import Invalid, encode_utf8, error_response, parse_frame
+from ccx.protocol import Frame, Invalid, encode_utf8, error_response, parse_frame
 from ccx.session import OwnerGone
 from ccx.transport.http import Head, ReplayStream
+from ccx.transport.input_budget import InputBudget, carries_input
 
 log = get_logger("ccx.websocket")
 
@@ -147,6 +159,7 @@ class Connection:
     closed: bool = False
     mcp: McpEndpoint | None = attrs.field(init=False, default=None)
     _in_flight: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
+    input: InputBudget = attrs.field(init=False)
     _outgoing: trio.MemorySendChannel[bytes] = attrs.field(init=False)
     _outgoing_receive: trio.MemoryReceiveChannel[bytes] = attrs.field(init=False)
     _drained: trio.Event = attrs.field(factory=trio.Event)
@@ -156,6 +169,7 @@ class Connection:
         # Capacity 0: a sender waits until the writer takes its message, so a slow peer
         # back-pressures every session of this connection and nothing queues up here.
         self._outgoing, self._outgoing_receive = trio.open_memory_channel[bytes](0)
+        self.input = InputBudget(self.settings.max_input_bytes)
         if self.speaks_mcp:
             self.mcp = McpEndpoint(self.manager, self.send_message)
 
@@ -229,45 +243,52 @@ class Connection:
                 with trio.move_on_after(CLOSE_TIMEOUT_S):
                     await self.ws.aclose(CLOSE_TOO_BIG, f"message exceeds {limit} bytes")
                 return
-            await self._in_flight.acquire()
-            nursery.start_soon(self._handle_frame, message)
-
-    async def _handle_frame(self, message: str | bytes) -> None:
-        if self.mcp is not None:
-            try:
-                reply = await self.mcp.handle_frame(message)
-                if reply is not None:
-                    await self.send_message(reply)
-            except OwnerGone:
-                pass
-            finally:
-                self._in_flight.release()
-            return
-        try:
             frame = parse_frame(message)
-            replies: list[dict[str, object]] = []
-            hooks = []
-            for item in frame.items:
-                if isinstance(item, Invalid):
-                    replies.append(error_response(item.id, item.error))
-                    continue
-                call = api.Call(self.manager, self, item.params)
+            del message  # the parsed frame is what stays in memory
+            charge = size if carries_input(frame) else 0
+            if charge:
+                await self.input.acquire(charge)  # back-pressure: stop reading, as a pipe
+            await self._in_flight.acquire()
+            nursery.start_soon(self._handle_frame, frame, charge)
+
+    async def _handle_frame(self, frame: Frame, charge: int) -> None:
+        try:
+            if self.mcp is not None:
                 try:
-                    reply = await api.dispatch(item, call)
-                finally:
-                    hooks += call.after_response
-                if reply is not None:
-                    replies.append(reply)
-            try:
-                if replies:
-                    await self.send_message(replies if frame.is_batch else replies[0])
-            except OwnerGone:
-                pass
-            finally:
-                for hook in hooks:  # e.g. let execute's notifications follow its response
-                    hook()
+                    reply = await self.mcp.handle_parsed(frame)
+                    if reply is not None:
+                        await self.send_message(reply)
+                except OwnerGone:
+                    pass
+            else:
+                await self._handle_native(frame)
         finally:
             self._in_flight.release()
+            if charge:
+                self.input.release(charge)
+
+    async def _handle_native(self, frame: Frame) -> None:
+        replies: list[dict[str, object]] = []
+        hooks = []
+        for item in frame.items:
+            if isinstance(item, Invalid):
+                replies.append(error_response(item.id, item.error))
+                continue
+            call = api.Call(self.manager, self, item.params)
+            try:
+                reply = await api.dispatch(item, call)
+            finally:
+                hooks += call.after_response
+            if reply is not None:
+                replies.append(reply)
+        try:
+            if replies:
+                await self.send_message(replies if frame.is_batch else replies[0])
+        except OwnerGone:
+            pass
+        finally:
+            for hook in hooks:  # e.g. let execute's notifications follow its response
+                hook()
 
     async def _keepalive(self) -> None:
         """Ping every CCX_WS_PING_INTERVAL s. No pong is demanded: a reader that is merely
