@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from ccx import __version__
-from ccx.config import Settings
+from ccx.config import Settings, bind_host
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -26,6 +26,7 @@ from ccx.metrics import ServerState
 from ccx.process import become_subreaper
 from ccx.state import recover
 from ccx.transport.http import BadHead, Head, read_head, send_plain
+from ccx.transport.listen import Gate, connection_cap, raise_fd_limit, serve_limited
 from ccx.transport.mcp_http import McpHttp
 from ccx.transport.websocket import (
     CLOSE_GOING_AWAY,
@@ -58,9 +59,12 @@ class Server:
     mcp_http: McpHttp = attrs.field(init=False)
     connections: set[Connection] = attrs.field(factory=set)
     port: int | None = None
+    gate: Gate = attrs.field(init=False)
     _stopping: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
+        self.gate = Gate(connection_cap(self.settings.max_connections),
+                         self.settings.max_pending_heads)
         self.manager = SessionManager(self.settings)
         self.mcp_http = McpHttp(self.manager)
         self.manager.metrics.watch(self._state)
@@ -84,7 +88,12 @@ class Server:
         become_subreaper()
         # Before listening: what a server that died without cleaning up left running goes now.
         await recover(self.settings.state_dir, grace=self.settings.kill_grace)
-        listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+        if self.gate.max_connections < self.settings.max_connections:
+            log.warning("connection_cap_lowered", wanted=self.settings.max_connections,
+                        cap=self.gate.max_connections,
+                        reason="RLIMIT_NOFILE allows only twice as many descriptors")
+        listeners = await trio.open_tcp_listeners(self.settings.port,
+                                                  host=bind_host(self.settings.host))
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(self.manager.run)
@@ -121,17 +130,19 @@ class Server:
         accepting: trio.CancelScope,
     ) -> None:
         with accepting:
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+            await serve_limited(self._handle, listeners, self.gate, handlers)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One TCP connection: route it; never let its failure reach the server."""
         try:
             _set_keepalive(stream.socket, self.settings)
-            try:
-                head = await read_head(stream)
-            except BadHead as exc:
-                await send_plain(stream, exc.status, f"{exc}\n")
-                return
+            head = None
+            with self.gate.reading_head():  # cancelled if evicted: then head stays None
+                try:
+                    head = await read_head(stream, self.settings.head_timeout)
+                except BadHead as exc:
+                    await send_plain(stream, exc.status, f"{exc}\n")
+                    return
             if head is not None:
                 await self._route(stream, head)
         except Exception:
@@ -188,6 +199,8 @@ def _set_keepalive(sock: trio.socket.SocketType, settings: Settings) -> None:
 async def serve(settings: Settings) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down in order (`ccx serve`)."""
     settings.check_exposure()
+    soft, hard = raise_fd_limit()
+    log.info("fd_limit", soft=soft, hard=hard)
     server = Server(settings)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
