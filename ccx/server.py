@@ -11,6 +11,7 @@ Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listene
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import socket
 
@@ -28,13 +29,13 @@ from ccx.state import recover
 from ccx.transport.http import BadHead, Head, read_head, send_plain
 from ccx.transport.listen import Gate, connection_cap, raise_fd_limit, serve_limited
 from ccx.transport.mcp_http import McpHttp
+from ccx.transport.policy import host_ok, token_ok
 from ccx.transport.websocket import (
     CLOSE_GOING_AWAY,
     MCP_PATH,
     WS_PATHS,
     Connection,
     serve_websocket,
-    token_ok,
 )
 
 log = get_logger("ccx.server")
@@ -60,6 +61,7 @@ class Server:
     connections: set[Connection] = attrs.field(factory=set)
     port: int | None = None
     gate: Gate = attrs.field(init=False)
+    loopback_bind: bool = True  # every bound address is loopback: the Host rule applies
     _stopping: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
@@ -95,6 +97,9 @@ class Server:
         listeners = await trio.open_tcp_listeners(self.settings.port,
                                                   host=bind_host(self.settings.host))
         self.port = listeners[0].socket.getsockname()[1]
+        self.loopback_bind = all(
+            ipaddress.ip_address(listener.socket.getsockname()[0].split("%")[0]).is_loopback
+            for listener in listeners)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.manager.run)
             await nursery.start(self.mcp_http.run)
@@ -153,7 +158,12 @@ class Server:
 
     async def _route(self, stream: trio.SocketStream, head: Head) -> None:
         path = head.path
-        if path in WS_PATHS and head.is_websocket_upgrade:
+        if not host_ok(self.settings, head.header("host"), loopback_bind=self.loopback_bind):
+            # DNS rebinding: a foreign page whose name now points at 127.0.0.1. Refused before
+            # the token, the origin and the path, /health included (PROTOCOL.md 1 addition).
+            log.warning("host_rejected", status=403, host=head.header("host"), path=path)
+            await send_plain(stream, 403, "host not allowed\n")
+        elif path in WS_PATHS and head.is_websocket_upgrade:
             await serve_websocket(stream, head, self.manager, self.settings, self.connections)
         elif path == MCP_PATH:  # MCP over Streamable HTTP (plain POST/GET/DELETE)
             await self.mcp_http.handle(stream, head)

@@ -47,8 +47,8 @@ from ccx.protocol import (
 )
 from ccx.session import OwnerGone
 from ccx.transport.http import SSE_TYPE, Exchange, Head, HttpError
+from ccx.transport.policy import origin_ok, token_ok
 from ccx.transport.sse import EventStream, sse_event
-from ccx.transport.websocket import origin_ok, token_ok
 
 log = get_logger("ccx.mcp_http")
 
