@@ -2,8 +2,8 @@
 
 Rules: it binds 127.0.0.1 on a port the OS picks; its log (JSON lines on stderr) goes to a
 file the test reads; it is stopped (SIGTERM, then SIGKILL of its group) when the block ends;
-an optional RLIMIT_NOFILE is set in the child before exec (both soft and hard, so the
-server cannot raise it), as `ulimit -n` would.
+an optional RLIMIT_NOFILE is set in the child before exec (an int: soft and hard, so the
+server cannot raise it, as `ulimit -n` would; or a (soft, hard) pair).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class Served:
 
 
 @contextlib.contextmanager
-def ccx_serve(tmp_path: Path, env: dict[str, str] | None = None, *, nofile: int | None = None,
+def ccx_serve(tmp_path: Path, env: dict[str, str] | None = None, *,
+              nofile: int | tuple[int, int] | None = None,
               args: tuple[str, ...] = (), start_timeout: float = 20) -> Iterator[Served]:
     """Run `ccx serve --port 0` until the block ends; yield it once it logged `listening`."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CCX_")}
@@ -54,8 +55,9 @@ def ccx_serve(tmp_path: Path, env: dict[str, str] | None = None, *, nofile: int 
     log_path = tmp_path / "serve.log"
 
     def limit() -> None:
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if nofile is not None:  # an int sets both limits, (soft, hard) each
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (nofile, nofile) if isinstance(nofile, int) else nofile)
 
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([*CCX, "serve", *args], env=full_env, stdin=subprocess.DEVNULL,

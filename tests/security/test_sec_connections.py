@@ -142,3 +142,55 @@ async def test_idle_authenticated_websockets_are_capped(tmp_path: Path) -> None:
                 for stream in idle:
                     await stream.aclose()
         assert _emfile_lines(served.log_text()) <= 1, served.log_text()[-2000:]
+
+
+async def test_fd_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
+    with ccx_serve(tmp_path, LIMITS, nofile=(NOFILE, 4096)) as served:
+        limits = [e for e in served.log() if e.get("event") == "fd_limit"]
+        assert limits and limits[0]["soft"] == 4096, served.log_text()
+        # the cap is no longer lowered to half of 160
+        assert not any(e.get("event") == "connection_cap_lowered" for e in served.log())
+
+
+async def test_accept_out_of_descriptors_logs_once_and_recovers(tmp_path: Path) -> None:
+    """Sessions use up the descriptors (the connection cap cannot prevent that), so accept
+    itself fails with EMFILE: one log line per 10 s, not a traceback every 0.1 s."""
+    env = {**LIMITS, "CCX_MAX_SESSIONS": "500", "CCX_MAX_SESSIONS_PER_CONNECTION": "500"}
+    with ccx_serve(tmp_path, env, nofile=NOFILE) as served:
+        async with trio_websocket.open_websocket(
+                "127.0.0.1", served.port, "/ws", use_ssl=False,
+                extra_headers=[("Authorization", f"Bearer {TOKEN}")]) as ws:
+            with trio.fail_after(60):
+                for request_id in range(1, 200):  # until spawning fails for lack of fds
+                    await ws.send_message(json.dumps(
+                        {"jsonrpc": "2.0", "id": request_id, "method": "execute",
+                         "params": {"command": ["sleep", "60"]}}))
+                    reply = json.loads(await ws.get_message())
+                    if "error" in reply:
+                        break
+                assert "error" in reply, "descriptors never ran out"
+            silent = []
+            try:
+                with trio.fail_after(10):
+                    for _ in range(20):  # wait in the backlog: accept fails with EMFILE
+                        silent.append(await trio.open_tcp_stream("127.0.0.1", served.port))
+                with trio.fail_after(10):  # watch the log through several retry periods
+                    while served.log_text().count("accept_failed") < 1:
+                        await trio.sleep(0.05)
+                await trio.sleep(1.0)  # ten retry periods: before the fix, ten tracebacks
+            finally:
+                for stream in silent:
+                    await stream.aclose()
+        # the connection is gone, its sessions are cancelled: descriptors come back
+        with trio.fail_after(15):
+            while True:
+                try:
+                    status, _, _ = await http_get(served.port, "/health")
+                except (OSError, AssertionError, trio.TooSlowError):
+                    await trio.sleep(0.1)
+                    continue
+                break
+        assert status == 200
+        text = served.log_text()
+        assert text.count("accept_failed") == 1, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
