@@ -1,7 +1,9 @@
 """Server settings: one frozen `Settings` built from `CCX_*` environment variables and CLI flags.
 
 Inputs: a mapping of environment variables (usually `os.environ`) and optional overrides.
-Outputs: a validated `Settings`, or `ConfigError` whose message names the variable at fault.
+Outputs: a validated `Settings` (the token read from CCX_TOKEN_FILE if given), or
+`ConfigError` whose message names the variable at fault; `resolve_loopback`, the rule that a
+host is loopback only if every address it resolves to is.
 Docs: https://www.attrs.org/en/stable/api.html#attrs.frozen
 """
 

@@ -2,9 +2,12 @@
 
 Inputs: `Settings`.
 Outputs: a running server (`Server.run`, started with `nursery.start` to learn the bound
-port), `/health` and `/metrics` answers, WebSocket connections on `/ws` and `/ws/mcp` (and
-`/mcp` for MCP), MCP over Streamable HTTP on `/mcp` (`ccx.transport.mcp_http`), and a
-shutdown that cancels every session, delivers their completions, closes connections with 1001.
+port) that accepts within the connection limits (`ccx.transport.listen`), reads each request
+head within CCX_HEAD_TIMEOUT, refuses a foreign `Host` on a loopback bind (403, DNS
+rebinding: `ccx.transport.policy`), then routes: `/health` and `/metrics` answers,
+WebSocket connections on `/ws` and `/ws/mcp` (and `/mcp` for MCP), MCP over Streamable HTTP
+on `/mcp` (`ccx.transport.mcp_http`), and a shutdown that cancels every session, delivers
+their completions, closes connections with 1001.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listeners
       https://prometheus.io/docs/instrumenting/exposition_formats/
 """

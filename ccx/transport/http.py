@@ -2,7 +2,8 @@
 
 Inputs: a fresh TCP stream from the listener.
 Outputs: a parsed `h11.Request` and the raw bytes read (for replay into the WebSocket
-handshake), plain answers (`/health`, `/metrics`, 404, 405, 426, 400, 431) written with h11,
+handshake), plain answers (`/health`, `/metrics`, 404, 405, 426, 400, 431, and the 401, 403
+and 503 refusals) written with h11,
 `ReplayStream`, which gives trio-websocket the bytes already consumed, and `Exchange`, one
 whole request/response (body read, streamed answers) framed by h11, for `/mcp`.
 Why: wsproto answers any non-upgrade request with 400 before a handler sees it, so the head

@@ -1,4 +1,6 @@
-"""One WebSocket connection: handshake policy (token, origin), frames in, responses out.
+"""One WebSocket connection: handshake refusals (token 401, origin 403; the rules are in
+`ccx.transport.policy`, the answers written here before trio-websocket sees the stream, so
+they carry reason phrases), frames in, responses out.
 
 Inputs: a TCP stream whose request head was already read (`Head`), the `SessionManager`.
 Outputs: a `Connection` that is the `Owner` of the sessions it starts: it reads frames, runs
