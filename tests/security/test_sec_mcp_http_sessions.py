@@ -56,3 +56,38 @@ async def test_sessions_beyond_the_cap_evict_the_longest_idle(tmp_path: object) 
         assert ended == [], ended  # one summary line instead of one per session
         summary = [e for e in logs if e["event"] == "mcp_sessions_ended"]
         assert summary and summary[0]["count"] == 5, logs
+
+
+async def _open_get_stream(port: int, session_id: str) -> trio.SocketStream:
+    """A standalone SSE stream (GET /mcp) held open: its session is busy while it lasts."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all((f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nMcp-Session-Id: {session_id}"
+                           "\r\nMCP-Protocol-Version: 2025-06-18\r\n"
+                           "Accept: text/event-stream\r\n\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(4096)
+        assert chunk, data
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data
+    return stream
+
+
+async def test_no_room_when_every_session_is_busy(tmp_path: object) -> None:
+    settings = Settings(port=0, kill_grace=1.0, mcp_http_max_sessions=2,
+                        state_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(Server(settings).run)
+        port = server.port or 0
+        ids = [await _initialize(port) for _ in range(2)]
+        with trio.fail_after(10):
+            streams = [await _open_get_stream(port, i) for i in ids]
+            while not all(s.busy for s in server.mcp_http.sessions.values()):
+                await trio.sleep(0.01)
+            head, _ = await _post_raw(port, INIT)
+        assert head.startswith("HTTP/1.1 503"), head
+        assert "retry-after: 1" in head.lower(), head
+        assert set(server.mcp_http.sessions) == set(ids)  # nobody busy was ended
+        for stream in streams:
+            await stream.aclose()
+        server.stop()
