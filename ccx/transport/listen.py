@@ -176,3 +176,46 @@ async def serve_limited(handler: Handler, listeners: list[trio.SocketListener], 
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(accept_loop, listener)
+
+
+async def _self_check() -> None:
+    """Cap 1: a connection sending its head is evicted by the next one; a connection past its
+    head holds the cap, so the one after it gets 503."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    gate = Gate(max_connections=1, max_pending_heads=1)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        with gate.reading_head() as scope:
+            await stream.receive_some(1)  # "the head": one byte
+        if not scope.cancelled_caught:
+            await trio.sleep_forever()
+
+    async def answer(stream: trio.SocketStream) -> bytes:
+        data = b""
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+        return data
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_limited, handler, listeners, gate, nursery)
+            first = await trio.open_tcp_stream("127.0.0.1", port)
+            while gate.open < 1:
+                await trio.sleep(0.01)
+            second = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await answer(first) == b"", "the unread head was not evicted"
+            await second.send_all(b"x")  # past its head: it keeps its place
+            while gate.open > 1 or gate.evicted_total < 1:
+                await trio.sleep(0.01)
+            third = await trio.open_tcp_stream("127.0.0.1", port)
+            assert (await answer(third)).startswith(b"HTTP/1.1 503 Service Unavailable")
+            assert gate.refused_total == 1
+            for stream in (first, second, third):
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+    print("ccx.transport.listen: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)
