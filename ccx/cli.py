@@ -27,7 +27,7 @@ import trio
 
 from ccx import __version__
 from ccx.config import OPTIONS, ConfigError, Settings
-from ccx.log import configure
+from ccx.log import configure, get_logger
 
 DEFAULT_URL = "ws://127.0.0.1:8003/ws"
 EXIT_TIMEOUT = 124
@@ -151,13 +151,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ccx serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_level, settings.log_format)
+    if args.token is not None:
+        get_logger("ccx.cli").warning(
+            "token_in_argv", advice="any local user can read a command line (ps, /proc); "
+            "use CCX_TOKEN_FILE (--token-file) or CCX_TOKEN instead")
     try:
         trio.run(serve, settings)
-    except OSError as exc:  # e.g. address in use
-        print(f"ccx serve: cannot listen on {settings.host}:{settings.port}: {exc}",
+    except (OSError, BaseExceptionGroup) as exc:  # e.g. address in use (inside a nursery)
+        error = _first_os_error(exc)
+        if error is None:
+            raise
+        print(f"ccx serve: cannot listen on {settings.host}:{settings.port}: {error}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """*exc* if it is an OSError, else the only leaf of an exception group that is one."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _first_os_error(exc.exceptions[0])
+    return None
 
 
 # ----------------------------------------------------------------------------------- run

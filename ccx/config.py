@@ -1,7 +1,9 @@
 """Server settings: one frozen `Settings` built from `CCX_*` environment variables and CLI flags.
 
 Inputs: a mapping of environment variables (usually `os.environ`) and optional overrides.
-Outputs: a validated `Settings`, or `ConfigError` whose message names the variable at fault.
+Outputs: a validated `Settings` (the token read from CCX_TOKEN_FILE if given), or
+`ConfigError` whose message names the variable at fault; `resolve_loopback`, the rule that a
+host is loopback only if every address it resolves to is.
 Docs: https://www.attrs.org/en/stable/api.html#attrs.frozen
 """
 
@@ -10,12 +12,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
 
 
@@ -82,6 +84,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "CCX_PORT", int, 8003, "TCP port (0 = any free port)"),
     Option("token", "CCX_TOKEN", _optional_str, None,
            "shared secret clients must present (Bearer header or ?token=)"),
+    Option("token_file", "CCX_TOKEN_FILE", _optional_str, None,
+           "file holding the token (surrounding whitespace stripped); keeps it out of argv "
+           "and the environment"),
     Option("insecure", "CCX_INSECURE", _bool, False,
            "allow a non-loopback bind without a token"),
     Option("allowed_commands", "CCX_ALLOWED_COMMANDS", _optional_csv, None,
@@ -89,6 +94,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow_shell", "CCX_ALLOW_SHELL", _bool, False, "allow execute with shell=true"),
     Option("allowed_origins", "CCX_ALLOWED_ORIGINS", _csv, (),
            "extra allowed Origin values, comma separated; * allows all"),
+    Option("allowed_hosts", "CCX_ALLOWED_HOSTS", _csv, (),
+           "on a loopback bind, extra Host header names accepted besides loopback ones "
+           "(e.g. a local reverse proxy's); * accepts any"),
+    Option("max_connections", "CCX_MAX_CONNECTIONS", int, 1024,
+           "open TCP connections, whole server; beyond it a new one is answered 503"),
+    Option("max_pending_heads", "CCX_MAX_PENDING_HEADS", int, 64,
+           "connections still sending their HTTP request head; beyond it the oldest is "
+           "closed"),
+    Option("head_timeout", "CCX_HEAD_TIMEOUT", float, 10.0,
+           "seconds a connection has to send its complete HTTP request head"),
     Option("max_sessions", "CCX_MAX_SESSIONS", int, 64,
            "live sessions, whole server (ended ones holding unread output count too)"),
     Option("max_sessions_per_connection", "CCX_MAX_SESSIONS_PER_CONNECTION", int, 16,
@@ -132,6 +147,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("mcp_sse_max", "CCX_MCP_SSE_MAX", float, 0.0,
            "MCP over HTTP: seconds after which a response stream is closed for the client to "
            "resume with Last-Event-ID (for proxies with response timeouts); 0 = never"),
+    Option("mcp_http_max_sessions", "CCX_MCP_HTTP_MAX_SESSIONS", int, 256,
+           "MCP over HTTP: sessions kept; beyond it the longest idle one is ended"),
     Option("track_interval", "CCX_TRACK_INTERVAL", float, 0.5,
            "seconds between scans for descendants that left their session's group "
            "(0 = scan only when a session ends)"),
@@ -143,13 +160,39 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
+def read_token_file(path: str) -> str:
+    """The token in *path*, surrounding whitespace stripped; `ConfigError` if the file cannot
+    be read or holds only whitespace."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"CCX_TOKEN_FILE={path!r}: cannot read it: {exc}") from None
+    if not token:
+        raise ConfigError(f"CCX_TOKEN_FILE={path!r}: the file is empty")
+    return token
+
+
+def bind_host(host: str) -> str:
+    """*host* as the socket layer takes it: an IPv6 literal without its brackets."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def resolve_loopback(host: str) -> bool:
+    """True only if every address *host* resolves to (what a bind would use) is loopback.
+
+    A name is never trusted by its spelling: `/etc/hosts` may map `localhost` anywhere.
+    Raises `ConfigError` if *host* does not resolve at all.
+    """
+    try:
+        infos = socket.getaddrinfo(bind_host(host) or None, 0, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"CCX_HOST={host!r}: cannot resolve it: {exc}") from None
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(address).split("%", 1)[0]).is_loopback
+        for address in addresses)
 
 
 @attrs.frozen(kw_only=True)
@@ -159,10 +202,15 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8003
     token: str | None = None
+    token_file: str | None = None
     insecure: bool = False
     allowed_commands: tuple[str, ...] | None = None
     allow_shell: bool = False
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 1024
+    max_pending_heads: int = 64
+    head_timeout: float = 10.0
     max_sessions: int = 64
     max_sessions_per_connection: int = 16
     max_message_bytes: int = 1024 * 1024
@@ -181,6 +229,7 @@ class Settings:
     mcp_tail_bytes: int = 32 * 1024
     mcp_http_idle: float = 3600.0
     mcp_sse_max: float = 0.0
+    mcp_http_max_sessions: int = 256
     track_interval: float = 0.5
     state_dir: str = attrs.field(factory=default_state_dir)
     log_level: str = "info"
@@ -191,7 +240,8 @@ class Settings:
             raise ConfigError(f"CCX_PORT: {self.port} is not a TCP port (0-65535)")
         for name in ("max_sessions", "max_sessions_per_connection", "max_message_bytes",
                      "replay_bytes", "mcp_buffer_bytes", "mcp_tail_bytes", "max_held_bytes",
-                     "max_input_bytes"):
+                     "max_input_bytes", "max_connections", "max_pending_heads",
+                     "mcp_http_max_sessions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
         if self.ended_replay_bytes < 0:
@@ -204,15 +254,23 @@ class Settings:
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
             raise ConfigError(f"CCX_NODE_NAME: {self.node_name!r} is not 1-63 characters of "
                               "letters, digits, '.', '_' or '-'")
+        if self.head_timeout <= 0:
+            raise ConfigError("CCX_HEAD_TIMEOUT: must be positive")
+        if self.token_file is not None:
+            if self.token is not None:
+                raise ConfigError("CCX_TOKEN and CCX_TOKEN_FILE are both set; use one")
+            object.__setattr__(self, "token", read_token_file(self.token_file))
         if self.allowed_commands is not None and not self.allowed_commands:
             raise ConfigError("CCX_ALLOWED_COMMANDS: set but empty; unset it to allow any")
 
     @property
     def is_loopback(self) -> bool:
-        return _is_loopback(self.host)
+        """Every address the host resolves to is loopback (resolved each time asked)."""
+        return resolve_loopback(self.host)
 
     def check_exposure(self) -> None:
-        """Refuse a non-loopback bind without a token unless CCX_INSECURE=1."""
+        """Refuse a non-loopback bind without a token unless CCX_INSECURE=1; refuse a host
+        that does not resolve (`ConfigError` either way)."""
         if not self.is_loopback and self.token is None and not self.insecure:
             raise ConfigError(
                 f"refusing to bind {self.host} without CCX_TOKEN: anyone who can reach it could "

@@ -2,15 +2,19 @@
 
 Inputs: `Settings`.
 Outputs: a running server (`Server.run`, started with `nursery.start` to learn the bound
-port), `/health` and `/metrics` answers, WebSocket connections on `/ws` and `/ws/mcp` (and
-`/mcp` for MCP), MCP over Streamable HTTP on `/mcp` (`ccx.transport.mcp_http`), and a
-shutdown that cancels every session, delivers their completions, closes connections with 1001.
+port) that accepts within the connection limits (`ccx.transport.listen`), reads each request
+head within CCX_HEAD_TIMEOUT, refuses a foreign `Host` on a loopback bind (403, DNS
+rebinding: `ccx.transport.policy`), then routes: `/health` and `/metrics` answers,
+WebSocket connections on `/ws` and `/ws/mcp` (and `/mcp` for MCP), MCP over Streamable HTTP
+on `/mcp` (`ccx.transport.mcp_http`), and a shutdown that cancels every session, delivers
+their completions, closes connections with 1001.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listeners
       https://prometheus.io/docs/instrumenting/exposition_formats/
 """
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import socket
 
@@ -18,7 +22,7 @@ import attrs
 import trio
 
 from ccx import __version__
-from ccx.config import Settings
+from ccx.config import Settings, bind_host
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -26,14 +30,15 @@ from ccx.metrics import ServerState
 from ccx.process import become_subreaper
 from ccx.state import recover
 from ccx.transport.http import BadHead, Head, read_head, send_plain
+from ccx.transport.listen import Gate, connection_cap, raise_fd_limit, serve_limited
 from ccx.transport.mcp_http import McpHttp
+from ccx.transport.policy import host_ok, token_ok
 from ccx.transport.websocket import (
     CLOSE_GOING_AWAY,
     MCP_PATH,
     WS_PATHS,
     Connection,
     serve_websocket,
-    token_ok,
 )
 
 log = get_logger("ccx.server")
@@ -58,9 +63,13 @@ class Server:
     mcp_http: McpHttp = attrs.field(init=False)
     connections: set[Connection] = attrs.field(factory=set)
     port: int | None = None
+    gate: Gate = attrs.field(init=False)
+    loopback_bind: bool = True  # every bound address is loopback: the Host rule applies
     _stopping: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
+        self.gate = Gate(connection_cap(self.settings.max_connections),
+                         self.settings.max_pending_heads)
         self.manager = SessionManager(self.settings)
         self.mcp_http = McpHttp(self.manager)
         self.manager.metrics.watch(self._state)
@@ -84,8 +93,16 @@ class Server:
         become_subreaper()
         # Before listening: what a server that died without cleaning up left running goes now.
         await recover(self.settings.state_dir, grace=self.settings.kill_grace)
-        listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+        if self.gate.max_connections < self.settings.max_connections:
+            log.warning("connection_cap_lowered", wanted=self.settings.max_connections,
+                        cap=self.gate.max_connections,
+                        reason="RLIMIT_NOFILE allows only twice as many descriptors")
+        listeners = await trio.open_tcp_listeners(self.settings.port,
+                                                  host=bind_host(self.settings.host))
         self.port = listeners[0].socket.getsockname()[1]
+        self.loopback_bind = all(
+            ipaddress.ip_address(listener.socket.getsockname()[0].split("%")[0]).is_loopback
+            for listener in listeners)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.manager.run)
             await nursery.start(self.mcp_http.run)
@@ -121,17 +138,19 @@ class Server:
         accepting: trio.CancelScope,
     ) -> None:
         with accepting:
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+            await serve_limited(self._handle, listeners, self.gate, handlers)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One TCP connection: route it; never let its failure reach the server."""
         try:
             _set_keepalive(stream.socket, self.settings)
-            try:
-                head = await read_head(stream)
-            except BadHead as exc:
-                await send_plain(stream, exc.status, f"{exc}\n")
-                return
+            head = None
+            with self.gate.reading_head():  # cancelled if evicted: then head stays None
+                try:
+                    head = await read_head(stream, self.settings.head_timeout)
+                except BadHead as exc:
+                    await send_plain(stream, exc.status, f"{exc}\n")
+                    return
             if head is not None:
                 await self._route(stream, head)
         except Exception:
@@ -142,7 +161,12 @@ class Server:
 
     async def _route(self, stream: trio.SocketStream, head: Head) -> None:
         path = head.path
-        if path in WS_PATHS and head.is_websocket_upgrade:
+        if not host_ok(self.settings, head.header("host"), loopback_bind=self.loopback_bind):
+            # DNS rebinding: a foreign page whose name now points at 127.0.0.1. Refused before
+            # the token, the origin and the path, /health included (PROTOCOL.md 1 addition).
+            log.warning("host_rejected", status=403, host=head.header("host"), path=path)
+            await send_plain(stream, 403, "host not allowed\n")
+        elif path in WS_PATHS and head.is_websocket_upgrade:
             await serve_websocket(stream, head, self.manager, self.settings, self.connections)
         elif path == MCP_PATH:  # MCP over Streamable HTTP (plain POST/GET/DELETE)
             await self.mcp_http.handle(stream, head)
@@ -190,6 +214,8 @@ def _set_keepalive(sock: trio.socket.SocketType, settings: Settings) -> None:
 async def serve(settings: Settings) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down in order (`ccx serve`)."""
     settings.check_exposure()
+    soft, hard = raise_fd_limit()
+    log.info("fd_limit", soft=soft, hard=hard)
     server = Server(settings)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -88,7 +88,7 @@ async def test_status_lines_carry_reason_phrases(server: Any) -> None:
                          ("/health", b"HTTP/1.1 200 OK")):
         with trio.fail_after(10):
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             head = b""
             while b"\r\n" not in head:
                 head += await stream.receive_some(4096)

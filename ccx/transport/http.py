@@ -2,7 +2,8 @@
 
 Inputs: a fresh TCP stream from the listener.
 Outputs: a parsed `h11.Request` and the raw bytes read (for replay into the WebSocket
-handshake), plain answers (`/health`, `/metrics`, 404, 405, 426, 400, 431) written with h11,
+handshake), plain answers (`/health`, `/metrics`, 404, 405, 426, 400, 431, and the 401, 403
+and 503 refusals) written with h11,
 `ReplayStream`, which gives trio-websocket the bytes already consumed, and `Exchange`, one
 whole request/response (body read, streamed answers) framed by h11, for `/mcp`.
 Why: wsproto answers any non-upgrade request with 400 before a handler sees it, so the head
@@ -25,7 +26,7 @@ from ccx.protocol import RpcError
 
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; more is answered 431
 READ_BYTES = 4096  # per receive while reading the head
-HEAD_TIMEOUT_S = 10.0  # a client that sends no complete head in this time is dropped
+HEAD_TIMEOUT_S = 10.0  # default: a client that sends no complete head in this time is dropped
 BODY_TIMEOUT_S = 30.0  # a client that sends no complete body in this time is dropped
 BODY_READ_BYTES = 64 * 1024  # per receive while reading a body
 DISCARD_TIMEOUT_S = 1.0  # how long an unread body is drained before an error answer
@@ -73,13 +74,14 @@ class Head:
         return "websocket" in upgrade and "upgrade" in connection
 
 
-async def read_head(stream: trio.abc.ReceiveStream) -> Head | None:
+async def read_head(stream: trio.abc.ReceiveStream,
+                    timeout: float = HEAD_TIMEOUT_S) -> Head | None:
     """Read until the end of the request head; None if the peer closed before sending one.
 
-    **Cancellation**: bounded by `HEAD_TIMEOUT_S` (then None); safe to cancel.
+    **Cancellation**: bounded by *timeout* s (then None: CCX_HEAD_TIMEOUT); safe to cancel.
     """
     buffer = bytearray()
-    with trio.move_on_after(HEAD_TIMEOUT_S):
+    with trio.move_on_after(timeout):
         while b"\r\n\r\n" not in buffer:
             if len(buffer) > MAX_HEAD_BYTES:
                 raise BadHead(431, "Request Header Fields Too Large")

@@ -3,7 +3,8 @@
 Inputs: a plain (non-upgrade) HTTP request on `/mcp` whose head was already read (`Head`),
 the `SessionManager` and `Settings`.
 Outputs: one HTTP/1.1 exchange per TCP connection, framed by h11 (`Connection: close`):
-- POST `initialize` → JSON with a new `Mcp-Session-Id`; later POSTs need that header (400
+- POST `initialize` → JSON with a new `Mcp-Session-Id` (at `CCX_MCP_HTTP_MAX_SESSIONS` the
+  session idle longest is ended first; 503 when every one is busy); later POSTs need it (400
   without it, 404 for an unknown or expired one; an unsupported `MCP-Protocol-Version` is 400).
   Notifications and responses → 202. `tools/call` of `execute` → an SSE stream (progress
   notifications, then the response); any other request → `application/json`.
@@ -47,8 +48,8 @@ from ccx.protocol import (
 )
 from ccx.session import OwnerGone
 from ccx.transport.http import SSE_TYPE, Exchange, Head, HttpError
+from ccx.transport.policy import origin_ok, token_ok
 from ccx.transport.sse import EventStream, sse_event
-from ccx.transport.websocket import origin_ok, token_ok
 
 log = get_logger("ccx.mcp_http")
 
@@ -142,9 +143,12 @@ class McpHttp:
                 while True:
                     await trio.sleep(SWEEP_INTERVAL_S)
                     self._end_idle()
-            finally:
+            finally:  # one line for all: thousands of sessions must not slow the shutdown
+                count = len(self.sessions)
                 for session_id in list(self.sessions):
-                    self.end(session_id, reason="server stopping")
+                    self.end(session_id, reason="server stopping", quiet=True)
+                if count:
+                    log.info("mcp_sessions_ended", count=count, reason="server stopping")
 
     def _end_idle(self) -> None:
         now = trio.current_time()
@@ -152,11 +156,21 @@ class McpHttp:
             if not session.busy and now - session.last_seen > self.settings.mcp_http_idle:
                 self.end(session.id, reason="idle")
 
-    def end(self, session_id: str, *, reason: str) -> None:
+    def end(self, session_id: str, *, reason: str, quiet: bool = False) -> None:
         session = self.sessions.pop(session_id, None)
         if session is not None:
-            log.info("mcp_session_ended", mcp_session=session_id, reason=reason)
+            if not quiet:
+                log.info("mcp_session_ended", mcp_session=session_id, reason=reason)
             session.close()
+
+    def _make_room(self) -> None:
+        """At CCX_MCP_HTTP_MAX_SESSIONS, end the session idle longest; 503 if all are busy."""
+        if len(self.sessions) < self.settings.mcp_http_max_sessions:
+            return
+        idle = [s for s in self.sessions.values() if not s.busy]
+        if not idle:
+            raise HttpError(503, "too many MCP sessions, all busy", headers=[("Retry-After", "1")])
+        self.end(min(idle, key=lambda s: s.last_seen).id, reason="evicted")
 
     # ------------------------------------------------------------------------------ exchange
 
@@ -237,6 +251,7 @@ class McpHttp:
             await exchange.respond(200, encode(reply), JSON_TYPE)
 
     async def _initialize(self, exchange: Exchange, request: Request) -> None:
+        self._make_room()
         session = HttpSession(uuid.uuid4().hex, self.manager)
         reply = await session.endpoint.dispatch(request)
         assert reply is not None

@@ -1,4 +1,6 @@
-"""One WebSocket connection: handshake policy (token, origin), frames in, responses out.
+"""One WebSocket connection: handshake refusals (token 401, origin 403; the rules are in
+`ccx.transport.policy`, the answers written here before trio-websocket sees the stream, so
+they carry reason phrases), frames in, responses out.
 
 Inputs: a TCP stream whose request head was already read (`Head`), the `SessionManager`.
 Outputs: a `Connection` that is the `Owner` of the sessions it starts: it reads frames, runs
@@ -34,11 +36,9 @@ Docs: https://trio-websocket.readthedocs.io/en/stable/api.html
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import math
 import struct
-from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import structlog
@@ -47,13 +47,14 @@ import trio_websocket
 
 from ccx import api
 from ccx.config import Settings
-from ccx.log import get_logger
+from ccx.log import clip, get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
 from ccx.protocol import Frame, Invalid, encode_utf8, error_response, parse_frame
 from ccx.session import OwnerGone
-from ccx.transport.http import Head, ReplayStream
+from ccx.transport.http import Head, ReplayStream, send_plain
 from ccx.transport.input_budget import InputBudget, carries_input
+from ccx.transport.policy import origin_ok, token_ok
 
 log = get_logger("ccx.websocket")
 
@@ -65,7 +66,6 @@ CLOSE_GOING_AWAY = 1001
 WS_PATHS = ("/ws", "/ws/mcp", "/mcp")
 MCP_SUBPROTOCOL = "mcp"
 MCP_PATH = "/mcp"  # an upgrade here speaks MCP even without the subprotocol
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 _connection_ids = itertools.count(1)
 
@@ -109,41 +109,6 @@ class FrameStream(ReplayStream):
                 return False
             await self.inner.send_all(text_frame_header(len(payload)) + payload)
         return True
-
-
-def token_ok(settings: Settings, head: Head) -> bool:
-    """True when no token is set, or the request carries it (Bearer header or ?token=)."""
-    if settings.token is None:
-        return True
-    expected = settings.token.encode()
-    auth = head.header("authorization") or ""
-    if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), expected):
-        return True
-    query = parse_qs(urlsplit(head.target).query)
-    return any(hmac.compare_digest(v.encode(), expected) for v in query.get("token", []))
-
-
-def origin_ok(settings: Settings, origin: str | None) -> bool:
-    """No Origin, a loopback origin, or one listed in CCX_ALLOWED_ORIGINS (or `*`)."""
-    if origin is None:
-        return True
-    if "*" in settings.allowed_origins or origin in settings.allowed_origins:
-        return True
-    try:
-        parts = urlsplit(origin)
-        _ = parts.port  # raises ValueError for a malformed port
-    except ValueError:
-        return False
-    netloc = parts.netloc
-    host = netloc if netloc.startswith("[") else netloc.split(":", 1)[0]
-    if netloc.startswith("["):  # "[::1]" or "[::1]:port", nothing else after the bracket
-        end = netloc.find("]")
-        host, rest = netloc[: end + 1], netloc[end + 1:]
-        if end < 0 or (rest and not rest.startswith(":")):
-            return False
-    if "@" in netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
-        return False  # an Origin is scheme://host[:port], nothing more
-    return parts.scheme in ("http", "https") and host.lower() in LOOPBACK_HOSTS
 
 
 @attrs.define(eq=False)
@@ -331,6 +296,18 @@ async def serve_websocket(
 
     **Cancellation**: the connection is closed and its sessions released on the way out.
     """
+    # Refusals are written here, before trio-websocket sees the stream: wsproto's
+    # `reject` writes no reason phrase ("HTTP/1.1 401 "), and a refused client costs no
+    # handshake work.
+    if not token_ok(settings, head):
+        log.warning("handshake_rejected", status=401, path=clip(head.path))
+        await send_plain(stream, 401, "missing or wrong token\n",
+                         headers=[("WWW-Authenticate", "Bearer")])
+        return
+    if not origin_ok(settings, head.header("origin")):
+        log.warning("handshake_rejected", status=403, origin=clip(head.header("origin")))
+        await send_plain(stream, 403, "origin not allowed\n")
+        return
     async with trio.open_nursery() as nursery:
         wire = FrameStream(stream, head.raw)
         with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as handshake:
@@ -339,17 +316,6 @@ async def serve_websocket(
                 max_message_size=settings.max_message_bytes,
             )
         if handshake.cancelled_caught:
-            nursery.cancel_scope.cancel()
-            return
-        if not token_ok(settings, head):
-            log.warning("handshake_rejected", status=401, path=head.path)
-            await request.reject(401, extra_headers=[(b"WWW-Authenticate", b"Bearer")],
-                                 body=b"missing or wrong token\n")
-            nursery.cancel_scope.cancel()
-            return
-        if not origin_ok(settings, head.header("origin")):
-            log.warning("handshake_rejected", status=403, origin=head.header("origin"))
-            await request.reject(403, body=b"origin not allowed\n")
             nursery.cancel_scope.cancel()
             return
         offered_mcp = MCP_SUBPROTOCOL in request.proposed_subprotocols

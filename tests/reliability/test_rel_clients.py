@@ -34,7 +34,7 @@ import base64, json, os, re, socket, sys, time
 port, command = int(sys.argv[1]), json.loads(sys.argv[2])
 s = socket.create_connection(("127.0.0.1", port))
 key = base64.b64encode(os.urandom(16)).decode()
-s.sendall(("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+s.sendall(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
 data = b""
 while b"\r\n\r\n" not in data:  # the 101 first: frames sent with the head may be lost

@@ -1,0 +1,98 @@
+"""Who may talk to the server: the token, the Origin and the Host rules, as pure checks.
+
+Inputs: `Settings` and a parsed request head (`Head`) or one header value.
+Outputs: booleans; the callers answer 401 (token), 403 (origin, host).
+The Host rule (DNS-rebinding defence): on a loopback bind a browser page on a name re-pointed
+at 127.0.0.1 still sends its own name as `Host`; only loopback names and literals (and
+`CCX_ALLOWED_HOSTS`) are served. The Host value is never resolved: that is what rebinding
+controls. On other binds the token is the defence and any Host is served.
+Docs: https://www.rfc-editor.org/rfc/rfc9110#section-7.2 (Host)
+      https://www.rfc-editor.org/rfc/rfc6454 (Origin)
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from urllib.parse import parse_qs, urlsplit
+
+from ccx.config import Settings
+from ccx.transport.http import Head
+
+LOOPBACK_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# Names that /etc/hosts conventionally maps to loopback; a browser sends them only when the
+# user typed them, never for a page on another site.
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost",
+                            "ip6-loopback"})
+
+
+def token_ok(settings: Settings, head: Head) -> bool:
+    """True when no token is set, or the request carries it (Bearer header or ?token=)."""
+    if settings.token is None:
+        return True
+    expected = settings.token.encode()
+    auth = head.header("authorization") or ""
+    if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), expected):
+        return True
+    query = parse_qs(urlsplit(head.target).query)
+    return any(hmac.compare_digest(v.encode(), expected) for v in query.get("token", []))
+
+
+def origin_ok(settings: Settings, origin: str | None) -> bool:
+    """No Origin, a loopback origin, or one listed in CCX_ALLOWED_ORIGINS (or `*`)."""
+    if origin is None:
+        return True
+    if "*" in settings.allowed_origins or origin in settings.allowed_origins:
+        return True
+    try:
+        parts = urlsplit(origin)
+        _ = parts.port  # raises ValueError for a malformed port
+    except ValueError:
+        return False
+    netloc = parts.netloc
+    host = netloc if netloc.startswith("[") else netloc.split(":", 1)[0]
+    if netloc.startswith("["):  # "[::1]" or "[::1]:port", nothing else after the bracket
+        end = netloc.find("]")
+        host, rest = netloc[: end + 1], netloc[end + 1:]
+        if end < 0 or (rest and not rest.startswith(":")):
+            return False
+    if "@" in netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return False  # an Origin is scheme://host[:port], nothing more
+    return parts.scheme in ("http", "https") and host.lower() in LOOPBACK_ORIGIN_HOSTS
+
+
+def split_host(value: str) -> str | None:
+    """The host part of a `Host` header value (`name[:port]`, `[v6][:port]`), lower case; None
+    when the value is malformed (user info, path, a port that is not a number)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[1:end], value[end + 1:]
+        if end < 0:
+            return None
+    else:
+        host, _, port = value.partition(":")
+        rest = f":{port}" if _ else ""
+    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        return None
+    if not host or any(c in host for c in "@/\\?# "):
+        return None
+    return host
+
+
+def host_ok(settings: Settings, value: str | None, *, loopback_bind: bool) -> bool:
+    """The `Host` header *value* may be served: any on a non-loopback bind; on a loopback bind
+    a loopback name or literal, the bind host itself, or one in CCX_ALLOWED_HOSTS (`*` = any).
+    No Host at all (HTTP/1.0) is allowed: browsers always send one."""
+    if not loopback_bind or value is None or "*" in settings.allowed_hosts:
+        return True
+    host = split_host(value)
+    if host is None:
+        return False
+    allowed = {h.lower() for h in settings.allowed_hosts}
+    if host in LOOPBACK_NAMES or host in allowed or host == settings.host.strip("[]").lower():
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
