@@ -34,6 +34,7 @@ API_KEY = "sk-ant-e2e-mock-key-0123456789"
 @pytest.fixture(scope="session")
 def claude_bin() -> str:
     """Path of the installed `claude` (installing it first if needed), or skip saying why."""
+    __tracebackhide__ = True
     done = subprocess.run(["bash", str(INSTALLER)], capture_output=True, text=True,
                           timeout=900)
     if done.returncode == EX_TEMPFAIL:

@@ -227,6 +227,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     mock: MockAnthropic
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client killed mid-connection (CANCEL does that) is no error of the mock
+
 
 def serve_mock() -> tuple[MockAnthropic, Callable[[], None]]:
     """Start the mock on 127.0.0.1, port 0, in a thread; returns it and a function to stop it."""
