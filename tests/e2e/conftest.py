@@ -31,17 +31,31 @@ EX_TEMPFAIL = 75  # the installer's "registry unreachable"
 API_KEY = "sk-ant-e2e-mock-key-0123456789"
 
 
+_installed: list[str] = []  # the installer's answer, asked once per test run
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Install Claude Code (or find it installed) before the first test here; if PyPI or npm
+    cannot be reached, skip every test here with one line (skips raised in a fixture would be
+    reported once per test)."""
+    if not _installed:
+        done = subprocess.run(["bash", str(INSTALLER)], capture_output=True, text=True,
+                              timeout=900)
+        if done.returncode == EX_TEMPFAIL:
+            first = done.stderr.strip().splitlines()[:1] or ["registry unreachable"]
+            _installed.append("skip: Claude Code not installable (no network to PyPI/npm?): "
+                              + first[0])
+        else:
+            assert done.returncode == 0, f"{INSTALLER} failed:\n{done.stderr}"
+            _installed.append(done.stdout.strip().splitlines()[-1])
+    if _installed[0].startswith("skip: "):
+        pytest.skip(_installed[0].removeprefix("skip: "))
+
+
 @pytest.fixture(scope="session")
 def claude_bin() -> str:
-    """Path of the installed `claude` (installing it first if needed), or skip saying why."""
-    __tracebackhide__ = True
-    done = subprocess.run(["bash", str(INSTALLER)], capture_output=True, text=True,
-                          timeout=900)
-    if done.returncode == EX_TEMPFAIL:
-        reason = done.stderr.strip().splitlines()[0] if done.stderr.strip() else "unreachable"
-        pytest.skip(f"Claude Code not installable (no network to PyPI/npm?): {reason}")
-    assert done.returncode == 0, f"{INSTALLER} failed:\n{done.stderr}"
-    return done.stdout.strip().splitlines()[-1]
+    """Path of the installed `claude` (pytest_runtest_setup installed it or skipped)."""
+    return _installed[0]
 
 
 @pytest.fixture

@@ -9,14 +9,17 @@ Bash tool's own processes, the thing under test.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import pytest
 import trio
 from conftest import RawClient, completion, join, wait_for
 from mcp import ClientSession
-from test_mcp import in_sdk, structured, ws
+from mcp.client.websocket import websocket_client
+from test_mcp import structured
 
 from ccx.server import Server
 
@@ -123,6 +126,8 @@ async def test_pause_stops_the_bash_tool_and_resume_finishes(
     done = await completion(client, session_id, timeout=RUN_S)
     assert (done["status"], done["exit_code"]) == ("exited", 0)
     assert lines() == 40
+    tool_result = next(r for r in mock.requests if r.reply == f"tool_result:{marker}")
+    assert "looped" in str(tool_result.last_user_blocks())  # the tool's output came back
     outputs = [m["params"] for m in client.notifications
                if m["method"] == "process.output" and m["params"]["session_id"] == session_id]
     assert result_event(join(outputs, "stdout"))["result"] == "Ticks done."
@@ -209,6 +214,14 @@ async def test_mcp_execute_tool_runs_claude(claude: Claude, mock: MockAnthropic,
             "command": claude.print_argv(f"Answer. {marker}"), "cwd": str(claude.work),
             "env": claude.env, "timeout": RUN_S}))
 
-    done = await in_sdk(ws(server), main)
+    async def in_asyncio() -> dict[str, Any]:  # the SDK's client is asyncio: a worker thread
+        with anyio.fail_after(RUN_S):
+            async with websocket_client(f"ws://127.0.0.1:{server.port}/ws") as streams, \
+                    ClientSession(*streams) as session:
+                await session.initialize()
+                return await main(session)
+
+    done = await trio.to_thread.run_sync(functools.partial(anyio.run, in_asyncio,
+                                                           backend="asyncio"))
     assert (done["status"], done["exit_code"]) == ("exited", 0), done
     assert result_event(done["stdout"].encode())["result"] == "Answer via MCP."
