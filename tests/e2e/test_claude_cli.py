@@ -20,7 +20,7 @@ from test_cli import CCX, ServeProcess, ccx
 from test_pty_cli import TMUX, Tmux
 
 from .conftest import Claude
-from .helpers import marked, result_event, unique
+from .helpers import events, marked, result_event, unique
 from .mock_anthropic import MockAnthropic, Reply
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -31,6 +31,19 @@ def ccx_run(serve: ServeProcess, claude: Claude, *argv: str,
             **kw: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([CCX, "run", "--cwd", str(claude.work), *claude.env_flags(), "--",
                            *argv], env=serve.env(), capture_output=True, timeout=RUN_S, **kw)
+
+
+def story(stdout: bytes) -> list[tuple[str, str, str]]:
+    """What a stream-json run said, without its ids and timings: each event's type and
+    subtype, and the text or tool call or tool output it carried."""
+    told = []
+    for event in events(stdout):
+        blocks = event.get("message", {}).get("content", []) if "message" in event else []
+        said = [b.get("text") or b.get("input", {}).get("command") or str(b.get("content"))
+                for b in blocks if isinstance(b, dict)]
+        told.append((event["type"], event.get("subtype", ""),
+                     event.get("result", "") + "|".join(said)))
+    return told
 
 
 def test_ccx_run_print_mode(claude: Claude, mock: MockAnthropic, serve: ServeProcess) -> None:
@@ -85,6 +98,14 @@ def test_ccx_attach_after_the_run_was_killed(claude: Claude, mock: MockAnthropic
     assert result_event(attached.stdout)["result"] == "Still here after SIGKILL."
     [info] = json.loads(ccx(serve, "ps", "--json", "--tag", marker).stdout)
     assert info["stdout_bytes"] == len(attached.stdout)
+    # A direct run (no ccx; the tool is not held back now) tells the same story: ids and
+    # timings differ from run to run, the events and what they say do not.
+    direct = subprocess.run(claude.print_argv(f"Wait. {marker}"), cwd=claude.work,
+                            env={**os.environ, **claude.env}, capture_output=True, timeout=RUN_S)
+    assert direct.returncode == 0, direct.stderr
+    told = story(attached.stdout)
+    assert told == story(direct.stdout)
+    assert ("user", "", "waiting\nreleased") in told, told  # the tool's output, whole
 
 
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux): "
