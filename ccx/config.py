@@ -86,6 +86,9 @@ OPTIONS: tuple[Option, ...] = (
            "allow a non-loopback bind without a token"),
     Option("allowed_commands", "CCX_ALLOWED_COMMANDS", _optional_csv, None,
            "comma-separated executable names or absolute paths; unset = any"),
+    Option("allowed_env", "CCX_ALLOWED_ENV", _csv, (),
+           "comma-separated env names execute may set although, with an allow-list, they "
+           "could make an allowed program run other code (PATH, LD_*, BASH_ENV, GIT_*...)"),
     Option("allow_shell", "CCX_ALLOW_SHELL", _bool, False, "allow execute with shell=true"),
     Option("allowed_origins", "CCX_ALLOWED_ORIGINS", _csv, (),
            "extra allowed Origin values, comma separated; * allows all"),
@@ -153,6 +156,7 @@ class Settings:
     token: str | None = None
     insecure: bool = False
     allowed_commands: tuple[str, ...] | None = None
+    allowed_env: tuple[str, ...] = ()
     allow_shell: bool = False
     allowed_origins: tuple[str, ...] = ()
     max_sessions: int = 64
