@@ -311,6 +311,10 @@ class SessionManager:
             raise InvalidParams("Invalid params: timeout must be positive")
         if params.kill_grace is not None and params.kill_grace < 0:
             raise InvalidParams("Invalid params: kill_grace must not be negative")
+        if params.kill_grace is not None and params.kill_grace > self.settings.max_kill_grace:
+            raise InvalidParams(f"Invalid params: kill_grace must be at most "
+                                f"{self.settings.max_kill_grace:g} s (CCX_MAX_KILL_GRACE)",
+                                {"max_kill_grace": self.settings.max_kill_grace})
         if params.linger < 0:
             raise InvalidParams("Invalid params: linger must not be negative")
         try:
@@ -434,6 +438,13 @@ class SessionManager:
                                                          {"session_id": session_id}))
             except OwnerGone:
                 pass
+
+    def kill_all(self) -> None:
+        """SIGKILL every group and tracked escapee now, ending every grace (a second signal
+        during shutdown, PROTOCOL.md 6); each session's kill path then confirms it."""
+        self._accepting = False
+        for session in self.running():
+            session.kill_now()
 
     async def shutdown(self, *, timeout: float) -> None:
         """Refuse new sessions, cancel all (grace capped at the server's), wait for them to
