@@ -27,7 +27,7 @@ import trio
 
 from ccx import __version__
 from ccx.config import OPTIONS, ConfigError, Settings
-from ccx.log import configure
+from ccx.log import configure, get_logger
 
 DEFAULT_URL = "ws://127.0.0.1:8003/ws"
 EXIT_TIMEOUT = 124
@@ -36,6 +36,11 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: no server to talk to
 READ_BYTES = 64 * 1024
+
+
+TOKEN_IN_ARGV_HINT = ("--token puts the token in the server's command line, which every "
+                      "local user can read (/proc/PID/cmdline, ps); use CCX_TOKEN_FILE "
+                      "(or CCX_TOKEN) instead")
 
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ccx serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_level, settings.log_format)
+    if args.token is not None:  # a log line, so stderr stays one JSON event per line
+        get_logger("ccx.cli").warning("token_in_argv", hint=TOKEN_IN_ARGV_HINT)
     try:
         trio.run(serve, settings)
     except OSError as exc:  # e.g. address in use
