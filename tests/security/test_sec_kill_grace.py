@@ -36,6 +36,7 @@ import trio
 import trio_websocket
 from conftest import RawClient, alive, group_alive, py, start_ready
 
+from ccx.config import ConfigError, Settings
 from ccx.server import Server
 from ccx.session import REPEAT_CANCEL_FORCES_S
 
@@ -269,3 +270,13 @@ async def test_second_signal_during_shutdown_kills_every_group_and_escapee(
         assert not group_alive(started["pgid"])
     finally:
         kill_leftovers(pids)
+
+
+@pytest.mark.parametrize("env", [
+    {"CCX_KILL_GRACE": "nan"}, {"CCX_KILL_GRACE": "inf"}, {"CCX_MAX_KILL_GRACE": "inf"},
+    {"CCX_MAX_KILL_GRACE": "nan"}, {"CCX_KILL_GRACE": "10", "CCX_MAX_KILL_GRACE": "5"},
+    {"CCX_RETENTION": "nan"},
+])
+def test_settings_refuse_graces_that_never_end(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        Settings.from_env(env)
