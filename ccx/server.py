@@ -4,7 +4,8 @@ Inputs: `Settings`.
 Outputs: a running server (`Server.run`, started with `nursery.start` to learn the bound
 port), `/health` and `/metrics` answers, WebSocket connections on `/ws` and `/ws/mcp` (and
 `/mcp` for MCP), MCP over Streamable HTTP on `/mcp` (`ccx.transport.mcp_http`), and a
-shutdown that cancels every session, delivers their completions, closes connections with 1001.
+shutdown that cancels every session, delivers their completions, closes connections with 1001;
+a further SIGTERM or SIGINT during it SIGKILLs every group and ends the server within 2 s.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listeners
       https://prometheus.io/docs/instrumenting/exposition_formats/
 """
