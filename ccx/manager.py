@@ -1,4 +1,5 @@
-"""The session registry: policy (allow-list, shell, limits), spawning, lookup, shutdown of all.
+"""The session registry: policy (allow-list, env policy, shell, limits), spawning, lookup,
+shutdown of all (and the SIGKILL of all on a second signal).
 
 Inputs: `Settings`, validated `ExecuteParams`, and the `Owner` (connection) asking.
 Outputs: running `Session`s whose tasks live in the manager's nursery (so a session is not
