@@ -95,7 +95,7 @@ async def control(call: Call) -> dict[str, object]:
     elif params.type == "RESUME":
         state = session.resume()
     else:
-        state = session.cancel()
+        state = session.cancel(by_client=True)
     call.manager.metrics.observe_control(params.type, time.perf_counter() - started)
     return {"session_id": session.id, "status": state.value}
 
@@ -165,8 +165,10 @@ async def server_info(call: Call) -> dict[str, object]:
             "chunk_bytes": CHUNK_BYTES,
             "channel_chunks": CHANNEL_CHUNKS,
             "kill_grace": settings.kill_grace,
+            "max_kill_grace": settings.max_kill_grace,
             "allowed_commands": list(settings.allowed_commands)
             if settings.allowed_commands is not None else None,
+            "allowed_env": list(settings.allowed_env),
             "allow_shell": settings.allow_shell,
             "max_linger": settings.max_linger,
             "replay_bytes": settings.replay_bytes,

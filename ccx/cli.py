@@ -38,6 +38,11 @@ EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: no server to talk to
 READ_BYTES = 64 * 1024
 
 
+TOKEN_IN_ARGV_HINT = ("--token puts the token in the server's command line, which every "
+                      "local user can read (/proc/PID/cmdline, ps); use CCX_TOKEN_FILE "
+                      "(or CCX_TOKEN) instead")
+
+
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("CCX_URL", DEFAULT_URL),
                         help=f"server URL (env CCX_URL, default {DEFAULT_URL})")
@@ -151,10 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ccx serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_level, settings.log_format)
-    if args.token is not None:
-        get_logger("ccx.cli").warning(
-            "token_in_argv", advice="any local user can read a command line (ps, /proc); "
-            "use CCX_TOKEN_FILE (--token-file) or CCX_TOKEN instead")
+    if args.token is not None:  # a log line, so stderr stays one JSON event per line
+        get_logger("ccx.cli").warning("token_in_argv", hint=TOKEN_IN_ARGV_HINT)
     try:
         trio.run(serve, settings)
     except (OSError, BaseExceptionGroup) as exc:  # e.g. address in use (inside a nursery)

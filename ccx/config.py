@@ -10,6 +10,7 @@ Docs: https://www.attrs.org/en/stable/api.html#attrs.frozen
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -91,6 +92,9 @@ OPTIONS: tuple[Option, ...] = (
            "allow a non-loopback bind without a token"),
     Option("allowed_commands", "CCX_ALLOWED_COMMANDS", _optional_csv, None,
            "comma-separated executable names or absolute paths; unset = any"),
+    Option("allowed_env", "CCX_ALLOWED_ENV", _csv, (),
+           "comma-separated env names execute may set although, with an allow-list, they "
+           "could make an allowed program run other code (PATH, LD_*, BASH_ENV, GIT_*...)"),
     Option("allow_shell", "CCX_ALLOW_SHELL", _bool, False, "allow execute with shell=true"),
     Option("allowed_origins", "CCX_ALLOWED_ORIGINS", _csv, (),
            "extra allowed Origin values, comma separated; * allows all"),
@@ -111,7 +115,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_message_bytes", "CCX_MAX_MESSAGE_BYTES", int, 1024 * 1024,
            "largest client frame in bytes (bigger closes with 1009)"),
     Option("kill_grace", "CCX_KILL_GRACE", float, 5.0,
-           "seconds between SIGTERM and SIGKILL on cancel"),
+           "seconds between SIGTERM and SIGKILL on cancel (and the most any session gets "
+           "at server shutdown)"),
+    Option("max_kill_grace", "CCX_MAX_KILL_GRACE", float, 300.0,
+           "largest kill_grace an execute may ask for (larger values are refused)"),
     Option("ws_ping_interval", "CCX_WS_PING_INTERVAL", float, 0.0,
            "seconds between server pings (0 = off)"),
     Option("tcp_keepalive", "CCX_TCP_KEEPALIVE", float, 60.0,
@@ -205,6 +212,7 @@ class Settings:
     token_file: str | None = None
     insecure: bool = False
     allowed_commands: tuple[str, ...] | None = None
+    allowed_env: tuple[str, ...] = ()
     allow_shell: bool = False
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
@@ -215,6 +223,7 @@ class Settings:
     max_sessions_per_connection: int = 16
     max_message_bytes: int = 1024 * 1024
     kill_grace: float = 5.0
+    max_kill_grace: float = 300.0
     ws_ping_interval: float = 0.0
     tcp_keepalive: float = 60.0
     tcp_user_timeout: float = 120.0
@@ -246,11 +255,18 @@ class Settings:
                 raise ConfigError(f"CCX_{name.upper()}: must be at least 1")
         if self.ended_replay_bytes < 0:
             raise ConfigError("CCX_ENDED_REPLAY_BYTES: must not be negative")
-        for name in ("kill_grace", "ws_ping_interval", "retention", "max_linger",
-                     "mcp_http_idle", "mcp_sse_max", "track_interval", "tcp_keepalive",
-                     "tcp_user_timeout"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"CCX_{name.upper()}: must not be negative")
+        for name in ("kill_grace", "max_kill_grace", "ws_ping_interval", "retention",
+                     "max_linger", "mcp_http_idle", "mcp_sse_max", "track_interval",
+                     "tcp_keepalive", "tcp_user_timeout"):
+            value = getattr(self, name)
+            if math.isnan(value) or value < 0:
+                raise ConfigError(f"CCX_{name.upper()}: must be a number, not negative")
+        for name in ("kill_grace", "max_kill_grace"):  # a grace must end
+            if math.isinf(getattr(self, name)):
+                raise ConfigError(f"CCX_{name.upper()}: must be finite")
+        if self.kill_grace > self.max_kill_grace:
+            raise ConfigError(f"CCX_KILL_GRACE ({self.kill_grace:g}) is above "
+                              f"CCX_MAX_KILL_GRACE ({self.max_kill_grace:g})")
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
             raise ConfigError(f"CCX_NODE_NAME: {self.node_name!r} is not 1-63 characters of "
                               "letters, digits, '.', '_' or '-'")

@@ -1,4 +1,5 @@
-"""The session registry: policy (allow-list, shell, limits), spawning, lookup, shutdown of all.
+"""The session registry: policy (allow-list, env policy, shell, limits), spawning, lookup,
+shutdown of all (and the SIGKILL of all on a second signal).
 
 Inputs: `Settings`, validated `ExecuteParams`, and the `Owner` (connection) asking.
 Outputs: running `Session`s whose tasks live in the manager's nursery (so a session is not
@@ -59,13 +60,20 @@ HIDDEN_FROM_CHILDREN = ("CCX_TOKEN",)
 SHUTDOWN_POLL_S = 0.01
 DETACH_NOTICE_TIMEOUT_S = 10.0  # how long we try to tell a connection it lost a session
 PTY_TERM = "xterm-256color"  # TERM of a PTY session unless execute's env sets one
+# With an allow-list, `env` keys that make an allowed program run other code (PROTOCOL.md 2):
+# the loader's (LD_*, DYLD_*), the shells' (BASH_FUNC_*, BASH_ENV, ENV, ...), interpreters'
+# start-up hooks and git's config injection. Refused unless named in CCX_ALLOWED_ENV.
+CODE_LOADING_ENV = frozenset({"PATH", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4",
+                              "GCONV_PATH", "RUBYOPT", "NODE_OPTIONS", "JAVA_TOOL_OPTIONS"})
+CODE_LOADING_ENV_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "PYTHON", "PERL5", "GIT_")
 
 
 def _normalize(path: str) -> str:
     """Resolve symlinked directories (/bin -> /usr/bin) but not the file itself.
 
     Following a symlinked file would let a multi-call binary (busybox) pass for any of its
-    names, so the file name is kept as written.
+    names, so the file name is kept as written. The result is both what the allow-list
+    judges and what is exec'd: a directory symlink flipped after the check cannot change it.
     """
     directory, name = os.path.split(os.path.abspath(path))
     return os.path.join(os.path.realpath(directory), name)
@@ -272,18 +280,33 @@ class SessionManager:
         cwd = params.cwd
         if cwd is not None and not os.path.isdir(cwd):
             raise InvalidParams(f"Invalid params: cwd does not exist: {cwd}", {"cwd": cwd})
+        self._check_env_policy(params.env)
         env = self._child_env(params.env)
         if params.pty is not None:  # the server's own TERM describes its terminal, not this one
             env["TERM"] = params.env.get("TERM", PTY_TERM)
-        executable = resolve_executable(argv[0], path=env.get("PATH"), cwd=cwd)
+        found = resolve_executable(argv[0], path=env.get("PATH"), cwd=cwd)
+        # Directory symlinks are resolved once, here; the path judged is the path exec'd.
+        executable = _normalize(found) if found is not None else None
         if self.settings.allowed_commands is not None and (
-            executable is None or _normalize(executable) not in self._allowed_paths()
+            executable is None or executable not in self._allowed_paths()
         ):
             raise NotAllowed(f"command not allowed: {argv[0]}",
                              {"executable": executable or argv[0]})
         if executable is None:
             raise SpawnFailed(f"executable not found: {argv[0]}", {"executable": argv[0]})
         return Launch(argv, executable, cwd, env)
+
+    def _check_env_policy(self, extra: Mapping[str, str]) -> None:
+        """With an allow-list, refuse `env` keys that make an allowed program run other code
+        (PROTOCOL.md 2), unless the operator listed them in CCX_ALLOWED_ENV."""
+        if self.settings.allowed_commands is None:
+            return
+        for key in extra:
+            if key in self.settings.allowed_env:
+                continue
+            if key in CODE_LOADING_ENV or key.startswith(CODE_LOADING_ENV_PREFIXES):
+                raise NotAllowed(f"env variable not allowed: {key} (it can make an allowed "
+                                 "program run other code; see CCX_ALLOWED_ENV)", {"env": key})
 
     @staticmethod
     def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -323,6 +346,10 @@ class SessionManager:
             raise InvalidParams("Invalid params: timeout must be positive")
         if params.kill_grace is not None and params.kill_grace < 0:
             raise InvalidParams("Invalid params: kill_grace must not be negative")
+        if params.kill_grace is not None and params.kill_grace > self.settings.max_kill_grace:
+            raise InvalidParams(f"Invalid params: kill_grace must be at most "
+                                f"{self.settings.max_kill_grace:g} s (CCX_MAX_KILL_GRACE)",
+                                {"max_kill_grace": self.settings.max_kill_grace})
         if params.linger < 0:
             raise InvalidParams("Invalid params: linger must not be negative")
         try:
@@ -447,6 +474,13 @@ class SessionManager:
                                                          {"session_id": session_id}))
             except OwnerGone:
                 pass
+
+    def kill_all(self) -> None:
+        """SIGKILL every group and tracked escapee now, ending every grace (a second signal
+        during shutdown, PROTOCOL.md 6); each session's kill path then confirms it."""
+        self._accepting = False
+        for session in self.running():
+            session.kill_now()
 
     async def shutdown(self, *, timeout: float) -> None:
         """Refuse new sessions, cancel all (grace capped at the server's), wait for them to

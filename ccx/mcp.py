@@ -338,7 +338,8 @@ class McpEndpoint:
             raise InvalidRequest(f"Invalid Request: {method} before initialize; the first "
                                  "request of an MCP session must be initialize")
         if method == "tools/list":
-            return {"tools": [t.describe(self.protocol_version) for t in TOOLS.values()]}
+            return {"tools": [t.describe(self.protocol_version, self.settings)
+                              for t in TOOLS.values()]}
         if method == "tools/call":
             return await self._call_tool(params)
         if method == "logging/setLevel":

@@ -293,8 +293,9 @@ _LAUNCH = {
             "description": "variables added to the environment"},
     "timeout": {"type": "number", "exclusiveMinimum": 0,
                 "description": "seconds; then the process group is cancelled (status timeout)"},
-    "kill_grace": {"type": "number", "minimum": 0,
-                   "description": "seconds between SIGTERM and SIGKILL when cancelling"},
+    "kill_grace": {"type": "number", "minimum": 0, "maximum": Settings().max_kill_grace,
+                   "description": "seconds between SIGTERM and SIGKILL when cancelling "
+                   "(at most the server's CCX_MAX_KILL_GRACE)"},
 }
 _SESSION_ID = {"session_id": {"type": "string", "description": "from start or list_sessions"}}
 _NULLABLE_INT = {"type": ["integer", "null"]}
@@ -351,10 +352,11 @@ class Tool:
     run: ToolFn
     read_only: bool = False
 
-    def describe(self, version: str) -> dict[str, object]:
-        """The `tools/list` entry; fields newer than the negotiated version are left out."""
+    def describe(self, version: str, settings: Settings | None = None) -> dict[str, object]:
+        """The `tools/list` entry; fields newer than the negotiated version are left out.
+        With *settings*, limits in the schema (kill_grace's maximum) are this server's."""
         entry: dict[str, object] = {"name": self.name, "description": self.description,
-                                    "inputSchema": self.input_schema}
+                                    "inputSchema": _with_limits(self.input_schema, settings)}
         if version >= "2025-03-26":
             entry["annotations"] = {"readOnlyHint": self.read_only,
                                     "destructiveHint": self.name == "cancel",
@@ -363,6 +365,14 @@ class Tool:
             entry["title"] = self.title
             entry["outputSchema"] = self.output_schema
         return entry
+
+
+def _with_limits(schema: dict[str, Any], settings: Settings | None) -> dict[str, Any]:
+    properties = schema.get("properties", {})
+    if settings is None or "kill_grace" not in properties:
+        return schema
+    grace = {**properties["kill_grace"], "maximum": settings.max_kill_grace}
+    return {**schema, "properties": {**properties, "kill_grace": grace}}
 
 
 TOOLS: dict[str, Tool] = {tool.name: tool for tool in (

@@ -4,7 +4,8 @@ Inputs: argv, the resolved executable, cwd, env, stdin mode or a terminal size, 
 Outputs: a running `Group` (own session and group, pgid == pid) with its pipes, or with the
 master side of a pseudo-terminal whose slave is the child's controlling terminal; `stop_group`
 (the one kill path: SIGTERM, SIGCONT, grace, SIGKILL, wait until empty) and the `StopStep` it
-reached; group inspection through /proc; the child-subreaper switch.
+reached, with a `Grace` its caller can shorten while it runs; group inspection through /proc;
+the child-subreaper switch.
 
 A PTY group is the whole *session* the child leads, not only its process group: a job-control
 shell (`sh -i`) puts each pipeline in a process group of its own, inside the same session and on
@@ -42,6 +43,7 @@ import struct
 import subprocess
 import termios
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import attrs
 import trio
@@ -68,6 +70,42 @@ class StopStep(enum.Enum):
     ALREADY_EMPTY = "already_empty"
     TERMINATED = "terminated"  # gone after SIGTERM, within the grace
     KILLED = "killed"  # needed SIGKILL
+
+
+@attrs.define(eq=False)
+class Grace:
+    """The wait between SIGTERM and SIGKILL of one `stop_group`, which can be cut short
+    before or while it runs.
+
+    `cap(s)` makes it at most *s* seconds counted from the SIGTERM: a grace already running
+    for longer than that ends at once (SIGKILL is due). Server shutdown caps every session's
+    grace this way, and a repeated CANCEL ends it (`expire`), so no grace a client asked for
+    can hold the server up (PROTOCOL.md 5).
+    """
+
+    seconds: float
+    _sigterm_at: float | None = None
+    _scope: trio.CancelScope | None = None
+
+    def cap(self, seconds: float) -> None:
+        self.seconds = min(self.seconds, max(seconds, 0.0))
+        if self._scope is not None and self._sigterm_at is not None:
+            self._scope.deadline = min(self._scope.deadline, self._sigterm_at + self.seconds)
+
+    def expire(self) -> None:
+        """SIGKILL now (or at once after the SIGTERM, if that is still to come)."""
+        self.cap(0.0)
+
+    @contextmanager
+    def running(self) -> Iterator[trio.CancelScope]:
+        """The grace itself: a scope whose deadline `cap` can move earlier while it runs."""
+        self._sigterm_at = trio.current_time()
+        with trio.move_on_at(self._sigterm_at + self.seconds) as scope:
+            self._scope = scope
+            try:
+                yield scope
+            finally:
+                self._scope = None
 
 
 @attrs.frozen
@@ -422,22 +460,26 @@ async def pause_group(group: Group, *, wanted: Callable[[], bool] = lambda: True
     return await wait_group_stopped(group, confirm=confirm, wanted=wanted)
 
 
-async def stop_group(group: Group, *, grace: float, escapees: Sequence[Proc] = ()) -> StopStep:
+async def stop_group(group: Group, *, grace: float | Grace,
+                     escapees: Sequence[Proc] = ()) -> StopStep:
     """Make the group empty. The one kill path: every way a session ends goes through here.
 
     Timeline: SIGTERM then SIGCONT to the group (TERM first, so a stopped member wakes up with
     the TERM already pending instead of running on for a moment; on a terminal every process
-    group of the session gets them), wait up to *grace* seconds
-    for every member to go, then SIGKILL to the group and wait again, up to
-    `AFTER_KILL_TIMEOUT_S` (only an uninterruptible D-state member can outlast it; that is
-    logged as an error). Zombies are reaped on the way (the leader by trio). *escapees*
-    (descendants that left the group, see `ccx.descendants`) get the same signals, one by
-    one, at the same steps, and the wait covers them too.
+    group of the session gets them), wait up to *grace* seconds (a `Grace` can be shortened
+    by its owner while this waits: shutdown's cap, a forced cancel) for every member to go,
+    then SIGKILL to the group and wait again, up to `AFTER_KILL_TIMEOUT_S` (only an
+    uninterruptible D-state member can outlast it; that is logged as an error). Zombies are
+    reaped on the way (the leader by trio). *escapees* (descendants that left the group, see
+    `ccx.descendants`) get the same signals, one by one, at the same steps, and the wait
+    covers them too.
 
     **Cancellation**: shielded; it always finishes, bounded by grace + AFTER_KILL_TIMEOUT_S.
+    Cancelling from outside cannot cut the grace; `Grace.cap` can.
     """
     with trio.CancelScope(shield=True):
-        step = await _escalate(group, grace, escapees)
+        step = await _escalate(group, grace if isinstance(grace, Grace) else Grace(grace),
+                               escapees)
     return step
 
 
@@ -449,14 +491,14 @@ def _signal_all(group: Group, escapees: Sequence[Proc], *signals: signal.Signals
              escapees=[p.pid for p in escapees] or None)
 
 
-async def _escalate(group: Group, grace: float, escapees: Sequence[Proc]) -> StopStep:
+async def _escalate(group: Group, grace: Grace, escapees: Sequence[Proc]) -> StopStep:
     escapees = still_alive(escapees)
     if group.process.returncode is not None and not live_members(group) and not escapees:
         return StopStep.ALREADY_EMPTY
     # No SIGHUP on a terminal, although a closing terminal sends one: pending together with
     # SIGTERM it is delivered first and its default action would pre-empt a TERM handler.
     _signal_all(group, escapees, signal.SIGTERM, signal.SIGCONT)
-    with trio.move_on_after(grace):
+    with grace.running():
         await wait_group_empty(group, escapees)
         return StopStep.TERMINATED
     _signal_all(group, still_alive(escapees), signal.SIGKILL)

@@ -7,7 +7,8 @@ head within CCX_HEAD_TIMEOUT, refuses a foreign `Host` on a loopback bind (403, 
 rebinding: `ccx.transport.policy`), then routes: `/health` and `/metrics` answers,
 WebSocket connections on `/ws` and `/ws/mcp` (and `/mcp` for MCP), MCP over Streamable HTTP
 on `/mcp` (`ccx.transport.mcp_http`), and a shutdown that cancels every session, delivers
-their completions, closes connections with 1001.
+their completions, closes connections with 1001; a further SIGTERM or SIGINT during it
+SIGKILLs every group and ends the server within 2 s.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listeners
       https://prometheus.io/docs/instrumenting/exposition_formats/
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket
+from collections.abc import AsyncIterator
 
 import attrs
 import trio
@@ -45,6 +47,9 @@ log = get_logger("ccx.server")
 
 SHUTDOWN_MARGIN_S = 1.2  # beyond kill_grace: time to deliver completions and close sockets
 CLOSE_RESERVE_S = 0.5  # of that margin, kept for closing connections with 1001
+# After a second signal (everything SIGKILLed), what is left of the shutdown gets this long:
+# completions and 1001 closes go out if they can; PROTOCOL.md 6 wants an exit within 2 s.
+FORCED_EXIT_S = 1.0
 # TCP keepalive (CCX_TCP_KEEPALIVE s idle, then KEEPALIVE_COUNT probes KEEPALIVE_INTERVAL_S
 # apart) finds idle peers that vanished without a FIN or RST. CCX_TCP_USER_TIMEOUT: data
 # (or a keepalive probe) unacknowledged for that long drops the connection. A live peer that
@@ -66,6 +71,7 @@ class Server:
     gate: Gate = attrs.field(init=False)
     loopback_bind: bool = True  # every bound address is loopback: the Host rule applies
     _stopping: trio.Event = attrs.field(factory=trio.Event)
+    _run_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     def __attrs_post_init__(self) -> None:
         self.gate = Gate(connection_cap(self.settings.max_connections),
@@ -83,6 +89,18 @@ class Server:
     def stop(self) -> None:
         """Begin an orderly shutdown (what SIGTERM and SIGINT do)."""
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def kill(self) -> None:
+        """End a shutdown now (a further SIGTERM or SIGINT, PROTOCOL.md 6): SIGKILL every
+        group and escapee at once, then give the rest of the shutdown `FORCED_EXIT_S`."""
+        self._stopping.set()
+        self.manager.kill_all()
+        deadline = trio.current_time() + FORCED_EXIT_S
+        self._run_scope.deadline = min(self._run_scope.deadline, deadline)
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve, and on `stop()` shut down in order. Returns when all is closed.
@@ -103,6 +121,12 @@ class Server:
         self.loopback_bind = all(
             ipaddress.ip_address(listener.socket.getsockname()[0].split("%")[0]).is_loopback
             for listener in listeners)
+        with self._run_scope:  # `kill()` bounds what is left (sessions' kill paths are shielded)
+            await self._serve(listeners, task_status)
+        log.info("stopped")
+
+    async def _serve(self, listeners: list[trio.SocketListener],
+                     task_status: trio.TaskStatus[Server]) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.manager.run)
             await nursery.start(self.mcp_http.run)
@@ -129,7 +153,6 @@ class Server:
                         await trio.sleep(0.01)
                 handlers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
-        log.info("stopped")
 
     async def _accept(
         self,
@@ -212,15 +235,29 @@ def _set_keepalive(sock: trio.socket.SocketType, settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut it down in order (`ccx serve`)."""
+    """Run a server until SIGTERM or SIGINT, then shut it down in order (`ccx serve`).
+
+    A further SIGTERM or SIGINT once shutdown has begun SIGKILLs every group and escapee and
+    ends the server within 2 s (PROTOCOL.md 6): the signals stay ours until the server has
+    stopped, so none of them kills the server by its default action with children left.
+    """
     settings.check_exposure()
     soft, hard = raise_fd_limit()
     log.info("fd_limit", soft=soft, hard=hard)
     server = Server(settings)
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(server.run)
-            async for signum in signals:
-                log.info("signal_received", signal=signal.Signals(signum).name)
-                server.stop()
-                break
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_obey_signals, server, signals)
+            await server.run()
+            nursery.cancel_scope.cancel()
+
+
+async def _obey_signals(server: Server, signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not server.stopping:
+            log.info("signal_received", signal=name)
+            server.stop()
+        else:
+            log.warning("signal_received_again", signal=name, action="SIGKILL every group")
+            server.kill()

@@ -39,6 +39,7 @@ import codecs
 import collections
 import enum
 import os
+import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -48,10 +49,24 @@ import attrs
 import structlog
 import trio
 
-from ccx.descendants import Tracker, adopted_by_session, snapshot_async, still_alive
+from ccx.descendants import (
+    Tracker,
+    adopted_by_session,
+    signal_procs,
+    snapshot_async,
+    still_alive,
+)
 from ccx.log import get_logger
 from ccx.outbox import Held, HeldBudget, Outbox
-from ccx.process import Group, StopStep, live_members, signal_name, stop_group
+from ccx.process import (
+    Grace,
+    Group,
+    StopStep,
+    live_members,
+    signal_members,
+    signal_name,
+    stop_group,
+)
 from ccx.protocol import InvalidState, encode_utf8, notification
 from ccx.tree import pause_tree, resume_tree, stop_arrivals
 
@@ -62,6 +77,9 @@ UTF8_CARRY_BYTES = 3  # an incremental decoder holds back at most 3 bytes of a s
 CHANNEL_CHUNKS = 8  # channel slots: 8 x 64 KiB = 512 KiB in flight per session, at most
 DRAIN_MAX_READS = 64  # after the group is gone, read what the pipe still holds, not more
 LATE_ROUNDS_MAX = 20  # kill-and-rescan rounds for escapees born during the kill path
+# A client's CANCEL repeated at least this long after its first one means "force it now":
+# SIGKILL without waiting out the grace. Sooner, it is taken for a duplicate (a retry).
+REPEAT_CANCEL_FORCES_S = 1.0
 
 
 class OwnerGone(Exception):
@@ -167,8 +185,9 @@ class Session:
     _live_reads: set[trio.CancelScope] = attrs.field(factory=set)
     _control_overflow: collections.deque[str] = attrs.field(factory=collections.deque)
     _stdin_lock: trio.Lock = attrs.field(factory=trio.Lock)
-    _grace_cap: float | None = None
     held: HeldBudget | None = None  # the server's CCX_MAX_HELD_BYTES; None: no such limit
+    _grace: Grace = attrs.field(init=False)  # SIGTERM to SIGKILL; shortened while it runs
+    _client_cancelled_at: float | None = None  # trio time of the first CANCEL by a client
     _outbox: Outbox = attrs.field(init=False)
     tracker: Tracker = attrs.field(init=False)  # descendants, escaped ones included
     _gate_open: bool = False  # closed until the execute/attach response is on its way
@@ -185,6 +204,7 @@ class Session:
 
     def __attrs_post_init__(self) -> None:
         self._outbox = Outbox(self.options.replay_bytes, self.held)
+        self._grace = Grace(self.options.kill_grace)
         self.tracker = Tracker(self.id, self.group.pgid, self.group.whole_session)
         self._send, self._receive = trio.open_memory_channel[tuple[str, bytes] | str](
             CHANNEL_CHUNKS
@@ -296,14 +316,25 @@ class Session:
                 log.warning("paused_tree_was_running", pids=[p.pid for p in late],
                             session_id=self.id)
 
-    def cancel(self, *, reason: State = State.CANCELLED, grace: float | None = None) -> State:
+    def cancel(self, *, reason: State = State.CANCELLED, grace: float | None = None,
+               by_client: bool = False) -> State:
         """Ask the session to stop (the escalation runs in `run()`); returns the status now.
 
-        *grace* caps the kill grace (server shutdown uses it). An ended session returns its
-        final status; a second cancel changes nothing.
+        *grace* caps the kill grace, also one already running (server shutdown uses it).
+        *by_client*: a CANCEL request (native `control` or the MCP `cancel` tool); one that
+        comes at least `REPEAT_CANCEL_FORCES_S` after the client's first ends the grace at
+        once (SIGKILL). An ended session returns its final status; otherwise a second cancel
+        changes nothing else.
         """
         if grace is not None:
-            self._grace_cap = grace if self._grace_cap is None else min(grace, self._grace_cap)
+            self._grace.cap(grace)
+        if by_client and not self.state.ended:
+            now = trio.current_time()
+            if self._client_cancelled_at is None:
+                self._client_cancelled_at = now
+            elif now - self._client_cancelled_at >= REPEAT_CANCEL_FORCES_S:
+                self._grace.expire()
+                log.info("cancel_forced", session_id=self.id)
         if self.state.ended or self.state is State.CANCELLING:
             return self.state
         self.state = self._transition("CANCEL")
@@ -311,6 +342,17 @@ class Session:
         self._cancel_requested.set()
         log.info("cancel_requested", reason=reason.value, session_id=self.id)
         return self.state
+
+    def kill_now(self) -> None:
+        """SIGKILL the whole tree at once, escapees included, and end any grace (a second
+        signal during server shutdown). The kill path in `run()` then confirms it is empty."""
+        self.cancel(grace=0.0)
+        if self._group_gone:
+            return
+        signal_members(self.group, signal.SIGKILL)
+        signal_procs(self.tracker.escapees(), signal.SIGKILL)
+        log.info("signal_sent", signals=["SIGKILL"], pgid=self.group.pgid, session_id=self.id,
+                 escapees=[p.pid for p in self.tracker.escapees()] or None)
 
     async def write_input(self, data: bytes, *, eof: bool) -> int:
         """Write *data* to the child's stdin, waiting for the pipe; close it when *eof*. On a
@@ -524,11 +566,8 @@ class Session:
         with trio.CancelScope(shield=True):
             if self._stop_reason is None and not self.state.ended:
                 self._stop_reason = State.CANCELLED  # cancelled from outside (shutdown, bug)
-            grace = self.options.kill_grace
-            if self._grace_cap is not None:
-                grace = min(grace, self._grace_cap)
             await self.refresh_descendants()  # a last look while the tree is still intact
-            self.stop_step = await stop_group(self.group, grace=grace,
+            self.stop_step = await stop_group(self.group, grace=self._grace,
                                               escapees=self.tracker.escapees())
             await self._stop_late_escapees()
             self._decide()
