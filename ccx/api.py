@@ -25,6 +25,7 @@ from ccx.manager import SessionManager
 from ccx.protocol import (
     AttachParams,
     ControlParams,
+    DrainParams,
     ExecuteParams,
     InputParams,
     InternalError,
@@ -147,11 +148,18 @@ async def ping(call: Call) -> dict[str, object]:
     return {"pong": True, "time": _now()}
 
 
+async def drain(call: Call) -> dict[str, object]:
+    """PROTOCOL.md 10: stop taking sessions (optionally cancelling the rest after `timeout`
+    seconds), or with `undo` take them again."""
+    params = structure_params(call.params, DrainParams)
+    return call.manager.drain(timeout=params.timeout, undo=params.undo)
+
+
 async def server_info(call: Call) -> dict[str, object]:
     structure_params(call.params if isinstance(call.params, dict) else None, NoParams)
     settings = call.manager.settings
     capabilities = ["execute", "control", "input", "stdin", "base64", "batch", "timeout",
-                    "linger", "attach", "replay", "pty", "resize"]
+                    "linger", "attach", "replay", "pty", "resize", "drain"]
     if settings.allow_shell:
         capabilities.append("shell")
     return {
@@ -178,6 +186,8 @@ async def server_info(call: Call) -> dict[str, object]:
         },
         "capabilities": capabilities,
         "node": settings.node_name,
+        "incarnation": call.manager.incarnation if settings.node_name else None,
+        "draining": call.manager.draining,
     }
 
 
@@ -191,6 +201,7 @@ METHODS: dict[str, Handler] = {
     "status": status,
     "ping": ping,
     "server.info": server_info,
+    "drain": drain,
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label (RFC 1123)
 
 
 class ConfigError(ValueError):
@@ -144,7 +144,11 @@ OPTIONS: tuple[Option, ...] = (
            "per connection: bytes of input frames read but not yet written to the child; "
            "beyond it the connection's input waits, as on a pipe"),
     Option("node_name", "CCX_NODE_NAME", _optional_str, None,
-           "prefix of session ids (e.g. the pod name) so an id tells which server has it"),
+           "this node's name, a DNS label (e.g. the pod name): session ids become "
+           "<node>.<incarnation>.<rest> (PROTOCOL.md 10)"),
+    Option("drain_timeout", "CCX_DRAIN_TIMEOUT", float, 0.0,
+           "seconds SIGTERM lets sessions run on (draining: no new ones) before cancelling "
+           "the rest and shutting down; 0 = cancel at once"),
     Option("mcp_buffer_bytes", "CCX_MCP_BUFFER_BYTES", int, 1024 * 1024,
            "MCP: unread output held per session and stream before the child is throttled"),
     Option("mcp_tail_bytes", "CCX_MCP_TAIL_BYTES", int, 32 * 1024,
@@ -234,6 +238,7 @@ class Settings:
     max_held_bytes: int = 1024 * 1024 * 1024
     max_input_bytes: int = 8 * 1024 * 1024
     node_name: str | None = None
+    drain_timeout: float = 0.0
     mcp_buffer_bytes: int = 1024 * 1024
     mcp_tail_bytes: int = 32 * 1024
     mcp_http_idle: float = 3600.0
@@ -257,19 +262,20 @@ class Settings:
             raise ConfigError("CCX_ENDED_REPLAY_BYTES: must not be negative")
         for name in ("kill_grace", "max_kill_grace", "ws_ping_interval", "retention",
                      "max_linger", "mcp_http_idle", "mcp_sse_max", "track_interval",
-                     "tcp_keepalive", "tcp_user_timeout"):
+                     "tcp_keepalive", "tcp_user_timeout", "drain_timeout"):
             value = getattr(self, name)
             if math.isnan(value) or value < 0:
                 raise ConfigError(f"CCX_{name.upper()}: must be a number, not negative")
-        for name in ("kill_grace", "max_kill_grace"):  # a grace must end
+        for name in ("kill_grace", "max_kill_grace", "drain_timeout"):  # a grace must end
             if math.isinf(getattr(self, name)):
                 raise ConfigError(f"CCX_{name.upper()}: must be finite")
         if self.kill_grace > self.max_kill_grace:
             raise ConfigError(f"CCX_KILL_GRACE ({self.kill_grace:g}) is above "
                               f"CCX_MAX_KILL_GRACE ({self.max_kill_grace:g})")
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
-            raise ConfigError(f"CCX_NODE_NAME: {self.node_name!r} is not 1-63 characters of "
-                              "letters, digits, '.', '_' or '-'")
+            raise ConfigError(f"CCX_NODE_NAME: {self.node_name!r} is not a DNS label (1-63 "
+                              "characters of a-z, 0-9 and '-', starting and ending with a "
+                              "letter or digit)")
         if self.head_timeout <= 0:
             raise ConfigError("CCX_HEAD_TIMEOUT: must be positive")
         if self.token_file is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 import shlex
 import time
 import uuid
@@ -42,6 +43,7 @@ from ccx.protocol import (
     ExecuteParams,
     InvalidParams,
     LimitReached,
+    NodeDraining,
     NotAllowed,
     SessionNotFound,
     SpawnFailed,
@@ -57,7 +59,6 @@ MAX_ENDED_KEPT = 1000  # ended sessions remembered at most, whatever CCX_RETENTI
 SWEEP_MIN_S = 0.1  # retention sweeps: at least this far apart...
 SWEEP_MAX_S = 60.0  # ...and at most this far (an expired session lingers this long at worst)
 HIDDEN_FROM_CHILDREN = ("CCX_TOKEN",)
-SHUTDOWN_POLL_S = 0.01
 DETACH_NOTICE_TIMEOUT_S = 10.0  # how long we try to tell a connection it lost a session
 PTY_TERM = "xterm-256color"  # TERM of a PTY session unless execute's env sets one
 # With an allow-list, `env` keys that make an allowed program run other code (PROTOCOL.md 2):
@@ -66,6 +67,16 @@ PTY_TERM = "xterm-256color"  # TERM of a PTY session unless execute's env sets o
 CODE_LOADING_ENV = frozenset({"PATH", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4",
                               "GCONV_PATH", "RUBYOPT", "NODE_OPTIONS", "JAVA_TOOL_OPTIONS"})
 CODE_LOADING_ENV_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "PYTHON", "PERL5", "GIT_")
+
+
+def new_incarnation() -> str:
+    """A name for this start of the server: the start second in base 36, then 6 random hex
+    digits (no '.', never the same twice in practice, and roughly ordered by start time)."""
+    seconds, digits = int(time.time()), ""
+    while seconds:
+        seconds, digit = divmod(seconds, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
+    return f"{digits or '0'}{secrets.token_hex(3)}"
 
 
 def _normalize(path: str) -> str:
@@ -105,6 +116,9 @@ class SessionManager:
     _sessions: dict[str, Session] = attrs.field(factory=dict)
     _accepting: bool = True
     _changed: trio.Event = attrs.field(factory=trio.Event)
+    incarnation: str = attrs.field(factory=new_incarnation)  # new on every start
+    draining: bool = False  # PROTOCOL.md 10: execute refused with -32007 meanwhile
+    _drain_deadline: trio.CancelScope | None = None  # a pending drain timeout
     state: StateFile = attrs.field(factory=lambda: StateFile(""))  # the crash record
     started_total: int = 0
     spawn_failures_total: int = 0
@@ -119,7 +133,8 @@ class SessionManager:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host session tasks until cancelled; cancelling it still empties every group."""
-        self.state = StateFile.open(self.settings.state_dir)
+        self.state = StateFile.open(self.settings.state_dir, node=self.settings.node_name,
+                                    incarnation=self.incarnation)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -229,10 +244,30 @@ class SessionManager:
                 session.forget_replay()
                 log.debug("replay_forgotten", session_id=session.id, bytes=held)
 
-    def _new_id(self) -> str:
-        """A fresh session id: random hex, after `CCX_NODE_NAME` and a dot when set."""
+    @property
+    def id_prefix(self) -> str:
+        """What starts every id this server hands out (sessions, `Mcp-Session-Id`):
+        `<node>.<incarnation>.` with CCX_NODE_NAME set, else nothing (PROTOCOL.md 10)."""
         node = self.settings.node_name
-        return f"{node}.{uuid.uuid4().hex}" if node else uuid.uuid4().hex
+        return f"{node}.{self.incarnation}." if node else ""
+
+    def _new_id(self) -> str:
+        """A fresh session id: random hex after `id_prefix`."""
+        return self.id_prefix + uuid.uuid4().hex
+
+    def busy(self) -> list[Session]:
+        """Sessions a drain waits for: the process runs, or its completion is still owed to
+        an attached owner (an ended session that waits for an attach is not one)."""
+        return [s for s in self.live() if s.running or s.owner is not None]
+
+    def ready(self) -> str | None:
+        """None while new sessions are taken; else why not: "draining", or "full" (execute
+        would get -32003 for the whole server: CCX_MAX_SESSIONS or CCX_MAX_HELD_BYTES)."""
+        if self.draining or not self._accepting:
+            return "draining"
+        if len(self.counted()) >= self.settings.max_sessions or self.held.full:
+            return "full"
+        return None
 
     def output_bytes(self) -> dict[str, int]:
         """Bytes read from every session's stdout/stderr since start (forgotten ones too)."""
@@ -319,6 +354,9 @@ class SessionManager:
         return env
 
     def _check_limits(self, owner: Owner | None) -> None:
+        if self.draining:
+            raise NodeDraining(f"node draining: {self.settings.node_name or 'this server'} "
+                               "takes no new sessions", {"node": self.settings.node_name})
         if not self._accepting:
             raise LimitReached("server is shutting down")
         live = self.counted()
@@ -385,10 +423,10 @@ class SessionManager:
             )
             session = Session(session_id, group, options, owner, on_done=self._on_done,
                               held=self.held)
-            # Shutdown may have begun while the process was starting: it cancelled only the
-            # sessions it saw, and the nursery may even be closed (RuntimeError) by now.
-            if not self._accepting:
-                raise LimitReached("server is shutting down")
+            # Shutdown (or a drain) may have begun while the process was starting: it
+            # cancelled only the sessions it saw; the nursery may even be closed by now.
+            if not self._accepting or self.draining:
+                self._check_limits(owner)
             # No checkpoint between spawn and here: the group cannot be orphaned by
             # cancellation.
             self._nursery.start_soon(self._run_session, session)
@@ -433,6 +471,7 @@ class SessionManager:
     def release(self, owner: Owner) -> None:
         """The owner's connection closed: detach its sessions; cancel those without linger
         (PROTOCOL.md 5); start the linger clock of the others."""
+        self._notify()  # a drain or shutdown waiting for this owner's sessions looks again
         for session in self.owned_by(owner):
             session.detach()
             if session.options.linger > 0 and not session.state.ended:
@@ -482,21 +521,70 @@ class SessionManager:
         for session in self.running():
             session.kill_now()
 
-    async def shutdown(self, *, timeout: float) -> None:
-        """Refuse new sessions, cancel all (grace capped at the server's), wait for them to
-        end and hand over their completions.
+    # ------------------------------------------------------------------------------ drain
+
+    def drain(self, *, timeout: float | None = None, undo: bool = False) -> dict[str, object]:
+        """Start (or with *undo* end) draining: execute is refused with -32007, the rest
+        works. With *timeout*, the sessions still busy then are cancelled (`reason`
+        "drain"); a later drain with a timeout replaces a pending one, *undo* calls it off.
+        """
+        if undo:
+            self.draining = False
+            self._call_off_drain_timeout()
+        else:
+            self.draining = True
+            if timeout is not None:
+                self._call_off_drain_timeout()
+                assert self._nursery is not None, "SessionManager.run() is not running"
+                scope = self._drain_deadline = trio.CancelScope()
+                self._nursery.start_soon(self._drain_after, timeout, scope)
+        log.info("drain", draining=self.draining, timeout_s=timeout,
+                 sessions=len(self.busy()))
+        self._notify()
+        return {"draining": self.draining, "sessions": len(self.busy())}
+
+    def _call_off_drain_timeout(self) -> None:
+        if self._drain_deadline is not None:
+            self._drain_deadline.cancel()
+            self._drain_deadline = None
+
+    async def _drain_after(self, timeout: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(timeout)
+            self._drain_deadline = None
+            self.cancel_all(cause="drain")
+
+    def cancel_all(self, *, cause: str, grace: float | None = None) -> None:
+        """Cancel every live session, saying *cause* in its completion."""
+        for session in self.live():
+            session.cancel(grace=grace, cause=cause)
+
+    async def _changes(self) -> None:
+        """Wait for the next change of the session set (a session started or ended, an
+        owner let go: `_notify`)."""
+        await self._changed.wait()
+
+    async def wait_idle(self) -> None:
+        """Return once no session is busy (`busy()`): what a drain waits for."""
+        while self.busy():
+            await self._changes()
+
+    async def shutdown(self, *, timeout: float, cause: str = "shutdown") -> None:
+        """Refuse new sessions, cancel all (grace capped at the server's, *cause* in their
+        completions), wait for them to end and hand over their completions: every session's
+        kill path runs at once, in its own task, and the wait wakes on each session's end
+        (no polling).
 
         **Cancellation**: waits at most *timeout*; sessions still running then are cancelled
         from outside, which still runs their shielded kill path.
         """
         self._accepting = False
-        for session in self.live():
-            session.cancel(grace=self.settings.kill_grace)
+        self._call_off_drain_timeout()
+        self.cancel_all(cause=cause, grace=self.settings.kill_grace)
         with trio.move_on_after(timeout):
             # A session that has ended with nobody to deliver to waits for an attach that
             # cannot come any more: it does not hold the shutdown up.
-            while any(s.running or s.owner is not None for s in self.live()):
-                await trio.sleep(SHUTDOWN_POLL_S)
+            await self.wait_idle()
             for session in self.live():
                 session.abandon()
             return

@@ -92,6 +92,12 @@ class ReplayUnavailable(RpcError):
     code = -32006
 
 
+class NodeDraining(RpcError):
+    """execute on a draining node (PROTOCOL.md 10); `data: {"node"}`."""
+
+    code = -32007
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing frames.
 
@@ -286,6 +292,13 @@ class InputParams:
 @attrs.frozen
 class SessionParams:
     session_id: str
+
+
+@attrs.frozen
+class DrainParams:
+    timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.ge(0)))
+    undo: bool = False
 
 
 @attrs.frozen

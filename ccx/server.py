@@ -4,11 +4,17 @@ Inputs: `Settings`.
 Outputs: a running server (`Server.run`, started with `nursery.start` to learn the bound
 port) that accepts within the connection limits (`ccx.transport.listen`), reads each request
 head within CCX_HEAD_TIMEOUT, refuses a foreign `Host` on a loopback bind (403, DNS
-rebinding: `ccx.transport.policy`), then routes: `/health` and `/metrics` answers,
-WebSocket connections on `/ws` and `/ws/mcp` (and `/mcp` for MCP), MCP over Streamable HTTP
-on `/mcp` (`ccx.transport.mcp_http`), and a shutdown that cancels every session, delivers
-their completions, closes connections with 1001; a further SIGTERM or SIGINT during it
-SIGKILLs every group and ends the server within 2 s.
+rebinding: `ccx.transport.policy`), then routes: `/health` (liveness), `/ready` (readiness,
+PROTOCOL.md 10: 503 while draining or full) and `/metrics` answers, WebSocket connections on
+`/ws` and `/ws/mcp` (and `/mcp` for MCP), MCP over Streamable HTTP on `/mcp`
+(`ccx.transport.mcp_http`).
+Stopping (PROTOCOL.md 5, 6, 10): SIGTERM first drains (no new sessions, the rest keeps
+working) until no session is busy or CCX_DRAIN_TIMEOUT has passed (0: at once); then the
+shutdown cancels every session at once (their kill paths run concurrently; completions say
+`reason` "drain" when the drain timed out, "shutdown" otherwise), delivers their
+completions and closes connections with 1001. SIGINT, or a second SIGTERM during the drain,
+starts the shutdown at once; a further SIGTERM or SIGINT during the shutdown SIGKILLs every
+group and ends the server within 2 s.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listeners
       https://prometheus.io/docs/instrumenting/exposition_formats/
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import attrs
 import trio
@@ -70,7 +76,8 @@ class Server:
     port: int | None = None
     gate: Gate = attrs.field(init=False)
     loopback_bind: bool = True  # every bound address is loopback: the Host rule applies
-    _stopping: trio.Event = attrs.field(factory=trio.Event)
+    _stopping: trio.Event = attrs.field(factory=trio.Event)  # shut down now
+    _drain_first: trio.Event = attrs.field(factory=trio.Event)  # SIGTERM: drain, then stop
     _run_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     def __attrs_post_init__(self) -> None:
@@ -87,12 +94,25 @@ class Server:
         return f"ws://{host}:{self.port}/ws"
 
     def stop(self) -> None:
-        """Begin an orderly shutdown (what SIGTERM and SIGINT do)."""
+        """Begin an orderly shutdown now (SIGINT; SIGTERM during a drain)."""
         self._stopping.set()
+
+    def terminate(self) -> None:
+        """What SIGTERM does: drain for CCX_DRAIN_TIMEOUT seconds, then shut down."""
+        if self.settings.drain_timeout > 0:
+            self.manager.drain()
+            self._drain_first.set()
+        else:
+            self.stop()
 
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def draining_to_stop(self) -> bool:
+        """SIGTERM's drain is under way (the shutdown has not begun)."""
+        return self._drain_first.is_set() and not self._stopping.is_set()
 
     def kill(self) -> None:
         """End a shutdown now (a further SIGTERM or SIGINT, PROTOCOL.md 6): SIGKILL every
@@ -136,15 +156,15 @@ class Server:
                 log.info("listening", host=self.settings.host, port=self.port,
                          version=__version__)
                 task_status.started(self)
-                await self._stopping.wait()
+                cause = await self._until_stop()
                 accepting.cancel()
-                log.info("shutting_down", sessions=len(self.manager.live()))
+                log.info("shutting_down", sessions=len(self.manager.live()), cause=cause)
                 # One deadline for all of it (PROTOCOL.md 5: exit within kill_grace + 2 s),
                 # whatever the clients do: sessions get kill_grace and some time to deliver
                 # their completions, connections what is left to close with 1001.
                 stop_by = trio.current_time() + self.settings.kill_grace + SHUTDOWN_MARGIN_S
                 await self.manager.shutdown(
-                    timeout=stop_by - CLOSE_RESERVE_S - trio.current_time())
+                    timeout=stop_by - CLOSE_RESERVE_S - trio.current_time(), cause=cause)
                 for connection in list(self.connections):
                     connection.close_deadline = stop_by
                     handlers.start_soon(connection.close, CLOSE_GOING_AWAY, "server shutting down")
@@ -153,6 +173,32 @@ class Server:
                         await trio.sleep(0.01)
                 handlers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
+
+    async def _until_stop(self) -> str:
+        """Wait for `stop()`, or for `terminate()` and then its drain; return the `reason`
+        the shutdown gives the sessions it cancels: "drain" when CCX_DRAIN_TIMEOUT ran out,
+        "shutdown" otherwise."""
+        async with trio.open_nursery() as wait:
+            wait.start_soon(_cancel_on, self._stopping.wait, wait.cancel_scope)
+            wait.start_soon(_cancel_on, self._drain_first.wait, wait.cancel_scope)
+        if self._stopping.is_set():
+            return "shutdown"
+        timeout = self.settings.drain_timeout
+        log.info("draining", timeout_s=timeout, sessions=len(self.manager.busy()))
+        with trio.move_on_after(timeout) as deadline:
+            async with trio.open_nursery() as race:
+                race.start_soon(_cancel_on, self._stopping.wait, race.cancel_scope)
+                race.start_soon(_cancel_on, self.manager.wait_idle, race.cancel_scope)
+        cut = self._stopping.is_set()
+        self._stopping.set()  # from here on a further signal SIGKILLs
+        if cut:
+            log.info("drain_cut_short", sessions=len(self.manager.busy()))
+            return "shutdown"
+        if deadline.cancelled_caught:
+            log.info("drain_timeout", sessions=len(self.manager.busy()))
+            return "drain"
+        log.info("drained")
+        return "shutdown"
 
     async def _accept(
         self,
@@ -196,11 +242,16 @@ class Server:
         elif path in WS_PATHS:
             await send_plain(stream, 426, "this endpoint speaks WebSocket only\n",
                              headers=[("Upgrade", "websocket")])
-        elif path in ("/health", "/metrics") and head.method not in ("GET", "HEAD"):
+        elif path in ("/health", "/ready", "/metrics") and head.method not in ("GET", "HEAD"):
             await send_plain(stream, 405, "method not allowed\n", headers=[("Allow", "GET")])
         elif path == "/health":
             body = {"status": "ok", "version": __version__, "sessions": len(self.manager.running())}
             await send_plain(stream, 200, body, head_only=head.method == "HEAD")
+        elif path == "/ready":  # no token: the readiness probe (PROTOCOL.md 10)
+            why = self.manager.ready()
+            body = {"ready": True} if why is None else {"ready": False, "reason": why}
+            await send_plain(stream, 200 if why is None else 503, body,
+                             head_only=head.method == "HEAD")
         elif path == "/metrics":
             if not token_ok(self.settings, head):
                 await send_plain(stream, 401, "missing or wrong token\n",
@@ -220,6 +271,12 @@ class Server:
                            input_pending=sum(c.input.pending_bytes for c in self.connections))
 
 
+async def _cancel_on(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    """Cancel *scope* once *wait()* returns (the first of several waits wins)."""
+    await wait()
+    scope.cancel()
+
+
 def _set_keepalive(sock: trio.socket.SocketType, settings: Settings) -> None:
     idle_s = max(1, round(settings.tcp_keepalive))
     try:
@@ -237,9 +294,11 @@ def _set_keepalive(sock: trio.socket.SocketType, settings: Settings) -> None:
 async def serve(settings: Settings) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down in order (`ccx serve`).
 
-    A further SIGTERM or SIGINT once shutdown has begun SIGKILLs every group and escapee and
-    ends the server within 2 s (PROTOCOL.md 6): the signals stay ours until the server has
-    stopped, so none of them kills the server by its default action with children left.
+    SIGTERM drains first (CCX_DRAIN_TIMEOUT); SIGINT, or a second SIGTERM during the drain,
+    shuts down at once. A further SIGTERM or SIGINT once shutdown has begun SIGKILLs every
+    group and escapee and ends the server within 2 s (PROTOCOL.md 6): the signals stay ours
+    until the server has stopped, so none of them kills the server by its default action
+    with children left.
     """
     settings.check_exposure()
     soft, hard = raise_fd_limit()
@@ -255,9 +314,15 @@ async def serve(settings: Settings) -> None:
 async def _obey_signals(server: Server, signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
-        if not server.stopping:
-            log.info("signal_received", signal=name)
+        if server.draining_to_stop:
+            log.info("signal_received", signal=name, action="end the drain, shut down")
             server.stop()
+        elif not server.stopping:
+            log.info("signal_received", signal=name)
+            if signum == signal.SIGTERM:
+                server.terminate()
+            else:
+                server.stop()
         else:
             log.warning("signal_received_again", signal=name, action="SIGKILL every group")
             server.kill()

@@ -177,6 +177,7 @@ class Session:
     stop_step: StopStep | None = None
     generation: int = 0  # bumped whenever the owner changes
     _stop_reason: State | None = None  # CANCELLED or TIMEOUT once a stop was asked for
+    end_cause: str | None = None  # "drain" or "shutdown": the node ended it (PROTOCOL.md 10)
     _started_monotonic: float = attrs.field(factory=time.monotonic)
     _cancel_requested: trio.Event = attrs.field(factory=trio.Event)
     _done: trio.Event = attrs.field(factory=trio.Event)
@@ -317,13 +318,15 @@ class Session:
                             session_id=self.id)
 
     def cancel(self, *, reason: State = State.CANCELLED, grace: float | None = None,
-               by_client: bool = False) -> State:
+               by_client: bool = False, cause: str | None = None) -> State:
         """Ask the session to stop (the escalation runs in `run()`); returns the status now.
 
         *grace* caps the kill grace, also one already running (server shutdown uses it).
         *by_client*: a CANCEL request (native `control` or the MCP `cancel` tool); one that
         comes at least `REPEAT_CANCEL_FORCES_S` after the client's first ends the grace at
-        once (SIGKILL). An ended session returns its final status; otherwise a second cancel
+        once (SIGKILL). *cause*: "drain" or "shutdown" when the node itself ends the
+        session; `process.completed` then says so (`reason`), unless a stop was already
+        under way. An ended session returns its final status; otherwise a second cancel
         changes nothing else.
         """
         if grace is not None:
@@ -339,6 +342,7 @@ class Session:
             return self.state
         self.state = self._transition("CANCEL")
         self._stop_reason = reason
+        self.end_cause = cause
         self._cancel_requested.set()
         log.info("cancel_requested", reason=reason.value, session_id=self.id)
         return self.state
@@ -732,7 +736,7 @@ class Session:
 
     def _completion_params(self) -> dict[str, object]:
         info = self.info()
-        return {
+        params: dict[str, object] = {
             "session_id": self.id,
             "status": info.status,
             "exit_code": info.exit_code,
@@ -741,6 +745,9 @@ class Session:
             "stdout_bytes": self.stdout_bytes,
             "stderr_bytes": self.stderr_bytes,
         }
+        if self.end_cause is not None and info.status == State.CANCELLED.value:
+            params["reason"] = self.end_cause
+        return params
 
     async def deliver(self) -> None:
         """Send held notifications, in order, to whoever owns the session now.

@@ -3,10 +3,16 @@ start can kill what a SIGKILLed (or crashed) one left behind.
 
 Inputs: the state directory (`CCX_STATE_DIR`, by default `$XDG_RUNTIME_DIR/ccx` or
 `/tmp/ccx-$UID`), the running sessions (pgid, leader start time, escaped descendants).
-Outputs: `server-<pid>-<n>.json` in that directory, replaced atomically (write, fsync,
-rename) whenever the set changes and removed on a clean stop; `recover()`, which at start-up
-finds the files of servers that are no longer running and stops every recorded process still
-alive, logging each.
+Outputs: `server-<node>-<incarnation>.json` in that directory (`<node>` is `-` without
+CCX_NODE_NAME; the incarnation is new on every start, so servers sharing the directory, even
+as PID 1 of their own PID namespaces, never share a name), replaced atomically (write, fsync,
+rename) whenever the set changes and removed on a clean stop; next to it
+`server-<node>-<incarnation>.lock`, on which the running server holds an exclusive `flock`
+for its whole life. `recover()` at start-up takes the lock of each record it finds: a lock it
+can take belongs to a server that is gone (the kernel drops a flock when its holder dies,
+whatever PID namespace it ran in), and every recorded process of such a server still alive
+is stopped, logged; a record whose lock is held is a live server's and is left alone. A
+record without a lock file (written by an older ccx) is judged by its pid and start time.
 Identity: a pid alone can be reused, so every process is recorded with its start time (field
 22 of /proc/PID/stat); a group whose leader is gone is only touched through members that
 still carry the session's `CCX_SESSION_ID` marker. The directory must belong to this user and
@@ -17,7 +23,7 @@ Docs: https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
 
 from __future__ import annotations
 
-import itertools
+import fcntl
 import json
 import os
 import signal
@@ -33,10 +39,9 @@ from ccx.log import get_logger
 
 log = get_logger("ccx.state")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 RECOVER_POLL_S = 0.02
 AFTER_KILL_WAIT_S = 5.0  # SIGKILL cannot be ignored; only D-state outlasts this
-_instances = itertools.count(1)  # several servers may share one process (tests)
 
 
 def prepare_dir(path: str) -> bool:
@@ -80,14 +85,23 @@ class StateFile:
     directory: str
     enabled: bool = False
     path: str = ""
+    incarnation: str = ""
+    _lock_fd: int | None = None
     _last: list[dict[str, Any]] | None = None
 
     @classmethod
-    def open(cls, directory: str) -> StateFile:
+    def open(cls, directory: str, *, node: str | None, incarnation: str) -> StateFile:
+        """This server's record, named by *node* and *incarnation*, with its lock held."""
         if not directory or not prepare_dir(directory):
             return cls(directory)
-        name = f"server-{os.getpid()}-{next(_instances)}.json"
-        return cls(directory, True, os.path.join(directory, name))
+        stem = os.path.join(directory, f"server-{node or '-'}-{incarnation}")
+        try:
+            fd = os.open(stem + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            log.error("state_lock_failed", path=stem + ".lock", error=str(exc))
+            return cls(directory)
+        return cls(directory, True, stem + ".json", incarnation, fd)
 
     def write(self, groups: Iterable[GroupRecord]) -> None:
         """Replace the record with *groups* (skipped when nothing changed)."""
@@ -98,7 +112,8 @@ class StateFile:
             return
         me = read_proc(os.getpid())
         body = {"version": STATE_VERSION, "server": {"pid": os.getpid(),
-                                                    "start": me.start if me else None},
+                                                    "start": me.start if me else None,
+                                                    "incarnation": self.incarnation},
                 "groups": entries}
         tmp = self.path + ".tmp"
         try:
@@ -112,11 +127,32 @@ class StateFile:
             log.error("state_write_failed", path=self.path, error=str(exc))
 
     def remove(self) -> None:
+        """A clean stop: the record, then its lock file, go (the lock is released last)."""
         if self.enabled:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            for path in (self.path, _lock_path(self.path)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _lock_path(record_path: str) -> str:
+    return record_path.removesuffix(".json") + ".lock"
+
+
+def _take_lock(record_path: str) -> int | None:
+    """The fd of the record's lock, now held by us (its server is gone); None while its
+    server holds it. A record without a lock file (an older ccx's) raises FileNotFoundError."""
+    fd = os.open(_lock_path(record_path), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _server_running(server: Mapping[str, Any]) -> bool:
@@ -182,25 +218,51 @@ async def recover(directory: str, *, grace: float) -> int:
         if not (name.startswith("server-") and name.endswith(".json")):
             continue
         path = os.path.join(directory, name)
+        lock_fd: int | None = None
         try:
-            server, records = _read_record(path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("state_file_unreadable", path=path, error=str(exc))
+            lock_fd = _take_lock(path)
+            if lock_fd is None:
+                continue  # its server is alive (in this PID namespace or another)
+        except FileNotFoundError:
+            pass  # no lock file: an older ccx's record, judged by pid and start time
+        except OSError as exc:
+            log.warning("state_lock_unusable", path=path, error=str(exc))
             continue
-        if _server_running(server):
-            continue
-        for record in records:
-            leftovers = _leftovers(record, snapshot())
-            if not leftovers:
-                continue
-            step = await _stop(leftovers, grace)
-            stopped += 1
-            log.warning("orphan_group_stopped", pgid=record.pgid, session_id=record.session_id,
-                        pids=[p.pid for p in leftovers], step=step,
-                        dead_server_pid=server.get("pid"))
         try:
-            os.unlink(path)
+            stopped += await _recover_record(path, lock_fd is not None, grace)
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
+    return stopped
+
+
+async def _recover_record(path: str, locked: bool, grace: float) -> int:
+    """Stop what the record at *path* lists; remove it (and its lock file). *locked*: we
+    hold its lock, so its server is gone; otherwise the recorded pid decides."""
+    stopped = 0
+    try:
+        server, records = _read_record(path)
+    except FileNotFoundError:  # another server recovered it meanwhile
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("state_file_unreadable", path=path, error=str(exc))
+        return 0
+    if not locked and _server_running(server):
+        return 0
+    for record in records:
+        leftovers = _leftovers(record, snapshot())
+        if not leftovers:
+            continue
+        step = await _stop(leftovers, grace)
+        stopped += 1
+        log.warning("orphan_group_stopped", pgid=record.pgid, session_id=record.session_id,
+                    pids=[p.pid for p in leftovers], step=step,
+                    dead_server_pid=server.get("pid"),
+                    dead_incarnation=server.get("incarnation"))
+    for stale in (path, _lock_path(path)):
+        try:
+            os.unlink(stale)
         except FileNotFoundError:
             pass
-        log.info("state_file_recovered", path=path, groups=len(records))
+    log.info("state_file_recovered", path=path, groups=len(records))
     return stopped

@@ -3,7 +3,8 @@
 Inputs: a plain (non-upgrade) HTTP request on `/mcp` whose head was already read (`Head`),
 the `SessionManager` and `Settings`.
 Outputs: one HTTP/1.1 exchange per TCP connection, framed by h11 (`Connection: close`):
-- POST `initialize` → JSON with a new `Mcp-Session-Id` (at `CCX_MCP_HTTP_MAX_SESSIONS` the
+- POST `initialize` → JSON with a new `Mcp-Session-Id` (random hex after `<node>.
+  <incarnation>.` with CCX_NODE_NAME: PROTOCOL.md 10; at `CCX_MCP_HTTP_MAX_SESSIONS` the
   session idle longest is ended first; 503 when every one is busy); later POSTs need it (400
   without it, 404 for an unknown or expired one; an unsupported `MCP-Protocol-Version` is 400).
   Notifications and responses → 202. `tools/call` of `execute` → an SSE stream (progress
@@ -252,7 +253,7 @@ class McpHttp:
 
     async def _initialize(self, exchange: Exchange, request: Request) -> None:
         self._make_room()
-        session = HttpSession(uuid.uuid4().hex, self.manager)
+        session = HttpSession(self.manager.id_prefix + uuid.uuid4().hex, self.manager)
         reply = await session.endpoint.dispatch(request)
         assert reply is not None
         if "error" in reply:
