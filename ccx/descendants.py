@@ -13,8 +13,9 @@ after that check, so a recycled pid is never hit.
 No networking, no JSON. Linux /proc only; elsewhere every scan is empty.
 
 Inputs: /proc.  Outputs: `snapshot()` (`snapshot_async()` scans in a worker thread on a host
-with many processes), `Tracker` (per session; `known` holds each process as its last scan saw
-it, state included, which `ccx.tree` reads to pause the whole tree), `signal_procs`.
+with many processes, and tasks that ask at the same time share one scan: `ccx.coalesce`),
+`Tracker` (per session; `known` holds each process as its last scan saw it, state included,
+which `ccx.tree` reads to pause the whole tree), `signal_procs`.
 Docs: https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
       https://man7.org/linux/man-pages/man5/proc_pid_environ.5.html
       https://man7.org/linux/man-pages/man2/pidfd_open.2.html
@@ -29,8 +30,11 @@ from collections.abc import Iterable, Mapping
 import attrs
 import trio
 
+from ccx.coalesce import Coalesced
+
 SESSION_ENV = "CCX_SESSION_ID"  # set in every session's environment; descendants inherit it
 SCAN_INLINE_MAX = 200  # host processes up to which a scan (~10 us each) runs on the loop
+SCAN_INLINE_SHARED = 8  # ...and whatever the host, a scan that this many tasks wait for
 _host_processes = 0  # processes the last snapshot went through
 
 
@@ -67,13 +71,24 @@ def read_proc(pid: int) -> Proc | None:
 
 async def snapshot_async() -> dict[int, Proc]:
     """`snapshot()`, in a worker thread on a host with many processes, so a scan never
-    holds the event loop for long.
+    holds the event loop for long; tasks that ask at the same time share one scan that
+    began after they asked (`ccx.coalesce`). The result is shared: do not change it.
 
-    **Cancellation**: the thread is waited for (cancel-safe, nothing half-done).
+    **Cancellation**: safe (the shared scan itself runs to its end).
     """
-    if _host_processes <= SCAN_INLINE_MAX:
+    return await _shared_snapshot()
+
+
+async def _snapshot_off_loop(shared_by: int) -> dict[int, Proc]:
+    """Inline on a small host, or when many tasks wait for this one scan (a shutdown of
+    many sessions): then the event loop is busy, and a scan in a thread would wait for the
+    GIL after each of its thousands of system calls (seconds instead of milliseconds)."""
+    if _host_processes <= SCAN_INLINE_MAX or shared_by >= SCAN_INLINE_SHARED:
         return snapshot()
     return await trio.to_thread.run_sync(snapshot)
+
+
+_shared_snapshot = Coalesced(_snapshot_off_loop)
 
 
 def snapshot() -> dict[int, Proc]:
@@ -92,6 +107,18 @@ def snapshot() -> dict[int, Proc]:
                     procs[proc.pid] = proc
     _host_processes = len(procs)
     return procs
+
+
+_markers: dict[tuple[int, int], str | None] = {}  # (pid, start) -> marker: it never changes
+
+
+def _cached_marker(proc: Proc) -> str | None:
+    """`session_marker` of *proc*, read once per process (its initial environment is fixed;
+    the server's children are all its sessions' leaders, read again at every scan else)."""
+    key = (proc.pid, proc.start)
+    if key not in _markers:
+        _markers[key] = session_marker(proc.pid)
+    return _markers[key]
 
 
 def session_marker(pid: int) -> str | None:
@@ -123,13 +150,15 @@ class Tracker:
 
     def update(self, procs: Mapping[int, Proc], adopted: Iterable[Proc] = ()) -> None:
         """Add what *procs* shows descending from the group, the known ones, or *adopted*
-        (server children carrying this session's marker); forget the dead."""
-        roots = [p for p in procs.values() if self.is_member(p)]
+        (server children carrying this session's marker); forget the dead. Costs the size
+        of the session's tree, not of *procs* (`index`: built once per snapshot)."""
+        found = index(procs)
+        roots = list(found.by_pgid.get(self.pgid, ()))
+        if self.whole_session:
+            roots += found.by_sid.get(self.pgid, ())
         roots += self._still_known(procs)
         roots += adopted
-        children: dict[int, list[Proc]] = {}
-        for proc in procs.values():
-            children.setdefault(proc.ppid, []).append(proc)
+        children = found.children
         alive: dict[int, Proc] = {}
         stack = list(roots)
         while stack:
@@ -160,17 +189,57 @@ class Tracker:
                       key=lambda p: p.pid)
 
 
+@attrs.define(eq=False)
+class Index:
+    """One snapshot's processes by parent, by process group and by session; and (computed
+    on first use) `adopted_by_session`'s answer for it."""
+
+    procs: Mapping[int, Proc]
+    children: dict[int, list[Proc]] = attrs.field(factory=dict)
+    by_pgid: dict[int, list[Proc]] = attrs.field(factory=dict)
+    by_sid: dict[int, list[Proc]] = attrs.field(factory=dict)
+    adopted: dict[str, list[Proc]] | None = None
+
+
+_recent_indexes: list[Index] = []  # of the latest snapshots, newest last
+RECENT_INDEXES = 4  # tasks of one shutdown look at a few snapshots in turn
+
+
+def index(procs: Mapping[int, Proc]) -> Index:
+    """The `Index` of *procs*, built once for each of the latest snapshots: N sessions
+    looking at one shared snapshot (`snapshot_async`) cost one pass over it, not N.
+    Snapshots are never changed once taken."""
+    for found in _recent_indexes:
+        if found.procs is procs:
+            return found
+    found = Index(procs)
+    for proc in procs.values():
+        found.children.setdefault(proc.ppid, []).append(proc)
+        found.by_pgid.setdefault(proc.pgid, []).append(proc)
+        found.by_sid.setdefault(proc.sid, []).append(proc)
+    _recent_indexes.append(found)
+    del _recent_indexes[:-RECENT_INDEXES]
+    return found
+
+
 def adopted_by_session(procs: Mapping[int, Proc]) -> dict[str, list[Proc]]:
     """Children of this process (the subreaper), grouped by the session marker in their
     environment. Session leaders are among them, under their own session: harmless, since
-    a leader is a member of its group anyway."""
-    me = os.getpid()
+    a leader is a member of its group anyway. Computed once per snapshot (`index`)."""
+    found_index = index(procs)
+    if found_index.adopted is not None:
+        return found_index.adopted
     found: dict[str, list[Proc]] = {}
-    for proc in procs.values():
-        if proc.ppid == me and proc.state != "Z":
-            marker = session_marker(proc.pid)
-            if marker is not None:
-                found.setdefault(marker, []).append(proc)
+    children = [p for p in found_index.children.get(os.getpid(), ()) if p.state != "Z"]
+    for proc in children:
+        marker = _cached_marker(proc)
+        if marker is not None:
+            found.setdefault(marker, []).append(proc)
+    if len(_markers) > 2 * len(children) + 64:  # forget the processes that are gone
+        live = {(p.pid, p.start) for p in children}
+        for key in [k for k in _markers if k not in live]:
+            del _markers[key]
+    found_index.adopted = found
     return found
 
 

@@ -168,7 +168,8 @@ class SessionManager:
             for session in running:
                 session.tracker.update(procs, adopted.get(session.id, []))
                 session.stop_arrivals()  # a paused tree stays stopped (ccx.tree)
-            self._record()  # escapees are part of it
+            if self._accepting:  # during shutdown: see _on_done
+                self._record()  # escapees are part of it
 
     # ------------------------------------------------------------------------------ lookups
 
@@ -453,8 +454,12 @@ class SessionManager:
             log.exception("session_crashed", session_id=session.id)
 
     def _on_done(self, session: Session) -> None:
-        self._record()
-        self._forget_expired()  # the cap on ended sessions holds at once
+        # During shutdown the record is not rewritten per ended session (N ends would write
+        # N records of up to N groups); it is removed at the end, and a record a crash leaves
+        # behind that names groups already gone costs the next start only a look at /proc.
+        if self._accepting:
+            self._record()
+            self._forget_expired()  # the cap on ended sessions holds at once
         self._notify()
 
     async def _sweep_expired(self) -> None:
@@ -581,6 +586,11 @@ class SessionManager:
         self._accepting = False
         self._call_off_drain_timeout()
         self.cancel_all(cause=cause, grace=self.settings.kill_grace)
+        # However long the SIGTERMs of many sessions take to go out, SIGKILL is due for
+        # every one of them CCX_KILL_GRACE after the shutdown began (PROTOCOL.md 5).
+        kill_at = trio.current_time() + self.settings.kill_grace
+        for session in self.live():
+            session.end_grace_by(kill_at)
         with trio.move_on_after(timeout):
             # A session that has ended with nobody to deliver to waits for an attach that
             # cannot come any more: it does not hold the shutdown up.

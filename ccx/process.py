@@ -16,10 +16,10 @@ Group inspection cost: Linux has no "members of group G" query, so a full answer
 after a signal, `wait_group_stopped` for PAUSE) poll, so they first look only at the pids
 last seen in the group (a live, running one among them answers "not yet" for free) and run a
 full scan only to confirm "empty" / "all stopped" (unless `killpg(pgid, 0)` already says the
-group is gone). On a host with many processes (more than `SCAN_INLINE_MAX` at the last scan)
-that scan runs in a worker thread, so the event loop keeps serving other sessions; on a small
-host it runs inline, because the thread hand-off (~1 ms on a busy 2-core machine) would cost
-more than the scan.
+group is gone). That scan is `ccx.descendants.snapshot_async`: the waits of sessions that end
+together (a shutdown of 1,000) share one scan instead of running one each, and on a host with
+many processes it runs in a worker thread, so the event loop keeps serving other sessions (on
+a small host inline: the thread hand-off, ~1 ms on a busy 2-core machine, would cost more).
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#spawning-subprocesses
       https://trio.readthedocs.io/en/stable/reference-lowlevel.html#trio.lowlevel.FdStream
       https://man7.org/linux/man-pages/man2/kill.2.html
@@ -35,20 +35,26 @@ import ctypes
 import enum
 import errno
 import fcntl
-import functools
 import os
 import shutil
 import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import attrs
 import trio
 
-from ccx.descendants import Proc, read_proc, signal_procs, still_alive
+from ccx.descendants import (
+    Proc,
+    index,
+    read_proc,
+    signal_procs,
+    snapshot_async,
+    still_alive,
+)
 from ccx.log import get_logger
 
 log = get_logger("ccx.process")
@@ -86,11 +92,20 @@ class Grace:
     seconds: float
     _sigterm_at: float | None = None
     _scope: trio.CancelScope | None = None
+    _ends_by: float = float("inf")  # a trio time the grace ends at, whenever SIGTERM went
 
     def cap(self, seconds: float) -> None:
         self.seconds = min(self.seconds, max(seconds, 0.0))
         if self._scope is not None and self._sigterm_at is not None:
             self._scope.deadline = min(self._scope.deadline, self._sigterm_at + self.seconds)
+
+    def end_by(self, deadline: float) -> None:
+        """End the grace at trio time *deadline* at the latest, however late the SIGTERM
+        goes out (a shutdown of many sessions: SIGKILL is due at shutdown + CCX_KILL_GRACE
+        for all of them, PROTOCOL.md 5)."""
+        self._ends_by = min(self._ends_by, deadline)
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, deadline)
 
     def expire(self) -> None:
         """SIGKILL now (or at once after the SIGTERM, if that is still to come)."""
@@ -100,7 +115,7 @@ class Grace:
     def running(self) -> Iterator[trio.CancelScope]:
         """The grace itself: a scope whose deadline `cap` can move earlier while it runs."""
         self._sigterm_at = trio.current_time()
-        with trio.move_on_at(self._sigterm_at + self.seconds) as scope:
+        with trio.move_on_at(min(self._sigterm_at + self.seconds, self._ends_by)) as scope:
             self._scope = scope
             try:
                 yield scope
@@ -273,9 +288,12 @@ async def _spawn_on_terminal(
                  start=leader.start if leader is not None else None)
 
 
-def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = False) -> bool:
+def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = False,
+                 session_groups: Iterable[int] | None = None) -> bool:
     """Send each of *signals* to the whole group (with *whole_session*: to every process
     group of the session *pgid* leads, the leader's last); False if nobody is left to signal.
+    *session_groups*: those process groups as a fresh shared snapshot shows them (the kill
+    path of many sessions at once), instead of a /proc scan of our own.
 
     The leader's group comes last so that SIGCONT has already continued a job-control
     shell's jobs when the shell wakes: a continued child no longer reports its stop to
@@ -283,7 +301,9 @@ def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = Fals
     """
     pgrps = [pgid]
     if whole_session:
-        pgrps = sorted({m.pgrp for m in _scan(session=pgid) if m.pgrp != pgid}) + pgrps
+        if session_groups is None:
+            session_groups = [m.pgrp for m in _scan(session=pgid)]
+        pgrps = sorted(set(session_groups) - {pgid}) + pgrps
     reached = False
     for target in pgrps:
         try:
@@ -298,9 +318,18 @@ def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = Fals
     return reached
 
 
-def signal_members(group: Group, *signals: signal.Signals) -> bool:
+def signal_members(group: Group, *signals: signal.Signals,
+                   session_groups: Iterable[int] | None = None) -> bool:
     """`signal_group` for *group*, reaching its whole session when it runs on a terminal."""
-    return signal_group(group.pgid, *signals, whole_session=group.whole_session)
+    return signal_group(group.pgid, *signals, whole_session=group.whole_session,
+                        session_groups=session_groups)
+
+
+async def _session_groups(group: Group) -> list[int] | None:
+    """A terminal session's process groups, from the shared snapshot (None otherwise)."""
+    if not group.whole_session:
+        return None
+    return [p.pgid for p in index(await snapshot_async()).by_sid.get(group.pgid, ())]
 
 
 def _read_stat(pid: int) -> tuple[str, int, int, int] | None:
@@ -373,12 +402,20 @@ def live_members(group: Group) -> list[Member]:
 
 
 async def scan_live_members(group: Group) -> list[Member]:
-    """`live_members`, with the /proc scan in a worker thread on a host with many processes
-    (reaping stays here)."""
-    if _host_processes <= SCAN_INLINE_MAX:
-        return live_members(group)
-    members = await trio.to_thread.run_sync(
-        functools.partial(group_members, group.pgid, whole_session=group.whole_session))
+    """`live_members`, from the /proc snapshot that tasks asking at the same time share
+    (`ccx.descendants.snapshot_async`: in a worker thread on a host with many processes),
+    so N sessions ending together cost a few scans, not N (reaping stays here)."""
+    if not group.whole_session:
+        try:
+            os.killpg(group.pgid, 0)  # cheap answer for the common case: nobody left at all
+        except ProcessLookupError:
+            group.known = frozenset()
+            return []
+        except PermissionError:
+            pass
+    found = index(await snapshot_async())
+    members = [Member(p.pid, p.state, p.ppid, p.pgid, p.sid) for p in
+               (found.by_sid if group.whole_session else found.by_pgid).get(group.pgid, ())]
     group.known = frozenset(m.pid for m in members)
     return _alive(group, members)
 
@@ -483,8 +520,8 @@ async def stop_group(group: Group, *, grace: float | Grace,
     return step
 
 
-def _signal_all(group: Group, escapees: Sequence[Proc], *signals: signal.Signals) -> None:
-    signal_members(group, *signals)
+async def _signal_all(group: Group, escapees: Sequence[Proc], *signals: signal.Signals) -> None:
+    signal_members(group, *signals, session_groups=await _session_groups(group))
     for sig in signals:
         signal_procs(escapees, sig)
     log.info("signal_sent", pgid=group.pgid, signals=[s.name for s in signals],
@@ -497,11 +534,11 @@ async def _escalate(group: Group, grace: Grace, escapees: Sequence[Proc]) -> Sto
         return StopStep.ALREADY_EMPTY
     # No SIGHUP on a terminal, although a closing terminal sends one: pending together with
     # SIGTERM it is delivered first and its default action would pre-empt a TERM handler.
-    _signal_all(group, escapees, signal.SIGTERM, signal.SIGCONT)
+    await _signal_all(group, escapees, signal.SIGTERM, signal.SIGCONT)
     with grace.running():
         await wait_group_empty(group, escapees)
         return StopStep.TERMINATED
-    _signal_all(group, still_alive(escapees), signal.SIGKILL)
+    await _signal_all(group, still_alive(escapees), signal.SIGKILL)
     with trio.move_on_after(AFTER_KILL_TIMEOUT_S):
         await wait_group_empty(group, escapees)
         return StopStep.KILLED

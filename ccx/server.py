@@ -51,7 +51,7 @@ from ccx.transport.websocket import (
 
 log = get_logger("ccx.server")
 
-SHUTDOWN_MARGIN_S = 1.2  # beyond kill_grace: time to deliver completions and close sockets
+SHUTDOWN_MARGIN_S = 1.5  # beyond kill_grace: time to deliver completions and close sockets
 CLOSE_RESERVE_S = 0.5  # of that margin, kept for closing connections with 1001
 # After a second signal (everything SIGKILLed), what is left of the shutdown gets this long:
 # completions and 1001 closes go out if they can; PROTOCOL.md 6 wants an exit within 2 s.

@@ -347,6 +347,10 @@ class Session:
         log.info("cancel_requested", reason=reason.value, session_id=self.id)
         return self.state
 
+    def end_grace_by(self, deadline: float) -> None:
+        """SIGKILL is due at trio time *deadline* at the latest (server shutdown)."""
+        self._grace.end_by(deadline)
+
     def kill_now(self) -> None:
         """SIGKILL the whole tree at once, escapees included, and end any grace (a second
         signal during server shutdown). The kill path in `run()` then confirms it is empty."""
