@@ -357,7 +357,10 @@ class Session:
         self.cancel(grace=0.0)
         if self._group_gone:
             return
-        signal_members(self.group, signal.SIGKILL)
+        # A terminal session's groups as the tracker last saw them: no /proc scan per session
+        # here (1,000 of them at once); the kill path's own scans confirm it afterwards.
+        signal_members(self.group, signal.SIGKILL,
+                       session_groups={p.pgid for p in self.tracker.known.values()})
         signal_procs(self.tracker.escapees(), signal.SIGKILL)
         log.info("signal_sent", signals=["SIGKILL"], pgid=self.group.pgid, session_id=self.id,
                  escapees=[p.pid for p in self.tracker.escapees()] or None)

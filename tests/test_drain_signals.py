@@ -264,3 +264,40 @@ async def test_servers_sharing_a_state_dir_recover_only_dead_ones_groups(
             assert await server.exited() == 0
     finally:
         _kill([orphan["pgid"], survivor["pgid"]])
+
+
+async def test_shutdown_of_many_sessions_leaves_nothing_and_readers_get_completions(
+        serve: Callable[..., Serve], nursery: trio.Nursery) -> None:
+    """Shutdown runs every kill path at once: plain children, ones that ignore SIGTERM,
+    PTY sessions, and an owner that never reads (its socket full). Timing is the
+    benchmark's business (bench/shutdown.py); here: nothing left, completions, 1001."""
+    server = serve(CCX_MAX_SESSIONS="100", CCX_MAX_SESSIONS_PER_CONNECTION="50")
+    reader, idle = await server.connect(nursery), await server.connect(nursery)
+    ignores = ["sh", "-c", "trap '' TERM; echo ready; sleep 1000"]
+    noisy = ["sh", "-c", "head -c 262144 /dev/zero | tr '\\0' x; sleep 1000"]
+    started = []
+    for index in range(24):
+        pty = {"pty": {"cols": 80, "rows": 24}} if index % 4 == 0 else {}
+        started.append(await _start(reader, ignores if index % 4 == 1 else SLEEPS, **pty))
+    unread = [await idle.execute(noisy) for _ in range(8)]
+    pgids = [s["pgid"] for s in started + unread]
+    try:
+        server.signal(signal.SIGTERM)
+        assert await close_code(reader, timeout=20) == 1001
+        completed = {m["params"]["session_id"] for m in reader.notifications
+                     if m.get("method") == "process.completed"}
+        assert completed == {s["session_id"] for s in started}
+        for message in reader.notifications:
+            if message.get("method") == "process.completed":
+                assert message["params"]["reason"] == "shutdown", message
+        assert await server.exited() == 0
+        left = []
+        for pgid in pgids:
+            try:
+                os.killpg(pgid, 0)
+                left.append(pgid)
+            except ProcessLookupError:
+                pass
+        assert left == []
+    finally:
+        _kill(pgids)
