@@ -1,9 +1,11 @@
-"""The `ccx` command: serve, mcp, run, attach, ps, pause, resume, cancel, status, health, selftest.
+"""The `ccx` command: serve, mcp, run, attach, ps, pause, resume, cancel, status, drain, health,
+selftest.
 
 Inputs: argv, `CCX_*` environment (server settings; `CCX_URL`/`CCX_TOKEN` for client commands).
 Outputs: a running server (`ccx serve`), or a client action with a meaningful exit code:
 `ccx run` exits with the remote exit code (128+N for a signal, 124 timeout, 130 after Ctrl-C,
-141 when the local stdout pipe closed).
+141 when the local stdout pipe closed); `ccx drain --wait` exits 0 once the node has no live
+session, 1 at its deadline (a Kubernetes preStop hook: PROTOCOL.md 10, docs/deploy.md).
 Docs: https://docs.python.org/3/library/argparse.html
       https://trio.readthedocs.io/en/stable/reference-io.html#signals
 """
@@ -107,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(ps)
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.add_argument("--tag", help="only sessions with this tag")
+
+    drain = commands.add_parser(
+        "drain", help="stop the node taking new sessions (PROTOCOL.md 10)",
+        description="Make the node refuse execute (-32007) while the rest keeps working. "
+        "--timeout T: the node cancels the sessions still live after T s. --wait: return "
+        "once no session is live (exit 0), or exit 1 after T + the node's kill grace + 2 s "
+        "(forever without --timeout). --undo: take new sessions again.")
+    _add_client_options(drain)
+    drain.add_argument("--timeout", type=float, metavar="T",
+                       help="seconds before the node cancels what is still running")
+    drain.add_argument("--wait", action="store_true",
+                       help="wait until the node has no live session")
+    drain.add_argument("--undo", action="store_true", help="end the drain")
 
     health = commands.add_parser("health", help="exit 0 when the server's /health is ok")
     _add_client_options(health)
@@ -363,6 +378,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- queries
 
 
+def _ps(args: argparse.Namespace, params: dict[str, Any]) -> tuple[str | None, Any]:
+    """The server's node name (None without CCX_NODE_NAME) and its sessions, one connection."""
+    from ccx.client import connect
+
+    async def go() -> tuple[str | None, Any]:
+        async with connect(args.url, args.token) as client:
+            info = await client.call("server.info", {})
+            return info.get("node"), (await client.call("sessions", params))["sessions"]
+
+    return trio.run(go)
+
+
 def _client_call(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
     from ccx.client import connect
 
@@ -371,6 +398,54 @@ def _client_call(args: argparse.Namespace, method: str, params: dict[str, Any]) 
             return await client.call(method, params)
 
     return trio.run(go)
+
+
+DRAIN_POLL_S = 0.5  # how often `ccx drain --wait` asks for the live count
+DRAIN_WAIT_MARGIN_S = 2.0  # after T + kill grace, the cancelled sessions' completions
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from ccx.client import ConnectionLost, ServerError, connect
+
+    if args.undo and (args.wait or args.timeout is not None):
+        print("ccx drain: --undo takes no --wait or --timeout", file=sys.stderr)
+        return EXIT_USAGE
+    if args.timeout is not None and not args.timeout >= 0:
+        print("ccx drain: --timeout must not be negative", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def go() -> int:
+        async with connect(args.url, args.token) as client:
+            params: dict[str, Any] = {"undo": True} if args.undo else {}
+            if args.timeout is not None:
+                params["timeout"] = args.timeout
+            result = await client.call("drain", params)
+            print(json.dumps(result), flush=True)
+            if not args.wait:
+                return 0
+            deadline = float("inf")
+            if args.timeout is not None:
+                info = await client.call("server.info", {})
+                deadline = (trio.current_time() + args.timeout
+                            + float(info["limits"]["kill_grace"]) + DRAIN_WAIT_MARGIN_S)
+            with trio.move_on_at(deadline):
+                while result["sessions"]:
+                    await trio.sleep(DRAIN_POLL_S)
+                    result = await client.call("drain", {})  # idempotent: the count
+                print(json.dumps(result), flush=True)
+                return 0
+            print(f"ccx drain: {result['sessions']} sessions still live at the deadline",
+                  file=sys.stderr)
+            return 1
+
+    try:
+        return trio.run(go)
+    except ServerError as exc:
+        print(f"ccx drain: {exc.message}", file=sys.stderr)
+        return 1
+    except (OSError, ConnectionLost) as exc:
+        print(f"ccx drain: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 def _age(started_at: str) -> str:
@@ -396,14 +471,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         if args.command == "ps":
             params = {"tag": args.tag} if args.tag is not None else {}
-            sessions = _client_call(args, "sessions", params)["sessions"]
+            node, sessions = _ps(args, params)
             if args.json:
                 print(json.dumps(sessions, indent=2))
                 return 0
-            print(f"{'ID':32}  {'STATUS':10} {'PID':>7} {'AGE':>5} {'OUT':>6}  COMMAND")
+            width = max([32, *(len(s["session_id"]) for s in sessions)])
+            node_head = f"{'NODE':{len(node)}}  " if node else ""
+            print(f"{node_head}{'ID':{width}}  {'STATUS':10} {'PID':>7} {'AGE':>5} {'OUT':>6}"
+                  "  COMMAND")
             for s in sessions:
                 out = _bytes(s["stdout_bytes"] + s["stderr_bytes"])
-                print(f"{s['session_id']:32}  {s['status']:10} {s['pid']:>7} "
+                node_cell = f"{node}  " if node else ""
+                print(f"{node_cell}{s['session_id']:{width}}  {s['status']:10} {s['pid']:>7} "
                       f"{_age(s['started_at']):>5} {out:>6}  {' '.join(s['command'])}")
         elif args.command == "status":
             info = _client_call(args, "status", {"session_id": args.session_id})
@@ -470,7 +549,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"serve": cmd_serve, "run": cmd_run, "attach": cmd_run, "health": cmd_health,
-                "selftest": cmd_selftest, "mcp": cmd_mcp}
+                "selftest": cmd_selftest, "mcp": cmd_mcp, "drain": cmd_drain}
     return handlers.get(args.command, cmd_query)(args)
 
 

@@ -222,3 +222,29 @@ def test_attach_unknown_session(serve: ServeProcess) -> None:
     done = ccx(serve, "attach", "nope")
     assert done.returncode == 1
     assert done.stderr == b"ccx attach: unknown session: nope\n"
+
+
+def test_drain_wait_timeout_undo_and_ps_node_column() -> None:
+    server = start_serve("--kill-grace", "1", env={"CCX_NODE_NAME": "ccx-3"})
+    runner = subprocess.Popen([CCX, "run", "--", "sh", "-c", "echo ready; sleep 1000"],
+                              env=server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert runner.stdout is not None and runner.stdout.readline() == b"ready\n"
+        table = ccx(server, "ps").stdout.decode().splitlines()
+        assert table[0].startswith("NODE ") and table[1].startswith("ccx-3  ccx-3."), table
+        done = ccx(server, "drain", "--wait", "--timeout", "1")
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        assert lines[0] == {"draining": True, "sessions": 1}
+        assert lines[-1] == {"draining": True, "sessions": 0}
+        runner.wait(timeout=15)  # its session was cancelled by the drain timeout
+        refused = ccx(server, "run", "--", "true")
+        assert refused.returncode != 0 and b"draining" in refused.stderr, refused.stderr
+        undone = ccx(server, "drain", "--undo")
+        assert json.loads(undone.stdout) == {"draining": False, "sessions": 0}
+        assert ccx(server, "run", "--", "true").returncode == 0
+        assert ccx(server, "drain", "--undo", "--wait").returncode == 2
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        stop_serve(server)
