@@ -571,8 +571,9 @@ def test_kubernetes_manifests_match_the_api_schemas() -> None:
     kubernetes_validate = validator()
     found = list(manifests())
     kinds = {document["kind"] for _, document in found}
-    assert {"Deployment", "Service", "Secret", "Ingress", "PodDisruptionBudget",
+    assert {"StatefulSet", "Service", "Secret", "Ingress", "PodDisruptionBudget",
             "HorizontalPodAutoscaler"} <= kinds, kinds
+    assert "Deployment" not in kinds, "pods have stable names: a StatefulSet"
     for version in kubernetes_versions(kubernetes_validate):
         for path, document in found:
             try:  # a kind without a schema raises too: no silent pass for a typo in `kind`
@@ -584,8 +585,8 @@ def test_kubernetes_manifests_match_the_api_schemas() -> None:
 
 def test_kubernetes_validation_is_strict() -> None:
     kubernetes_validate = validator()
-    (deployment,) = [d for _, d in manifests() if d["kind"] == "Deployment"]
-    broken = copy.deepcopy(deployment)
+    (statefulset,) = [d for _, d in manifests() if d["kind"] == "StatefulSet"]
+    broken = copy.deepcopy(statefulset)
     broken["spec"]["template"]["spec"]["containers"][0]["securityContext"][
         "readOnlyRootFileSystem"] = True  # wrong case: silently ignored by a lenient check
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -604,16 +605,17 @@ def container_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in container["env"]}
 
 
-def test_deployment_settings(dockerfile: Dockerfile) -> None:
-    deployment = only("Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+def test_statefulset_settings(dockerfile: Dockerfile) -> None:
+    statefulset = only("StatefulSet")
+    pod = statefulset["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     (port,) = container["ports"]
     assert str(port["containerPort"]) == dockerfile.final("EXPOSE")[-1].args
 
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    paths = {"startupProbe": "/health", "readinessProbe": "/ready", "livenessProbe": "/health"}
+    for probe, path in paths.items():  # PROTOCOL.md 10: ready is not alive
         get_ = container[probe]["httpGet"]
-        assert get_["path"] == "/health" and get_["port"] in (port["name"], port["containerPort"])
+        assert get_["path"] == path and get_["port"] in (port["name"], port["containerPort"])
 
     uid, _, gid = dockerfile.final("USER")[-1].args.partition(":")
     security = pod["securityContext"]
@@ -629,8 +631,10 @@ def test_deployment_settings(dockerfile: Dockerfile) -> None:
     workdir = dockerfile.final("WORKDIR")[-1].args
     assert {workdir, image_home, "/tmp"} <= set(mounts), "writable places on a read-only root"
     assert not any(m.get("readOnly") for m in mounts.values())
+    claims = {c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]}
     volumes = {v["name"] for v in pod["volumes"]}
-    assert {m["name"] for m in mounts.values()} <= volumes
+    assert {m["name"] for m in mounts.values()} <= volumes | claims
+    assert mounts[image_home]["name"] in claims, "the home directory outlives the pod"
 
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(
@@ -646,25 +650,33 @@ def test_deployment_settings(dockerfile: Dockerfile) -> None:
     assert env["CCX_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", \
         "session ids name their pod"
 
+    # preStop drains (`ccx drain --wait --timeout T`: returns by T + kill grace + 2 s), then
+    # SIGTERM drains for CCX_DRAIN_TIMEOUT and shuts down within kill grace + 2 s: all of it
+    # before the kubelet would SIGKILL ccx.
     kill_grace = float(env.get("CCX_KILL_GRACE", {}).get("value", DEFAULT_KILL_GRACE_S))
-    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {})
-    pre_stop_s = float(pre_stop["command"][1]) if pre_stop.get("command", [""])[0] == "sleep" \
-        else 0.0
-    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + kill_grace + SHUTDOWN_MARGIN_S
-    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
-    assert rolling["maxUnavailable"] == 0, "a new pod is ready before an old one stops"
+    drain_timeout = float(env.get("CCX_DRAIN_TIMEOUT", {}).get("value", 0))
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:3] == ["ccx", "drain", "--wait"] and command[3] == "--timeout", command
+    pre_stop_s = float(command[4]) + kill_grace + SHUTDOWN_MARGIN_S
+    assert pod["terminationGracePeriodSeconds"] > (
+        pre_stop_s + drain_timeout + kill_grace + SHUTDOWN_MARGIN_S)
+    assert statefulset["spec"]["serviceName"] == "ccx-pods"
+    assert statefulset["spec"]["updateStrategy"]["type"] in ("RollingUpdate", "OnDelete")
 
 
 def test_kubernetes_objects_point_at_each_other() -> None:
-    deployment = only("Deployment")
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    selector = deployment["spec"]["selector"]["matchLabels"]
+    statefulset = only("StatefulSet")
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    selector = statefulset["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     port_names = {p["name"] for p in container["ports"]}
 
     services = {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == "Service"}
     assert services["ccx-pods"]["spec"]["clusterIP"] == "None", "headless: one DNS record a pod"
+    assert services["ccx-pods"]["spec"]["publishNotReadyAddresses"] is True, \
+        "a draining pod stays reachable for its sessions"
+    assert statefulset["spec"]["serviceName"] in services
     for service in services.values():
         assert service["spec"]["selector"].items() <= pod_labels.items()
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
@@ -673,9 +685,10 @@ def test_kubernetes_objects_point_at_each_other() -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     for _, hpa in [(p, d) for p, d in manifests() if d["kind"] == "HorizontalPodAutoscaler"]:
         target = hpa["spec"]["scaleTargetRef"]
-        assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+        assert (target["kind"], target["name"]) == ("StatefulSet",
+                                                    statefulset["metadata"]["name"])
         assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["behavior"]["scaleDown"]
-    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    assert "replicas" not in statefulset["spec"], "the HPA owns the replica count"
 
     ingress = only("Ingress")
     annotations = ingress["metadata"]["annotations"]
@@ -711,6 +724,7 @@ def test_readme_and_docs_describe_the_deployment() -> None:
         assert (ROOT / path).exists() or path in ignored, f"README names a missing {path}"
 
     guide = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
-    for topic in ("Many replicas", "Rolling updates", "not yet implemented", "ccx-pods",
-                  "terminationGracePeriodSeconds", "sessionAffinity", "attach"):
+    for topic in ("Many replicas", "Rolling updates", "ccx-pods", "OnDelete", "/ready",
+                  "ccx drain --wait", "terminationGracePeriodSeconds", "sessionAffinity",
+                  "attach", "publishNotReadyAddresses", "volumeClaimTemplates"):
         assert topic.lower() in guide.lower(), f"docs/deploy.md says nothing about {topic!r}"
