@@ -650,6 +650,15 @@ def markdown(results: dict[str, Any]) -> str:
             rel = row["sessions_per_s"] / base["sessions_per_s"] if base else None
             lines.append(f"| {row['peer']} | {fmt(row['sessions_per_s'])} | "
                          f"{fmt(rel, 2)}× |")
+    if results.get("shutdown"):
+        lines += ["", "### Shutdown: SIGTERM with N sessions, CCX_KILL_GRACE=1 (bound 3 s)", "",
+                  "| sessions | SIGTERM → exit (s) | groups left | readers' completions | "
+                  "close codes |", "|---|---|---|---|---|"]
+        for row in results["shutdown"]:
+            codes = ", ".join(f"{code} × {n}" for code, n in row["reader_close_codes"].items())
+            lines.append(f"| {row['sessions']} | {fmt(row['exit_s'], 2)} | "
+                         f"{row['groups_left']} | {row['reader_completions']} / "
+                         f"{row['reader_sessions']} | {codes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -708,7 +717,21 @@ def plot(rows: list[dict[str, Any]], path: Path, sizes: Sizes) -> None:
 
 
 WORKLOADS = ("client_alone", "lines", "small_lines", "binary", "firehose", "control_latency",
-             "concurrency", "spawn")
+             "concurrency", "spawn", "shutdown")
+SHUTDOWN_SIZES = {"full": (10, 100, 1000), "quick": (10, 100)}
+SHUTDOWN_RUNS = 3  # each size, each on a fresh server: the spread matters on a busy machine
+
+
+def workload_shutdown(mode: str) -> list[dict[str, Any]]:
+    """SIGTERM to a server with N sessions (`bench/shutdown.py`, its own process)."""
+    rows = []
+    for count in SHUTDOWN_SIZES[mode]:
+        for _ in range(SHUTDOWN_RUNS):
+            done = subprocess.run([sys.executable, "-m", "bench.shutdown", str(count)],
+                                  cwd=ROOT, capture_output=True, timeout=600, check=True)
+            rows.append(json.loads(done.stdout.decode().splitlines()[-1]))
+            print(f"shutdown {count}: {rows[-1]['exit_s']} s", file=sys.stderr)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -773,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
         results["concurrency"] = workload_concurrency(peers, sizes, inputs["lines"])
     if "spawn" in only:
         results["spawn"] = workload_spawn(peers, sizes)
+    if "shutdown" in only:
+        results["shutdown"] = workload_shutdown(results["mode"])
     results["goals"] = goals(results)
     results["runtime_s"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -8,6 +8,7 @@ The N sessions (`sleep 1000` children, spread over connections of 50 sessions ea
 every 10th on a PTY, every 10th (others) in a shell that ignores SIGTERM (so it needs the
 SIGKILL at the end of the grace), and one connection in five an owner that never reads
 after its execute responses, with sessions that wrote 256 KiB first (so its socket is full).
+Set CCX_BENCH_LOG=FILE (and CCX_LOG_LEVEL=info) to keep the server's log.
 Outputs: per N the seconds from SIGTERM to exit, the process groups still alive after it,
 and for the reading owners the completions received and the close codes.
 Docs: ../shared/PROTOCOL.md sections 5, 10; docs/performance.md.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +31,6 @@ import trio
 import trio_websocket
 
 KILL_GRACE_S = 1.0
-LOG = open(os.environ["CCX_BENCH_LOG"], "ab") if os.environ.get("CCX_BENCH_LOG") else subprocess.DEVNULL
 PER_CONNECTION = 50
 SLEEP = ["sleep", "1000"]
 IGNORES_TERM = ["sh", "-c", "trap '' TERM; sleep 1000"]
@@ -60,7 +61,6 @@ class Owner:
         self.reads = reads
         self.sessions: dict[str, int] = {}  # session id -> pgid
         self.completed: set[str] = set()
-        self.after_close: int = 0  # completions that came after... never (close ends reading)
         self.close_code: int | None = None
 
     async def start(self, commands: list[tuple[list[str], bool]]) -> None:
@@ -87,16 +87,23 @@ class Owner:
             self.close_code = exc.reason.code if exc.reason is not None else None
 
 
+def _start_server(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log_path = os.environ.get("CCX_BENCH_LOG")  # the server's log, for a closer look
+    with open(log_path or os.devnull, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", "import sys; from ccx.cli import main; "
+             "sys.exit(main(sys.argv[1:]))", "serve", "--port", str(port)],
+            env=env, stderr=log)
+
+
 async def measure(count: int) -> dict[str, Any]:
     port = _free_port()
     state = tempfile.mkdtemp(prefix="ccx-bench-shutdown-")
-    env = {**os.environ, "CCX_KILL_GRACE": str(KILL_GRACE_S), "CCX_LOG_LEVEL": os.environ.get("CCX_LOG_LEVEL", "warning"),
+    env = {**os.environ, "CCX_KILL_GRACE": str(KILL_GRACE_S),
+           "CCX_LOG_LEVEL": os.environ.get("CCX_LOG_LEVEL", "warning"),
            "CCX_MAX_SESSIONS": str(count + 10),
            "CCX_MAX_SESSIONS_PER_CONNECTION": str(PER_CONNECTION), "CCX_STATE_DIR": state}
-    server = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from ccx.cli import main; "
-         "sys.exit(main(sys.argv[1:]))", "serve", "--port", str(port)],
-        env=env, stderr=LOG)
+    server = _start_server(port, env)
     owners: list[Owner] = []
     try:
         async with trio.open_nursery() as nursery:
@@ -142,6 +149,7 @@ async def measure(count: int) -> dict[str, Any]:
         if server.poll() is None:
             server.kill()
             server.wait()
+        shutil.rmtree(state, ignore_errors=True)
     pgids = [pgid for owner in owners for pgid in owner.sessions.values()]
     left = [pgid for pgid in pgids if _group_alive(pgid)]
     readers = [o for o in owners if o.reads]
