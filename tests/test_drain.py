@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 from conftest import RawClient, completion, http_get, py, start_ready
+from test_mcp_http import open_session
 
 from ccx.server import Server
 
@@ -136,6 +137,8 @@ async def test_ids_carry_node_and_incarnation(start_server: StartServer,
         await completion(client, started["session_id"])
         seen.append(incarnation)
     assert seen[0] != seen[1]
+    mcp_session = await open_session(two)  # Mcp-Session-Id: the same prefix
+    assert mcp_session.startswith(f"ccx-1.{seen[1]}."), mcp_session
     client = await connect(plain)
     info = await client.result("server.info")
     assert info["node"] is None and info["incarnation"] is None and info["draining"] is False
