@@ -8,7 +8,7 @@ torn down by the task that asked for it), lookups by id, and ended sessions kept
 (`mcp_buffers`), not in one MCP connection, so a lingering session's unread output outlives
 the connection that started it; a buffer is forgotten with its session.
 
-Memory bounds (PROTOCOL.md section 6, docs/security-memory.md): the manager owns `held`, the
+Memory bounds (PROTOCOL.md section 6, docs/security.md): the manager owns `held`, the
 `HeldBudget` of CCX_MAX_HELD_BYTES that every session's outbox and every MCP buffer charges
 with the bytes it keeps. When it is full, sent replay output is forgotten (oldest first),
 then `execute` gets -32003 and sessions with unsent output are throttled. Sessions that hold

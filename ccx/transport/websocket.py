@@ -7,7 +7,7 @@ Outputs: a `Connection` that is the `Owner` of the sessions it starts: it reads 
 each request in its own task (at most `MAX_IN_FLIGHT` at once, so a flood back-pressures),
 sends responses and session notifications, and cancels its sessions when it closes.
 
-Input back-pressure (PROTOCOL.md section 6, docs/security-memory.md): a frame that carries
+Input back-pressure (PROTOCOL.md section 6, docs/security.md): a frame that carries
 child input (native `input`, MCP `tools/call` of `send_input`) is charged its size in bytes
 to the connection's `InputBudget` (CCX_MAX_INPUT_BYTES) until its request is answered, i.e.
 its data is written to the child. When the next input frame does not fit, the reader waits

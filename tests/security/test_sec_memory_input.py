@@ -4,7 +4,7 @@ Two connections each send 64 one-MiB `input` frames to a `sleep 600` started wit
 request became a task holding its frame (up to 64 in flight per connection), so the server
 held ~3 MiB per frame (RSS 248 -> 634 MiB). Fixed by a per-connection input budget
 (`CCX_MAX_INPUT_BYTES`, 8 MiB): the reader stops taking `input` frames while the budget is
-full, so the client waits, as on a pipe (docs/security-memory.md).
+full, so the client waits, as on a pipe (docs/security.md).
 
 Rules: as in conftest; the server is a real `ccx serve` subprocess and its memory is VmRSS
 from /proc; thresholds derive from the configured limits with generous slack. Every request
