@@ -88,29 +88,32 @@ def first_error_line(text: str) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
-@pytest.fixture(scope="session")
-def engine(request: pytest.FixtureRequest) -> str:
-    """podman, usable here, or a skip with one line saying why."""
-    wanted = "container" in (request.config.getoption("markexpr") or "")
-    if not wanted and os.environ.get("CCX_CONTAINER", "") in ("", "0"):
-        pytest.skip("container tests build and run an image: run `pytest -m container` "
-                    "(or CCX_CONTAINER=1; `nox -s container`)")
+def why_not() -> str | None:
+    """Why these tests cannot run here, or None. Checked once, at import: the module then
+    skips as a whole with one line."""
+    if os.environ.get("CCX_CONTAINER", "") in ("", "0"):  # conftest sets it for -m container
+        return ("container tests build and run an image: run `pytest -m container` "
+                "(or CCX_CONTAINER=1; `nox -s container`)")
     if shutil.which("podman") is None:
-        pytest.skip("podman not installed (apt-get install podman runc slirp4netns "
-                    "debootstrap; .ci/container does it)")
+        return ("podman not installed (apt-get install podman runc slirp4netns debootstrap; "
+                ".ci/container does it)")
     if os.geteuid() != 0:
-        pytest.skip("these tests use rootful podman: run them as root")
+        return "these tests use rootful podman: run them as root"
     for tool in (RUNTIME, "slirp4netns"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (apt-get install {tool})")
+            return f"{tool} not installed (apt-get install {tool})"
     info = podman("info", "--format", "{{.Host.OCIRuntime.Name}}", check=False, timeout=60)
     if info.returncode != 0:
-        pytest.skip(f"podman cannot run here: {first_error_line(info.stderr)}")
-    return "podman"
+        return f"podman cannot run here: {first_error_line(info.stderr)}"
+    return None
+
+
+if (reason := why_not()) is not None:
+    pytest.skip(reason, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
-def base_images(engine: str) -> Callable[[str], str]:
+def base_images() -> Callable[[str], str]:
     """`.ci/container-base WHAT` once per image kind (cached in podman's store and on disk);
     returns the tag. Skips when the base cannot be made here (no debootstrap), or when a
     container of it cannot start (the runtime does not work on this machine)."""
@@ -269,7 +272,7 @@ class Containers:
 
     def cleanup(self) -> None:
         for name in self.names:
-            podman("rm", "-f", "-t", "0", name, check=False, timeout=120)
+            podman("rm", "-f", "-v", "-t", "0", name, check=False, timeout=120)
         for name in self.volumes:
             podman("volume", "rm", "-f", name, check=False, timeout=120)
 
