@@ -737,3 +737,10 @@ def test_readme_and_docs_describe_the_deployment() -> None:
     for topic in ("Many replicas", "Rolling updates", "not yet implemented", "ccx-pods",
                   "terminationGracePeriodSeconds", "sessionAffinity", "attach"):
         assert topic.lower() in guide.lower(), f"docs/deploy.md says nothing about {topic!r}"
+    # podman: an OCI image drops the HEALTHCHECK; buildah 1.28 needs INSTALL_CLAUDE given.
+    raw_guide = (ROOT / "docs" / "deploy.md").read_text()
+    podman_builds = re.findall(r"podman build [^`\n]*", raw_guide)
+    assert podman_builds and all("--format docker" in b and "INSTALL_CLAUDE=" in b
+                                 for b in podman_builds), podman_builds
+    # A cancelled session's exit code is the command's own (143, 0, 137...): the status says it.
+    assert "exits 143." not in guide and "137" in guide and '"cancelled"' in guide
