@@ -113,7 +113,7 @@ if (reason := why_not()) is not None:
 
 
 @pytest.fixture(scope="session")
-def base_images() -> Callable[[str], str]:
+def base_images(pytestconfig: pytest.Config) -> Callable[[str], str]:
     """`.ci/container-base WHAT` once per image kind (cached in podman's store and on disk);
     returns the tag. Skips when the base cannot be made here (no debootstrap), or when a
     container of it cannot start (the runtime does not work on this machine)."""
@@ -130,7 +130,8 @@ def base_images() -> Callable[[str], str]:
                 done = subprocess.run(["bash", str(BASE_SCRIPT), what], capture_output=True,
                                       text=True, timeout=1200)
                 assert done.returncode == 0, f"{BASE_SCRIPT.name} {what}:\n{done.stderr}"
-                print(f"base image {tag} made in {time.monotonic() - started:.0f} s")
+                elapsed = time.monotonic() - started
+                report(pytestconfig, f"base image {tag} made in {elapsed:.0f} s")
             probe = podman("run", "--rm", *RUN_FLAGS, "--network", "none", tag, "true",
                            check=False, timeout=120)
             if probe.returncode != 0:
@@ -142,24 +143,33 @@ def base_images() -> Callable[[str], str]:
     return make
 
 
-def build(tag: str, *build_args: str) -> None:
+def report(config: pytest.Config, line: str) -> None:
+    """A line on the terminal even under output capture (timings for CI logs)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.write_line(f"[container] {line}")
+
+
+def build(config: pytest.Config, tag: str, *build_args: str) -> None:
     """podman build of the working tree; layers are cached by podman between runs."""
     started = time.monotonic()
     podman("build", "--format", "docker", "--network", "host", "--runtime", RUNTIME, *LIMITS,
            "-f", str(DOCKERFILE), *[f"--build-arg={arg}" for arg in build_args],
            "-t", tag, str(ROOT), timeout=1500)
-    print(f"built {tag} in {time.monotonic() - started:.0f} s")
+    report(config, f"built {tag} in {time.monotonic() - started:.0f} s")
 
 
 @pytest.fixture(scope="session")
-def image(base_images: Callable[[str], str]) -> str:
-    build(IMAGE, "INSTALL_CLAUDE=0", f"PYTHON_IMAGE={base_images('python')}")
+def image(pytestconfig: pytest.Config, base_images: Callable[[str], str]) -> str:
+    build(pytestconfig, IMAGE, "INSTALL_CLAUDE=0", f"PYTHON_IMAGE={base_images('python')}")
     return IMAGE
 
 
 @pytest.fixture(scope="session")
-def claude_image(base_images: Callable[[str], str]) -> str:
-    build(CLAUDE_IMAGE, "INSTALL_CLAUDE=1", f"PYTHON_IMAGE={base_images('python')}",
+def claude_image(pytestconfig: pytest.Config, base_images: Callable[[str], str]) -> str:
+    build(pytestconfig, CLAUDE_IMAGE, "INSTALL_CLAUDE=1", f"PYTHON_IMAGE={base_images('python')}",
           f"NODE_IMAGE={base_images('node')}")
     return CLAUDE_IMAGE
 
