@@ -72,17 +72,16 @@ pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 # ---------------------------------------------------------------------------- podman helpers
 
 
-def podman(*args: str, check: bool = True, timeout: float = 600,
-           input: str | None = None) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
-                          input=input)
+def podman(*args: str, check: bool = True,
+           timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} exited {done.returncode}:\n"
                              f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
 
 
-def first_error_line(text: str) -> str:
+def last_error_line(text: str) -> str:
     lines = [line for line in text.splitlines()
              if line.strip() and "systemd connection" not in line]
     return lines[-1].strip() if lines else "no output"
@@ -104,7 +103,7 @@ def why_not() -> str | None:
             return f"{tool} not installed (apt-get install {tool})"
     info = podman("info", "--format", "{{.Host.OCIRuntime.Name}}", check=False, timeout=60)
     if info.returncode != 0:
-        return f"podman cannot run here: {first_error_line(info.stderr)}"
+        return f"podman cannot run here: {last_error_line(info.stderr)}"
     return None
 
 
@@ -136,7 +135,7 @@ def base_images(pytestconfig: pytest.Config) -> Callable[[str], str]:
                            check=False, timeout=120)
             if probe.returncode != 0:
                 pytest.skip(f"podman cannot run a container here: "
-                            f"{first_error_line(probe.stderr)}")
+                            f"{last_error_line(probe.stderr)}")
             made[what] = tag
         return made[what]
 
