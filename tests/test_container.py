@@ -23,6 +23,7 @@ a port on 127.0.0.1. Every container and volume started here is removed at teard
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -52,8 +53,11 @@ CCX = str(Path(sys.executable).parent / "ccx")
 
 PYTHON_IMAGE = os.environ.get("CCX_CI_PYTHON_IMAGE", "localhost/ccx-ci/python:3.11-bookworm")
 NODE_IMAGE = os.environ.get("CCX_CI_NODE_IMAGE", "localhost/ccx-ci/node:22-bookworm")
-IMAGE = "localhost/ccx:ci-test"
-CLAUDE_IMAGE = "localhost/ccx:ci-test-claude"
+# One tag per working tree: CI runs of two checkouts on one machine do not test each other's
+# image (the layer cache is still shared).
+TREE = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
+IMAGE = f"localhost/ccx:ci-{TREE}"
+CLAUDE_IMAGE = f"localhost/ccx:ci-{TREE}-claude"
 # runc: crun fails on this machine's hybrid cgroup layout. podman's default nofile limit is
 # above the hard limit here, so the limits are explicit.
 RUNTIME = os.environ.get("CCX_CONTAINER_RUNTIME", "runc")
@@ -260,15 +264,21 @@ class Containers:
 
     def start(self, tag: str, *flags: str, env: dict[str, str] | None = None,
               wait: bool = True) -> Container:
-        name = f"ccx-test-{secrets.token_hex(4)}"
         token = secrets.token_hex(16)
-        port = free_port()
-        environment = {"CCX_TOKEN": token, **(env or {})}
-        self.names.append(name)
-        podman("run", "-d", "--name", name, *RUN_FLAGS, "--network", "slirp4netns",
-               "-p", f"127.0.0.1:{port}:8003",
-               *[f"--env={key}={value}" for key, value in environment.items()],
-               *flags, tag, timeout=120)
+        environment = [f"--env={key}={value}"
+                       for key, value in {"CCX_TOKEN": token, **(env or {})}.items()]
+        for attempt in range(3):  # the free port may be taken before podman binds it
+            name = f"ccx-test-{secrets.token_hex(4)}"
+            port = free_port()
+            self.names.append(name)
+            started = podman("run", "-d", "--name", name, *RUN_FLAGS, "--network", "slirp4netns",
+                             "-p", f"127.0.0.1:{port}:8003", *environment, *flags, tag,
+                             check=False, timeout=120)
+            if started.returncode == 0:
+                break
+            if attempt == 2 or "address already in use" not in started.stderr:
+                raise AssertionError(f"podman run {tag} exited {started.returncode}:\n"
+                                     f"{started.stderr[-3000:]}")
         container = Container(name, port, token)
         if wait:
             container.wait_healthy()
@@ -322,6 +332,16 @@ async def started(session: Any) -> None:
         async for event in events:
             assert isinstance(event, Started), event
             return
+
+
+def start_time(pid: int) -> str | None:
+    """When *pid* started (field 22 of /proc/PID/stat), None if there is no such process: a
+    pid reused by another process on a busy machine does not count as a survivor."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def text(outputs: list[Output]) -> str:
@@ -506,7 +526,7 @@ async def test_podman_stop_cancels_sessions(image: str, containers: Containers) 
             await started(session)
             running = [s for s in await client.sessions() if s["status"] == "running"]
             assert len(running) == 4, running
-            pids = box.processes()
+            before = {pid: start_time(pid) for pid in box.processes()}
             stopping = time.monotonic()
             stop = await trio.run_process(["podman", "stop", "-t", "30", box.name],
                                           capture_stdout=True, capture_stderr=True)
@@ -520,8 +540,8 @@ async def test_podman_stop_cancels_sessions(image: str, containers: Containers) 
             returncode = await trio.to_thread.run_sync(lambda run=run: run.wait(30))
             assert returncode == code, (commands[code], returncode,
                                         run.stderr.read() if run.stderr else "")
-        left = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-        assert not left, f"still on the host after the stop: {left}"
+        left = [pid for pid, started_at in before.items() if start_time(pid) == started_at]
+        assert len(before) >= 6 and not left, f"still on the host after the stop: {left}"
     finally:
         for run in runs.values():
             if run.poll() is None:
