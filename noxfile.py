@@ -39,6 +39,14 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def container(session: nox.Session) -> None:
+    """The image built with podman and run for real (tests/test_container.py; root, podman,
+    runc, slirp4netns, debootstrap: .ci/container installs them in CI)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "container", "tests/test_container.py", *session.posargs)
+
+
+@nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """ccx against websocketd and a raw pipe: bench/results.json, a table, bench/firehose.png.
 
