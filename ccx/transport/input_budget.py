@@ -22,6 +22,7 @@ class InputBudget:
 
     limit_bytes: int
     pending_bytes: int = 0
+    waiting: bool = False  # a reader waits for room (the client is being back-pressured)
     _released: trio.Event = attrs.field(factory=trio.Event)
 
     async def acquire(self, size: int) -> None:
@@ -30,8 +31,12 @@ class InputBudget:
 
         **Cancellation**: safe; nothing is counted if cancelled while waiting.
         """
-        while self.pending_bytes and self.pending_bytes + size > self.limit_bytes:
-            await self._released.wait()
+        try:
+            while self.pending_bytes and self.pending_bytes + size > self.limit_bytes:
+                self.waiting = True
+                await self._released.wait()
+        finally:
+            self.waiting = False
         self.pending_bytes += size
 
     def release(self, size: int) -> None:
