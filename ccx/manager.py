@@ -32,12 +32,13 @@ import structlog
 import trio
 
 from ccx.config import Settings
-from ccx.descendants import SESSION_ENV, adopted_by_session, snapshot_async
+from ccx.descendants import SESSION_ENV, adopted_by_session
 from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
 from ccx.outbox import HeldBudget
 from ccx.process import Group, resolve_executable, spawn, stop_group
+from ccx.procfs import run_scan, snapshot
 from ccx.protocol import (
     ExecuteParams,
     InvalidParams,
@@ -148,7 +149,7 @@ class SessionManager:
             running = self.running()
             if not running:
                 continue
-            procs = await snapshot_async()
+            procs = await run_scan(snapshot)
             adopted = adopted_by_session(procs)
             for session in running:
                 session.tracker.update(procs, adopted.get(session.id, []))

@@ -11,15 +11,13 @@ A PTY group is the whole *session* the child leads, not only its process group: 
 shell (`sh -i`) puts each pipeline in a process group of its own, inside the same session and on
 the same terminal, so those are members too (signalled with one `killpg` per process group).
 
-Group inspection cost: Linux has no "members of group G" query, so a full answer reads
-/proc/<pid>/stat of every process on the host (~10 us each). The waits (`wait_group_empty`
-after a signal, `wait_group_stopped` for PAUSE) poll, so they first look only at the pids
-last seen in the group (a live, running one among them answers "not yet" for free) and run a
-full scan only to confirm "empty" / "all stopped" (unless `killpg(pgid, 0)` already says the
-group is gone). On a host with many processes (more than `SCAN_INLINE_MAX` at the last scan)
-that scan runs in a worker thread, so the event loop keeps serving other sessions; on a small
-host it runs inline, because the thread hand-off (~1 ms on a busy 2-core machine) would cost
-more than the scan.
+Group inspection cost: Linux has no "members of group G" query, so a full answer is a scan
+of every process on the host (`ccx.procfs.scan`, ~10 us per process). The waits
+(`wait_group_empty` after a signal, `wait_group_stopped` for PAUSE) poll, so they first look
+only at the pids last seen in the group (a live, running one among them answers "not yet" for
+free) and run a full scan only to confirm "empty" / "all stopped" (unless `killpg(pgid, 0)`
+already says the group is gone); on a big host that scan runs in a worker thread
+(`ccx.procfs.run_scan`).
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#spawning-subprocesses
       https://trio.readthedocs.io/en/stable/reference-lowlevel.html#trio.lowlevel.FdStream
       https://man7.org/linux/man-pages/man2/kill.2.html
@@ -48,8 +46,9 @@ from contextlib import contextmanager
 import attrs
 import trio
 
-from ccx.descendants import Proc, read_proc, signal_procs, still_alive
+from ccx.descendants import signal_procs, still_alive
 from ccx.log import get_logger
+from ccx.procfs import Proc, read_proc, run_scan, scan
 
 log = get_logger("ccx.process")
 
@@ -58,8 +57,6 @@ POLL_FIRST_S = 0.001  # first look at /proc after a signal; processes often die 
 POLL_MAX_S = 0.05  # later looks back off to this, so a stubborn group costs little CPU
 AFTER_KILL_TIMEOUT_S = 10.0  # SIGKILL cannot be ignored; only D-state can outlast this
 STOP_SEEN_TIMEOUT_S = 1.0  # how long PAUSE waits to see every member in state T
-SCAN_INLINE_MAX = 200  # processes on the host up to which a full scan (~10 us each) runs inline
-_host_processes = 0  # processes the last full /proc scan went through
 MAX_WINDOW_CELLS = 0xFFFF  # struct winsize holds unsigned shorts
 DEFAULT_EOF_CHAR = b"\x04"  # ^D, when the terminal's VEOF cannot be read
 
@@ -106,17 +103,6 @@ class Grace:
                 yield scope
             finally:
                 self._scope = None
-
-
-@attrs.frozen
-class Member:
-    """One process of a group as /proc shows it."""
-
-    pid: int
-    state: str  # R, S, D, T, t, Z, ...
-    ppid: int
-    pgrp: int = 0
-    session: int = 0
 
 
 @attrs.define(eq=False)
@@ -283,7 +269,7 @@ def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = Fals
     """
     pgrps = [pgid]
     if whole_session:
-        pgrps = sorted({m.pgrp for m in _scan(session=pgid) if m.pgrp != pgid}) + pgrps
+        pgrps = sorted({m.pgid for m in scan(sid=pgid) if m.pgid != pgid}) + pgrps
     reached = False
     for target in pgrps:
         try:
@@ -303,52 +289,21 @@ def signal_members(group: Group, *signals: signal.Signals) -> bool:
     return signal_group(group.pgid, *signals, whole_session=group.whole_session)
 
 
-def _read_stat(pid: int) -> tuple[str, int, int, int] | None:
-    try:  # os.open/os.read: a third cheaper than open(), and this runs for every process
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        raw = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if not raw:
-        return None
-    # comm may hold spaces and parentheses: the fields start after the last ")".
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3])
-
-
-def group_members(pgid: int, *, whole_session: bool = False) -> list[Member]:
+def group_members(pgid: int, *, whole_session: bool = False) -> list[Proc]:
     """Every process whose process group (with *whole_session*: session) is *pgid*,
     zombies included."""
     if whole_session:
-        return list(_scan(session=pgid))
+        return list(scan(sid=pgid))
     try:
         os.killpg(pgid, 0)  # cheap answer for the common case: nobody left at all
     except ProcessLookupError:
         return []
     except PermissionError:
         pass
-    return list(_scan(pgrp=pgid))
+    return list(scan(pgid=pgid))
 
 
-def _scan(*, pgrp: int | None = None, session: int | None = None) -> Iterator[Member]:
-    global _host_processes
-    pids = [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
-    _host_processes = len(pids)
-    for pid in pids:
-        stat = _read_stat(pid)
-        if stat is None or (pgrp is not None and stat[2] != pgrp):
-            continue
-        if session is not None and stat[3] != session:
-            continue
-        yield Member(pid, stat[0], stat[1], stat[2], stat[3])
-
-
-def reap_adopted(members: Sequence[Member], *, leader: int) -> None:
+def reap_adopted(members: Sequence[Proc], *, leader: int) -> None:
     """Reap zombies we adopted as subreaper. Never the leader: trio waits for that one."""
     me = os.getpid()
     for member in members:
@@ -359,12 +314,12 @@ def reap_adopted(members: Sequence[Member], *, leader: int) -> None:
                 pass
 
 
-def _alive(group: Group, members: list[Member]) -> list[Member]:
+def _alive(group: Group, members: list[Proc]) -> list[Proc]:
     reap_adopted(members, leader=group.pid)
     return [m for m in members if m.state != "Z"]
 
 
-def live_members(group: Group) -> list[Member]:
+def live_members(group: Group) -> list[Proc]:
     """Members that still run (zombies count as gone; ours are reaped on the way). A full
     scan (unless the group is gone); the pids found become the group's `known` ones."""
     members = group_members(group.pgid, whole_session=group.whole_session)
@@ -372,28 +327,23 @@ def live_members(group: Group) -> list[Member]:
     return _alive(group, members)
 
 
-async def scan_live_members(group: Group) -> list[Member]:
+async def scan_live_members(group: Group) -> list[Proc]:
     """`live_members`, with the /proc scan in a worker thread on a host with many processes
     (reaping stays here)."""
-    if _host_processes <= SCAN_INLINE_MAX:
-        return live_members(group)
-    members = await trio.to_thread.run_sync(
+    members = await run_scan(
         functools.partial(group_members, group.pgid, whole_session=group.whole_session))
     group.known = frozenset(m.pid for m in members)
     return _alive(group, members)
 
 
-def known_live_members(group: Group) -> list[Member]:
+def known_live_members(group: Group) -> list[Proc]:
     """The live members among the leader and the `known` pids: a few stat reads, no scan.
     Whatever it returns is a member now; an empty answer proves nothing."""
     members = []
     for pid in group.known | {group.pid}:
-        stat = _read_stat(pid)
-        if stat is None:
-            continue
-        state, ppid, pgrp, session = stat  # a reused pid is in another group and session
-        if (session if group.whole_session else pgrp) == group.pgid:
-            members.append(Member(pid, state, ppid, pgrp, session))
+        proc = read_proc(pid)  # a reused pid is in another group and session
+        if proc is not None and (proc.sid if group.whole_session else proc.pgid) == group.pgid:
+            members.append(proc)
     return _alive(group, members)
 
 
@@ -422,9 +372,9 @@ async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S,
     holds) unless *confirm* is False (the caller scans next anyway); a known member still
     running answers "not yet" without one.
     """
-    def running(members: list[Member]) -> bool:
+    def running(members: list[Proc]) -> bool:
         return any(m.state not in ("T", "t") for m in members
-                   if not leader_group_only or m.pgrp == group.pgid)
+                   if not leader_group_only or m.pgid == group.pgid)
 
     delay = POLL_FIRST_S
     with trio.move_on_after(timeout):

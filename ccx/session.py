@@ -49,13 +49,7 @@ import attrs
 import structlog
 import trio
 
-from ccx.descendants import (
-    Tracker,
-    adopted_by_session,
-    signal_procs,
-    snapshot_async,
-    still_alive,
-)
+from ccx.descendants import Tracker, signal_procs, still_alive
 from ccx.log import get_logger
 from ccx.outbox import Held, HeldBudget, Outbox
 from ccx.process import (
@@ -68,7 +62,7 @@ from ccx.process import (
     stop_group,
 )
 from ccx.protocol import InvalidState, encode_utf8, notification
-from ccx.tree import pause_tree, resume_tree, stop_arrivals
+from ccx.tree import pause_tree, refresh, resume_tree, stop_arrivals
 
 log = get_logger("ccx.session")
 
@@ -578,8 +572,7 @@ class Session:
 
     async def refresh_descendants(self) -> None:
         """Scan /proc now for this session's descendants (see `ccx.descendants`)."""
-        procs = await snapshot_async()
-        self.tracker.update(procs, adopted_by_session(procs).get(self.id, []))
+        await refresh(self.tracker)
 
     async def _stop_late_escapees(self) -> None:
         """Kill what the kill path could not know of: a member that daemonized during the

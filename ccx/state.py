@@ -28,8 +28,9 @@ from typing import Any
 import attrs
 import trio
 
-from ccx.descendants import Proc, read_proc, session_marker, signal_procs, snapshot, still_alive
+from ccx.descendants import session_marker, signal_procs, still_alive
 from ccx.log import get_logger
+from ccx.procfs import Proc, read_proc, snapshot
 
 log = get_logger("ccx.state")
 
