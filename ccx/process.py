@@ -2,7 +2,8 @@
 
 Inputs: argv, the resolved executable, cwd, env, stdin mode or a terminal size, kill grace.
 Outputs: a running `Group` (own session and group, pgid == pid) with its pipes, or with the
-master side of a pseudo-terminal whose slave is the child's controlling terminal; `stop_group`
+master side of a pseudo-terminal whose slave is the child's controlling terminal (set up by
+`ccx.pty`); `stop_group`
 (the one kill path: SIGTERM, SIGCONT, grace, SIGKILL, wait until empty) and the `StopStep` it
 reached, with a `Grace` its caller can shorten while it runs; group inspection through /proc;
 the child-subreaper switch.
@@ -19,10 +20,7 @@ free) and run a full scan only to confirm "empty" / "all stopped" (unless `killp
 already says the group is gone); on a big host that scan runs in a worker thread
 (`ccx.procfs.run_scan`).
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#spawning-subprocesses
-      https://trio.readthedocs.io/en/stable/reference-lowlevel.html#trio.lowlevel.FdStream
       https://man7.org/linux/man-pages/man2/kill.2.html
-      https://man7.org/linux/man-pages/man2/TIOCSCTTY.2const.html
-      https://man7.org/linux/man-pages/man4/tty_ioctl.4.html
       https://man7.org/linux/man-pages/man2/PR_SET_CHILD_SUBREAPER.2const.html
       https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
 """
@@ -31,15 +29,11 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import errno
-import fcntl
 import functools
 import os
 import shutil
 import signal
-import struct
 import subprocess
-import termios
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -49,6 +43,7 @@ import trio
 from ccx.descendants import signal_procs, still_alive
 from ccx.log import get_logger
 from ccx.procfs import Proc, read_proc, run_scan, scan
+from ccx.pty import Terminal, spawn_on_terminal
 
 log = get_logger("ccx.process")
 
@@ -57,8 +52,6 @@ POLL_FIRST_S = 0.001  # first look at /proc after a signal; processes often die 
 POLL_MAX_S = 0.05  # later looks back off to this, so a stubborn group costs little CPU
 AFTER_KILL_TIMEOUT_S = 10.0  # SIGKILL cannot be ignored; only D-state can outlast this
 STOP_SEEN_TIMEOUT_S = 1.0  # how long PAUSE waits to see every member in state T
-MAX_WINDOW_CELLS = 0xFFFF  # struct winsize holds unsigned shorts
-DEFAULT_EOF_CHAR = b"\x04"  # ^D, when the terminal's VEOF cannot be read
 
 
 class StopStep(enum.Enum):
@@ -103,31 +96,6 @@ class Grace:
                 yield scope
             finally:
                 self._scope = None
-
-
-@attrs.define(eq=False)
-class Terminal:
-    """The parent's side of a PTY: the master fd as a trio stream, and the window size."""
-
-    master: trio.lowlevel.FdStream
-    cols: int
-    rows: int
-
-    def resize(self, cols: int, rows: int) -> None:
-        """Set the window size; the kernel sends SIGWINCH to the terminal's foreground group
-        when the size changes. Raises OSError once the master is closed."""
-        set_window_size(self.master.fileno(), cols, rows)
-        self.cols, self.rows = cols, rows
-
-    def eof_char(self) -> bytes:
-        """The terminal's EOF character (VEOF, ^D unless the child changed it)."""
-        try:
-            value = termios.tcgetattr(self.master.fileno())[6][termios.VEOF]
-        except (OSError, termios.error):
-            return DEFAULT_EOF_CHAR
-        if isinstance(value, int):
-            return bytes([value])
-        return bytes(value) or DEFAULT_EOF_CHAR
 
 
 @attrs.define(eq=False)
@@ -201,8 +169,11 @@ async def spawn(
     the same). Raises OSError (FileNotFoundError, PermissionError...) when exec fails.
     """
     if pty is not None:
-        return await _spawn_on_terminal(argv, executable=executable, cwd=cwd, env=env,
-                                        size=pty)
+        process, terminal = await spawn_on_terminal(argv, executable=executable, cwd=cwd,
+                                                    env=env, size=pty)
+        leader = read_proc(process.pid)
+        return Group(process, list(argv), terminal,
+                     start=leader.start if leader is not None else None)
     process = await trio.lowlevel.open_process(
         list(argv),
         executable=executable,
@@ -215,48 +186,6 @@ async def spawn(
     )
     leader = read_proc(process.pid)
     return Group(process, list(argv), start=leader.start if leader is not None else None)
-
-
-def set_window_size(fd: int, cols: int, rows: int) -> None:
-    """TIOCSWINSZ on a terminal fd (either side of a PTY)."""
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _take_controlling_terminal() -> None:
-    """In the child, after setsid and before exec: its stdin (the slave) becomes its
-    controlling terminal, so ^C, job control and SIGWINCH reach it as on a real terminal."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-async def _spawn_on_terminal(
-    argv: Sequence[str], *, executable: str, cwd: str | None, env: Mapping[str, str],
-    size: tuple[int, int],
-) -> Group:
-    """openpty, size it, start the child on the slave (stdin, stdout, stderr and controlling
-    terminal), close the slave here and keep the master as a non-blocking `FdStream`.
-
-    The terminal starts as the kernel makes it: cooked mode, echo, ^C/^D/^Z active.
-    """
-    master, slave = os.openpty()  # both O_CLOEXEC: no other child inherits them
-    try:
-        set_window_size(slave, *size)
-        try:
-            process = await trio.lowlevel.open_process(
-                list(argv), executable=executable, cwd=cwd, env=dict(env),
-                stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                preexec_fn=_take_controlling_terminal,
-            )
-        except subprocess.SubprocessError as exc:  # TIOCSCTTY failed in the child
-            raise OSError(errno.ENOTTY, f"cannot attach the terminal: {exc}") from None
-    except BaseException:
-        os.close(master)
-        raise
-    finally:
-        os.close(slave)  # the child holds it now; an open slave here would hide EOF
-    terminal = Terminal(trio.lowlevel.FdStream(master), cols=size[0], rows=size[1])
-    leader = read_proc(process.pid)
-    return Group(process, list(argv), terminal,
-                 start=leader.start if leader is not None else None)
 
 
 def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = False) -> bool:
