@@ -37,7 +37,7 @@ from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
 from ccx.outbox import HeldBudget
-from ccx.process import Group, resolve_executable, spawn, stop_group
+from ccx.process import Group, StopStep, resolve_executable, spawn, stop_group
 from ccx.procfs import run_scan, snapshot
 from ccx.protocol import (
     ExecuteParams,
@@ -129,15 +129,18 @@ class SessionManager:
                 nursery.start_soon(self._sweep_expired)
                 task_status.started()
                 await trio.sleep_forever()
-        finally:  # every group is empty now (each session ran its shielded kill path)
-            self.state.remove()
+        finally:  # every group is empty now (each session ran its shielded kill path)...
+            if not any(s.stop_step is StopStep.OUTLIVED for s in self._sessions.values()):
+                self.state.remove()  # ...unless one outlived SIGKILL: the record keeps it
 
     def _record(self) -> None:
-        """Rewrite the crash record: every group that may still have members."""
+        """Rewrite the crash record: every group that may still have members, including
+        one that outlived SIGKILL (D state), so the next start tries again."""
         self.state.write(
             GroupRecord(s.id, s.group.pgid, s.group.start or 0,
                         tuple((p.pid, p.start) for p in s.tracker.escapees()))
-            for s in self.running()
+            for s in self._sessions.values()
+            if s.running or s.stop_step is StopStep.OUTLIVED
         )
 
     async def _track_descendants(self) -> None:
@@ -416,6 +419,9 @@ class SessionManager:
             log.exception("session_crashed", session_id=session.id)
 
     def _on_done(self, session: Session) -> None:
+        if session.stop_step is StopStep.OUTLIVED:
+            log.error("outlived_group_kept_in_record", session_id=session.id,
+                      pgid=session.group.pgid)
         self._record()
         self._forget_expired()  # the cap on ended sessions holds at once
         self._notify()

@@ -3,10 +3,10 @@
 Inputs: argv, the resolved executable, cwd, env, stdin mode or a terminal size, kill grace.
 Outputs: a running `Group` (own session and group, pgid == pid) with its pipes, or with the
 master side of a pseudo-terminal whose slave is the child's controlling terminal (set up by
-`ccx.pty`); `stop_group`
-(the one kill path: SIGTERM, SIGCONT, grace, SIGKILL, wait until empty) and the `StopStep` it
-reached, with a `Grace` its caller can shorten while it runs; group inspection through /proc;
-the child-subreaper switch.
+`ccx.pty`); `stop_group` (the one kill path: SIGTERM, SIGCONT, grace, SIGKILL, wait until
+empty) and the `StopStep` it reached, with a `Grace` its caller can shorten while it runs;
+`stop_procs` (the same timeline, for what a dead server left running); group inspection
+through `ccx.procfs`; the child-subreaper switch.
 
 A PTY group is the whole *session* the child leads, not only its process group: a job-control
 shell (`sh -i`) puts each pipeline in a process group of its own, inside the same session and on
@@ -36,6 +36,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 import attrs
 import trio
@@ -60,6 +61,7 @@ class StopStep(enum.Enum):
     ALREADY_EMPTY = "already_empty"
     TERMINATED = "terminated"  # gone after SIGTERM, within the grace
     KILLED = "killed"  # needed SIGKILL
+    OUTLIVED = "outlived"  # still not empty AFTER_KILL_TIMEOUT_S after SIGKILL (D state)
 
 
 @attrs.define(eq=False)
@@ -343,13 +345,14 @@ async def stop_group(group: Group, *, grace: float | Grace,
                      escapees: Sequence[Proc] = ()) -> StopStep:
     """Make the group empty. The one kill path: every way a session ends goes through here.
 
-    Timeline: SIGTERM then SIGCONT to the group (TERM first, so a stopped member wakes up with
-    the TERM already pending instead of running on for a moment; on a terminal every process
-    group of the session gets them), wait up to *grace* seconds (a `Grace` can be shortened
-    by its owner while this waits: shutdown's cap, a forced cancel) for every member to go,
-    then SIGKILL to the group and wait again, up to `AFTER_KILL_TIMEOUT_S` (only an
-    uninterruptible D-state member can outlast it; that is logged as an error). Zombies are
-    reaped on the way (the leader by trio). *escapees* (descendants that left the group, see
+    Timeline (`_escalate`, shared with `stop_procs`): SIGTERM then SIGCONT to the group (TERM
+    first, so a stopped member wakes up with the TERM already pending instead of running on
+    for a moment; on a terminal every process group of the session gets them), wait up to
+    *grace* seconds (a `Grace` can be shortened by its owner while this waits: shutdown's
+    cap, a forced cancel) for every member to go, then SIGKILL to the group and wait again,
+    up to `AFTER_KILL_TIMEOUT_S` (only an uninterruptible D-state member can outlast it; that
+    is logged as an error and returned as `StopStep.OUTLIVED`). Zombies are reaped on the
+    way (the leader by trio). *escapees* (descendants that left the group, see
     `ccx.descendants`) get the same signals, one by one, at the same steps, and the wait
     covers them too.
 
@@ -357,37 +360,109 @@ async def stop_group(group: Group, *, grace: float | Grace,
     Cancelling from outside cannot cut the grace; `Grace.cap` can.
     """
     with trio.CancelScope(shield=True):
-        step = await _escalate(group, grace if isinstance(grace, Grace) else Grace(grace),
-                               escapees)
+        step = await _escalate(_GroupTargets(group, escapees),
+                               grace if isinstance(grace, Grace) else Grace(grace))
     return step
 
 
-def _signal_all(group: Group, escapees: Sequence[Proc], *signals: signal.Signals) -> None:
-    signal_members(group, *signals)
-    for sig in signals:
-        signal_procs(escapees, sig)
-    log.info("signal_sent", pgid=group.pgid, signals=[s.name for s in signals],
-             escapees=[p.pid for p in escapees] or None)
+async def stop_procs(procs: Sequence[Proc], *, grace: float) -> StopStep:
+    """`stop_group`'s timeline for recorded processes that are not our children (what a
+    dead server left running, `ccx.state.recover`): each is signalled through a pidfd after
+    a (pid, start time) check, never a recycled pid.
+
+    **Cancellation**: shielded, as `stop_group`; bounded by grace + AFTER_KILL_TIMEOUT_S.
+    """
+    with trio.CancelScope(shield=True):
+        step = await _escalate(_ProcTargets(procs), Grace(grace))
+    return step
 
 
-async def _escalate(group: Group, grace: Grace, escapees: Sequence[Proc]) -> StopStep:
-    escapees = still_alive(escapees)
-    if group.process.returncode is not None and not live_members(group) and not escapees:
+class _Targets(Protocol):
+    """What one escalation stops."""
+
+    def alive(self) -> bool:
+        """Whether anything is left to stop (zombies count as gone; ours are reaped)."""
+
+    def signal(self, *signals: signal.Signals) -> None:
+        """Send each of *signals* to every target still alive."""
+
+    async def wait_gone(self) -> None:
+        """Return once every target is gone. Cancel-safe."""
+
+    def survivors(self) -> dict[str, object]:
+        """What is still alive, for the log."""
+
+
+@attrs.define(eq=False)
+class _GroupTargets:
+    """A spawned group (on a terminal: its whole session) and its escapees."""
+
+    group: Group
+    escapees: Sequence[Proc]
+
+    def alive(self) -> bool:
+        self.escapees = still_alive(self.escapees)
+        return (self.group.process.returncode is None or bool(live_members(self.group))
+                or bool(self.escapees))
+
+    def signal(self, *signals: signal.Signals) -> None:
+        escapees = still_alive(self.escapees)
+        signal_members(self.group, *signals)
+        for sig in signals:
+            signal_procs(escapees, sig)
+        log.info("signal_sent", pgid=self.group.pgid, signals=[s.name for s in signals],
+                 escapees=[p.pid for p in escapees] or None)
+
+    async def wait_gone(self) -> None:
+        await wait_group_empty(self.group, self.escapees)
+
+    def survivors(self) -> dict[str, object]:
+        return {"pgid": self.group.pgid,
+                "members": [attrs.asdict(m) for m in live_members(self.group)],
+                "escapees": [p.pid for p in still_alive(self.escapees)]}
+
+
+@attrs.define(eq=False)
+class _ProcTargets:
+    """Recorded processes, each known by (pid, start time)."""
+
+    procs: Sequence[Proc]
+
+    def alive(self) -> bool:
+        return bool(still_alive(self.procs))
+
+    def signal(self, *signals: signal.Signals) -> None:
+        procs = still_alive(self.procs)
+        for sig in signals:
+            signal_procs(procs, sig)
+        log.info("signal_sent", pids=[p.pid for p in procs], signals=[s.name for s in signals])
+
+    async def wait_gone(self) -> None:
+        delay = POLL_FIRST_S
+        while still_alive(self.procs):
+            await trio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX_S)
+
+    def survivors(self) -> dict[str, object]:
+        return {"pids": [p.pid for p in still_alive(self.procs)]}
+
+
+async def _escalate(targets: _Targets, grace: Grace) -> StopStep:
+    """The timeline of `stop_group`, written once. Callers shield it."""
+    if not targets.alive():
         return StopStep.ALREADY_EMPTY
     # No SIGHUP on a terminal, although a closing terminal sends one: pending together with
     # SIGTERM it is delivered first and its default action would pre-empt a TERM handler.
-    _signal_all(group, escapees, signal.SIGTERM, signal.SIGCONT)
+    targets.signal(signal.SIGTERM, signal.SIGCONT)
     with grace.running():
-        await wait_group_empty(group, escapees)
+        await targets.wait_gone()
         return StopStep.TERMINATED
-    _signal_all(group, still_alive(escapees), signal.SIGKILL)
+    targets.signal(signal.SIGKILL)
     with trio.move_on_after(AFTER_KILL_TIMEOUT_S):
-        await wait_group_empty(group, escapees)
+        await targets.wait_gone()
         return StopStep.KILLED
-    log.error("group_outlived_sigkill", pgid=group.pgid,
-              members=[attrs.asdict(m) for m in live_members(group)],
-              escapees=[p.pid for p in still_alive(escapees)])
-    return StopStep.KILLED
+    log.error("group_outlived_sigkill", timeout_s=AFTER_KILL_TIMEOUT_S, **targets.survivors())
+    return StopStep.OUTLIVED
 
 
 def signal_name(returncode: int | None) -> str | None:

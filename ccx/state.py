@@ -20,23 +20,20 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import stat
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
-import trio
 
-from ccx.descendants import session_marker, signal_procs, still_alive
+from ccx.descendants import session_marker
 from ccx.log import get_logger
+from ccx.process import stop_procs
 from ccx.procfs import Proc, read_proc, snapshot
 
 log = get_logger("ccx.state")
 
 STATE_VERSION = 1
-RECOVER_POLL_S = 0.02
-AFTER_KILL_WAIT_S = 5.0  # SIGKILL cannot be ignored; only D-state outlasts this
 _instances = itertools.count(1)  # several servers may share one process (tests)
 
 
@@ -146,22 +143,6 @@ def _leftovers(record: GroupRecord, procs: Mapping[int, Proc]) -> list[Proc]:
     return found
 
 
-async def _stop(procs: list[Proc], grace: float) -> str:
-    signal_procs(procs, signal.SIGTERM)
-    signal_procs(procs, signal.SIGCONT)
-    with trio.move_on_after(grace):
-        while still_alive(procs):
-            await trio.sleep(RECOVER_POLL_S)
-        return "terminated"
-    signal_procs(still_alive(procs), signal.SIGKILL)
-    with trio.move_on_after(AFTER_KILL_WAIT_S):
-        while still_alive(procs):
-            await trio.sleep(RECOVER_POLL_S)
-        return "killed"
-    log.error("orphan_outlived_sigkill", pids=[p.pid for p in still_alive(procs)])
-    return "killed"
-
-
 def _read_record(path: str) -> tuple[dict[str, Any], list[GroupRecord]]:
     """(server, groups) of one record; a small file on a local (usually tmpfs) directory."""
     with open(path) as f:
@@ -173,8 +154,12 @@ async def recover(directory: str, *, grace: float) -> int:
     """Stop what servers that died without cleaning up left running; return how many
     groups were stopped. Files of servers still running are left alone.
 
-    **Cancellation**: each stop is bounded by *grace* + 5 s; cancelling leaves the files of
-    groups not yet handled in place for the next start.
+    Each group's leftovers go through `ccx.process.stop_procs`: the kill path's timeline
+    (SIGTERM, SIGCONT, *grace*, SIGKILL) and its `StopStep`, logged as `step`.
+
+    **Cancellation**: each stop is shielded and bounded by *grace* + `AFTER_KILL_TIMEOUT_S`;
+    cancelling between them leaves the files of groups not yet handled in place for the next
+    start.
     """
     if not directory or not prepare_dir(directory):
         return 0
@@ -194,10 +179,10 @@ async def recover(directory: str, *, grace: float) -> int:
             leftovers = _leftovers(record, snapshot())
             if not leftovers:
                 continue
-            step = await _stop(leftovers, grace)
+            step = await stop_procs(leftovers, grace=grace)
             stopped += 1
             log.warning("orphan_group_stopped", pgid=record.pgid, session_id=record.session_id,
-                        pids=[p.pid for p in leftovers], step=step,
+                        pids=[p.pid for p in leftovers], step=step.value,
                         dead_server_pid=server.get("pid"))
         try:
             os.unlink(path)
