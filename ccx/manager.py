@@ -37,6 +37,7 @@ from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
 from ccx.outbox import HeldBudget
+from ccx.owner import Owner, OwnerGone
 from ccx.process import Group, StopStep, resolve_executable, spawn, stop_group
 from ccx.procfs import run_scan, snapshot
 from ccx.protocol import (
@@ -48,7 +49,7 @@ from ccx.protocol import (
     SpawnFailed,
     notification,
 )
-from ccx.session import Owner, OwnerGone, Session, SessionOptions
+from ccx.session import Session, SessionOptions
 from ccx.state import GroupRecord, StateFile
 
 log = get_logger("ccx.manager")

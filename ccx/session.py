@@ -43,7 +43,6 @@ import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Protocol
 
 import attrs
 import structlog
@@ -52,6 +51,8 @@ import trio
 from ccx.descendants import Tracker, signal_procs, still_alive
 from ccx.log import get_logger
 from ccx.outbox import Held, HeldBudget, Outbox
+from ccx.owner import Owner as Owner  # re-exported: ccx.api and older imports
+from ccx.owner import OwnerGone as OwnerGone
 from ccx.process import (
     Grace,
     Group,
@@ -74,20 +75,6 @@ LATE_ROUNDS_MAX = 20  # kill-and-rescan rounds for escapees born during the kill
 # A client's CANCEL repeated at least this long after its first one means "force it now":
 # SIGKILL without waiting out the grace. Sooner, it is taken for a duplicate (a retry).
 REPEAT_CANCEL_FORCES_S = 1.0
-
-
-class OwnerGone(Exception):
-    """The owner (a connection) can no longer deliver messages."""
-
-
-class Owner(Protocol):
-    """Who receives a session's notifications: a connection, in practice."""
-
-    async def send_message(self, message: dict[str, object]) -> None:
-        """Deliver one message; wait while the peer is slow; raise `OwnerGone` if closed."""
-
-    async def send_frame(self, frame: bytes) -> None:
-        """Deliver one message already encoded (`encode_utf8`), as `send_message` does."""
 
 
 class State(enum.Enum):

@@ -26,9 +26,9 @@ from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
+from ccx.owner import OwnerGone
 from ccx.process import become_subreaper
 from ccx.protocol import Frame, InvalidRequest, encode, error_response, parse_frame
-from ccx.session import OwnerGone
 from ccx.state import recover
 from ccx.transport.input_budget import InputBudget, carries_input
 

@@ -50,8 +50,8 @@ from ccx.config import Settings
 from ccx.log import clip, get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
+from ccx.owner import OwnerGone
 from ccx.protocol import Frame, Invalid, encode_utf8, error_response, parse_frame
-from ccx.session import OwnerGone
 from ccx.transport.http import Head, ReplayStream, send_plain
 from ccx.transport.input_budget import InputBudget, carries_input
 from ccx.transport.policy import origin_ok, token_ok
