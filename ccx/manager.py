@@ -106,7 +106,6 @@ class SessionManager:
     _nursery: trio.Nursery | None = None
     _sessions: dict[str, Session] = attrs.field(factory=dict)
     _accepting: bool = True
-    _changed: trio.Event = attrs.field(factory=trio.Event)
     state: StateFile = attrs.field(factory=lambda: StateFile(""))  # the crash record
     started_total: int = 0
     spawn_failures_total: int = 0
@@ -410,7 +409,6 @@ class SessionManager:
         with structlog.contextvars.bound_contextvars(session_id=session.id):
             log.info("spawned", command=launch.argv, executable=launch.executable,
                      pid=group.pid, pgid=group.pgid, cwd=launch.cwd)
-        self._notify()
         return session
 
     async def _run_session(self, session: Session) -> None:
@@ -425,7 +423,6 @@ class SessionManager:
                       pgid=session.group.pgid)
         self._record()
         self._forget_expired()  # the cap on ended sessions holds at once
-        self._notify()
 
     async def _sweep_expired(self) -> None:
         """Forget ended sessions once CCX_RETENTION has passed, even if nobody looks them up:
@@ -433,10 +430,6 @@ class SessionManager:
         while True:
             await trio.sleep(min(max(self.settings.retention / 2, SWEEP_MIN_S), SWEEP_MAX_S))
             self._forget_expired()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     def release(self, owner: Owner) -> None:
         """The owner's connection closed: detach its sessions; cancel those without linger
