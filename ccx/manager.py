@@ -516,3 +516,35 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+async def _self_check() -> None:
+    """Start, look up and end sessions; the limit holds; shutdown leaves no group behind."""
+    import sys
+
+    manager = SessionManager(Settings(state_dir="", kill_grace=0.5, max_sessions=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        sleeper = await manager.execute(ExecuteParams([sys.executable, "-c",
+                                                       "import time; time.sleep(60)"]), None)
+        assert manager.get(sleeper.id) is sleeper and manager.running() == [sleeper]
+        try:
+            await manager.execute(ExecuteParams(["true"]), None)
+        except LimitReached:
+            pass
+        else:
+            raise AssertionError("max_sessions=1 must refuse a second session")
+        try:
+            manager.get("no-such-session")
+        except SessionNotFound:
+            pass
+        else:
+            raise AssertionError("an unknown id must fail")
+        await manager.shutdown(timeout=5)
+        assert not manager.running() and sleeper.state.value == "cancelled", sleeper.state
+        nursery.cancel_scope.cancel()
+    print("ccx.manager: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

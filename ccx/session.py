@@ -762,3 +762,50 @@ class Session:
 def group_alive(session: Session) -> bool:
     """True while any process of the session's group is alive (used by tests and selftest)."""
     return bool(live_members(session.group))
+
+
+async def _self_check() -> None:
+    """One session end to end: started, output in order, PAUSE/RESUME, CANCEL of a tree that
+    traps SIGTERM (KILLED step), completed last; nothing left alive."""
+    import json
+    import sys
+
+    from ccx.process import spawn
+
+    messages: list[dict[str, object]] = []
+
+    class Collector:
+        async def send_message(self, message: dict[str, object]) -> None:
+            messages.append(message)
+
+        async def send_frame(self, frame: bytes) -> None:
+            messages.append(json.loads(frame))
+
+    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True); time.sleep(60)")
+    group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
+                        env=os.environ, stdin=False)
+    session = Session("check", group, SessionOptions(kill_grace=0.2), Collector())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        session.announce()  # what the execute response's sending does
+        with trio.fail_after(5):
+            while not any(m.get("method") == "process.output" for m in messages):
+                await trio.sleep(0.01)
+        assert await session.pause() is State.PAUSED
+        assert session.resume() is State.RUNNING
+        session.cancel()
+        await session.wait_done()
+    methods = [m["method"] for m in messages]
+    assert methods[0] == "process.started" and methods[-1] == "process.completed", methods
+    assert {"process.paused", "process.resumed"} <= set(methods), methods
+    params = [m["params"] for m in messages if isinstance(m.get("params"), dict)]
+    seqs = [p["seq"] for p in params if isinstance(p, dict) and "seq" in p]
+    assert seqs == sorted(seqs), seqs
+    assert session.state is State.CANCELLED and session.stop_step is StopStep.KILLED
+    assert not group_alive(session), "group left"
+    print("ccx.session: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

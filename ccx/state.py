@@ -190,3 +190,44 @@ async def recover(directory: str, *, grace: float) -> int:
             pass
         log.info("state_file_recovered", path=path, groups=len(records))
     return stopped
+
+
+def _self_check() -> None:
+    """A record left by a dead server: `recover` stops its group (a TERM-trapping child
+    too, through SIGKILL) and deletes the file; a running server's record is left alone."""
+    import functools
+    import subprocess
+    import sys
+    import tempfile
+
+    import trio
+
+    def recover_now(directory: str) -> int:
+        return trio.run(functools.partial(recover, directory, grace=0.2))
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+           "print('ready', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             start_new_session=True)
+    assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+    leader = read_proc(child.pid)
+    assert leader is not None
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o700)
+        record = StateFile.open(directory)
+        record.write([GroupRecord("check", child.pid, leader.start)])
+        assert recover_now(directory) == 0, "a running server's groups"
+        with open(record.path) as f:
+            body = json.load(f)
+        body["server"] = {"pid": child.pid, "start": 0}  # a server that is gone
+        with open(record.path, "w") as f:
+            json.dump(body, f)
+        assert recover_now(directory) == 1
+        assert not os.listdir(directory), "the dead server's record stays"
+    child.wait(timeout=5)  # already reaped by the kill path (its status lost: ours, not trio's)
+    assert read_proc(child.pid) is None, "the TERM-trapping child survived"
+    print("ccx.state: PASS")
+
+
+if __name__ == "__main__":
+    _self_check()
