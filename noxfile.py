@@ -1,4 +1,4 @@
-"""nox sessions for ccx: tests, lint (ruff), typecheck (mypy --strict), selftest.
+"""nox sessions for ccx: tests, lint (ruff), typecheck (mypy --strict), selftest, selfchecks.
 
 Run `nox -l` to list them; `nox -s tests -- -k pause` passes arguments through to pytest.
 Docs: https://nox.thea.codes/en/stable/
@@ -24,6 +24,13 @@ def selftest(session: nox.Session) -> None:
     """The product-level check: `ccx selftest` against a private in-process server."""
     session.install("-e", ".")
     session.run("ccx", "selftest")
+
+
+@nox.session(python="3.11")
+def selfchecks(session: nox.Session) -> None:
+    """Every module's own `python -m ccx.<module>` check (`ccx.selfchecks` finds them)."""
+    session.install("-e", ".")
+    session.run("python", "-m", "ccx.selfchecks")
 
 
 @nox.session(python="3.11")

@@ -56,3 +56,23 @@ def carries_input(frame: Frame) -> bool:
                 and item.params.get("name") == "send_input":
             return True
     return False
+
+
+async def _self_check() -> None:
+    from ccx.protocol import parse_frame
+
+    assert carries_input(parse_frame('{"jsonrpc":"2.0","id":1,"method":"input","params":{}}'))
+    assert not carries_input(parse_frame('{"jsonrpc":"2.0","id":1,"method":"ping"}'))
+    budget = InputBudget(limit_bytes=10)
+    await budget.acquire(8)
+    with trio.move_on_after(0.05) as waited:
+        await budget.acquire(5)  # 8 + 5 > 10: waits for a release
+    assert waited.cancelled_caught and budget.pending_bytes == 8
+    budget.release(8)
+    await budget.acquire(50)  # nothing pending: one frame over the limit still goes alone
+    assert budget.pending_bytes == 50
+    print("ccx.transport.input_budget: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

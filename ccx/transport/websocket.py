@@ -53,8 +53,8 @@ from ccx.config import Settings
 from ccx.log import clip, get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
+from ccx.owner import OwnerGone
 from ccx.protocol import Frame, Invalid, encode_utf8, error_response, parse_frame
-from ccx.session import OwnerGone
 from ccx.transport.http import Head, ReplayStream, send_plain
 from ccx.transport.input_budget import InputBudget, carries_input
 from ccx.transport.policy import origin_ok, token_ok
@@ -380,3 +380,35 @@ async def serve_websocket(
                     await connection.close(1000, "")
                 log.info("disconnected", close_code=int(ws.closed.code) if ws.closed else None)
         nursery.cancel_scope.cancel()
+
+
+async def _self_check() -> None:
+    """Frames over a real WebSocket: a parse error answered, a batch answered as a list, and
+    a frame over CCX_MAX_MESSAGE_BYTES closing the connection with 1009."""
+    import json
+
+    from ccx.server import Server  # the server routes upgrades here; import it late
+
+    settings = Settings(port=0, state_dir="", max_message_bytes=1024)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(Server(settings).run)
+        async with trio_websocket.open_websocket_url(server.url) as ws:
+            await ws.send_message("{")
+            assert json.loads(await ws.get_message())["error"]["code"] == -32700
+            ping = {"jsonrpc": "2.0", "method": "ping"}
+            await ws.send_message(json.dumps([{**ping, "id": 1}, {**ping, "id": 2}]))
+            replies = json.loads(await ws.get_message())
+            assert sorted(r["id"] for r in replies) == [1, 2], replies
+            await ws.send_message("x" * 2048)
+            try:
+                await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                assert exc.reason is not None and exc.reason.code == 1009, exc.reason
+            else:
+                raise AssertionError("an over-long frame must close the connection")
+        server.stop()
+    print("ccx.transport.websocket: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)
