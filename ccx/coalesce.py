@@ -63,3 +63,34 @@ class Coalesced(Generic[T]):
             return result.value  # type: ignore[no-any-return]
         assert isinstance(result, outcome.Error)
         raise RuntimeError("the shared call failed") from result.error
+
+
+async def _self_check() -> None:
+    """Ten tasks asking during one call share the next call; a later ask gets a new one."""
+    calls: list[int] = []
+    started = trio.Event()
+
+    async def count(shared_by: int) -> int:
+        calls.append(shared_by)
+        started.set()
+        await trio.sleep(0.05)
+        return len(calls)
+
+    shared = Coalesced(count)
+    results: list[int] = []
+
+    async def ask() -> None:
+        results.append(await shared())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)  # runs call 1 alone
+        await started.wait()
+        for _ in range(10):  # arrive while call 1 runs: they share call 2
+            nursery.start_soon(ask)
+    assert calls == [1, 10] and sorted(results) == [1] + [2] * 10, (calls, results)
+    assert await shared() == 3
+    print("ccx.coalesce: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)
