@@ -169,15 +169,16 @@ async def test_sigterm_drains_lets_a_short_job_finish_and_cancels_a_long_one(
         _kill([short["pgid"], long["pgid"]])
 
 
-async def test_second_sigterm_cuts_the_drain_short(
-        serve: Callable[..., Serve], nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+async def test_second_signal_cuts_the_drain_short(
+        serve: Callable[..., Serve], nursery: trio.Nursery, second: signal.Signals) -> None:
     server = serve(CCX_DRAIN_TIMEOUT="300")
     client = await server.connect(nursery)
     long = await _start(client, SLEEPS)
     try:
         server.proc.send_signal(signal.SIGTERM)
         await server.event("draining")
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(second)
         with trio.fail_after(15):
             done = await client.notification("process.completed", long["session_id"])
         assert done["status"] == "cancelled" and done["reason"] == "shutdown", done
@@ -185,6 +186,22 @@ async def test_second_sigterm_cuts_the_drain_short(
         assert await server.exited() == 0
         await server.event("drain_cut_short")
         assert not alive(long["pid"])
+    finally:
+        _kill([long["pgid"]])
+
+
+async def test_sigint_does_not_drain(
+        serve: Callable[..., Serve], nursery: trio.Nursery) -> None:
+    server = serve(CCX_DRAIN_TIMEOUT="300")
+    client = await server.connect(nursery)
+    long = await _start(client, SLEEPS)
+    try:
+        server.proc.send_signal(signal.SIGINT)
+        with trio.fail_after(15):
+            done = await client.notification("process.completed", long["session_id"])
+        assert done["status"] == "cancelled" and done["reason"] == "shutdown", done
+        assert await server.exited() == 0
+        assert not any(e.get("event") == "draining" for e in server.events)
     finally:
         _kill([long["pgid"]])
 
