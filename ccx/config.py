@@ -112,6 +112,8 @@ OPTIONS: tuple[Option, ...] = (
            "live sessions, whole server (ended ones holding unread output count too)"),
     Option("max_sessions_per_connection", "CCX_MAX_SESSIONS_PER_CONNECTION", int, 16,
            "live sessions owned by one connection (counted the same way)"),
+    Option("max_watchers", "CCX_MAX_WATCHERS", int, 16,
+           "connections watching one session at once (PROTOCOL.md 11); beyond, -32003"),
     Option("max_message_bytes", "CCX_MAX_MESSAGE_BYTES", int, 1024 * 1024,
            "largest client frame in bytes (bigger closes with 1009)"),
     Option("kill_grace", "CCX_KILL_GRACE", float, 5.0,
@@ -221,6 +223,7 @@ class Settings:
     head_timeout: float = 10.0
     max_sessions: int = 64
     max_sessions_per_connection: int = 16
+    max_watchers: int = 16
     max_message_bytes: int = 1024 * 1024
     kill_grace: float = 5.0
     max_kill_grace: float = 300.0
@@ -247,7 +250,8 @@ class Settings:
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"CCX_PORT: {self.port} is not a TCP port (0-65535)")
-        for name in ("max_sessions", "max_sessions_per_connection", "max_message_bytes",
+        for name in ("max_sessions", "max_sessions_per_connection", "max_watchers",
+                     "max_message_bytes",
                      "replay_bytes", "mcp_buffer_bytes", "mcp_tail_bytes", "max_held_bytes",
                      "max_input_bytes", "max_connections", "max_pending_heads",
                      "mcp_http_max_sessions"):
