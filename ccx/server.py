@@ -6,7 +6,8 @@ port) that accepts within the connection limits (`ccx.transport.listen`), reads 
 head within CCX_HEAD_TIMEOUT, refuses a foreign `Host` on a loopback bind (403, DNS
 rebinding: `ccx.transport.policy`), then routes: `/health` and `/metrics` answers,
 WebSocket connections on `/ws` and `/ws/mcp` (and `/mcp` for MCP), MCP over Streamable HTTP
-on `/mcp` (`ccx.transport.mcp_http`), and a shutdown that cancels every session, delivers
+on `/mcp` (`ccx.transport.mcp_http`), the web console on `/` and `/ui/`
+(`ccx.transport.ui`), and a shutdown that cancels every session, delivers
 their completions, closes connections with 1001; a further SIGTERM or SIGINT during it
 SIGKILLs every group and ends the server within 2 s.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#trio.serve_listeners
@@ -35,6 +36,7 @@ from ccx.transport.http import BadHead, Head, read_head, send_plain
 from ccx.transport.listen import Gate, connection_cap, raise_fd_limit, serve_limited
 from ccx.transport.mcp_http import McpHttp
 from ccx.transport.policy import host_ok, token_ok
+from ccx.transport.ui import is_ui_path, serve_ui
 from ccx.transport.websocket import (
     CLOSE_GOING_AWAY,
     MCP_PATH,
@@ -201,6 +203,8 @@ class Server:
         elif path == "/health":
             body = {"status": "ok", "version": __version__, "sessions": len(self.manager.running())}
             await send_plain(stream, 200, body, head_only=head.method == "HEAD")
+        elif is_ui_path(path):  # the web console (ccx.transport.ui)
+            await serve_ui(stream, head, self.settings)
         elif path == "/metrics":
             if not token_ok(self.settings, head):
                 await send_plain(stream, 401, "missing or wrong token\n",
