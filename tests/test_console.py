@@ -132,9 +132,9 @@ def shots(tmp_path_factory: pytest.TempPathFactory,
           request: pytest.FixtureRequest) -> Iterator[Path]:
     directory = tmp_path_factory.mktemp("console-screenshots")
     yield directory
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"console screenshots: {directory}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\nconsole screenshots: {directory}", flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ def test_pause_resume_cancel_from_the_view(browser: Any, server: Serve, shots: P
         open_console(browser, server)
         open_session(browser, sid)
         assert "watching" in text(browser, "sv-mode")
-        wait(browser, lambda d: len(log_text(d).split()) > 5 and log_text(d, "stderr"))
+        wait(browser, lambda d: len(log_text(d).split()) > 40 and log_text(d, "stderr"))
         browser.save_screenshot(str(shots / "log.png"))
         browser.find_element(By.ID, "sv-pause").click()
         wait(browser, lambda d: status(d) == "paused")

@@ -10,6 +10,10 @@ export class Sparkline {
 
   add(bytes) {
     this.buckets[this.buckets.length - 1] += bytes;
+    if (!this.drawQueued) {  // redraw soon, not on every chunk
+      this.drawQueued = true;
+      setTimeout(() => { this.drawQueued = false; this.draw(); }, 250);
+    }
   }
 
   tick() {
@@ -28,16 +32,23 @@ export class Sparkline {
     ctx.clearRect(0, 0, width, height);
     const peak = Math.max(...this.buckets);
     const max = Math.max(1, peak);
-    ctx.strokeStyle = '#58a6ff';
+    const points = this.buckets.map((value, i) => [
+      (i / (this.buckets.length - 1)) * (width - 2) + 1,
+      height - 2 - (value / max) * (height - 4),
+    ]);
     ctx.beginPath();
-    this.buckets.forEach((value, i) => {
-      const x = (i / (this.buckets.length - 1)) * (width - 2) + 1;
-      const y = height - 2 - (value / max) * (height - 4);
-      if (i === 0) ctx.moveTo(x, y);
-      else ctx.lineTo(x, y);
-    });
+    ctx.moveTo(1, height - 1);
+    for (const [x, y] of points) ctx.lineTo(x, y);
+    ctx.lineTo(width - 1, height - 1);
+    ctx.closePath();
+    ctx.fillStyle = 'rgba(88, 166, 255, 0.25)';
+    ctx.fill();
+    ctx.beginPath();
+    points.forEach(([x, y], i) => (i === 0 ? ctx.moveTo(x, y) : ctx.lineTo(x, y)));
+    ctx.strokeStyle = peak > 0 ? '#58a6ff' : '#30363d';
     ctx.stroke();
-    const last = this.buckets[this.buckets.length - 2];
+    // The last whole second, or the current one while it is busier (a short burst).
+    const last = Math.max(...this.buckets.slice(-2));
     this.label.textContent = `${formatBytes(last)}/s (peak ${formatBytes(peak)}/s)`;
   }
 }
