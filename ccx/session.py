@@ -685,8 +685,9 @@ class Session:
 
     def _poke(self) -> None:
         self._wake.set()
-        self.news.set()
-        self.news = trio.Event()
+        if self.watchers:  # a watcher takes `news` only once registered: none, none waits
+            self.news.set()
+            self.news = trio.Event()
 
     def _room_changed(self) -> None:
         self._room.set()

@@ -188,9 +188,16 @@ def open_console(driver: Any, server: Serve) -> None:
     wait(driver, lambda d: text(d, "conn") == "connected")
 
 
+# The list is re-rendered every second: rows are read, and clicked, in one script each, so
+# no element reference goes stale between finding and using it.
+ROWS = ("return [...document.querySelectorAll('#sessions tbody tr')]"
+        ".map(r => [r.dataset.id, r.innerText])")
+CLICK_ROW = ("const row = document.querySelector(`tr[data-id=\"${arguments[0]}\"]`);"
+             "if (row) row.click(); return Boolean(row);")
+
+
 def open_session(driver: Any, session_id: str) -> None:
-    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-id="{session_id}"]'))
-    driver.find_element(By.CSS_SELECTOR, f'tr[data-id="{session_id}"]').click()
+    wait(driver, lambda d: js(d, CLICK_ROW, session_id))
     wait(driver, lambda d: d.find_element(By.ID, "session-view").is_displayed())
 
 
@@ -231,8 +238,7 @@ def test_list_shows_sessions_from_cli_and_api(browser: Any, server: Serve, shots
     try:
         assert cli.stdout is not None and cli.stdout.readline() == b"cli up\n"
         open_console(browser, server)
-        rows = lambda d: {r.get_attribute("data-id"): r.text  # noqa: E731
-                          for r in d.find_elements(By.CSS_SELECTOR, "#sessions tbody tr")}
+        rows = lambda d: dict(js(d, ROWS))  # noqa: E731
         wait(browser, lambda d: api_id in rows(d)
              and any("from-cli" in t for t in rows(d).values()))
         assert "running" in rows(browser)[api_id] and "from-api" in rows(browser)[api_id]
@@ -242,6 +248,13 @@ def test_list_shows_sessions_from_cli_and_api(browser: Any, server: Serve, shots
         browser.save_screenshot(str(shots / "list.png"))
         browser.find_element(By.ID, "filter-tag").clear()
         browser.find_element(By.ID, "filter-tag").send_keys(Keys.BACKSPACE)
+        wait(browser, lambda d: api_id in rows(d))
+        from selenium.webdriver.support.select import Select
+
+        Select(browser.find_element(By.ID, "filter-status")).select_by_visible_text("exited")
+        wait(browser, lambda d: api_id not in rows(d)
+             and all(t.startswith("exited") for t in rows(d).values()))
+        Select(browser.find_element(By.ID, "filter-status")).select_by_index(0)
     finally:
         owner.request("control", session_id=api_id, type="CANCEL")
         owner.close()
@@ -263,6 +276,17 @@ def test_pty_python_repl(browser: Any, server: Serve, shots: Path) -> None:
         "print(6*7)" + Keys.ENTER)
     wait(browser, lambda d: "\n42\n" in terminal_text(d))
     browser.save_screenshot(str(shots / "pty.png"))
+    # The terminal follows the browser window: the session's size is the view's.
+    sid = js(browser, "return window.ccxConsole.view.id")
+    size = lambda: js(browser, "const t = window.ccxConsole.view.terminal.term;"  # noqa: E731
+                               "return [t.cols, t.rows]")
+    with contextlib.closing(Client(server.ws_url)) as other:
+        pty = lambda: list(other.request("status", session_id=sid)["pty"].values())  # noqa: E731
+        wait(browser, lambda d: pty() == size() and size() != [100, 30])
+        wide = size()
+        browser.set_window_size(900, 700)
+        wait(browser, lambda d: size()[0] < wide[0] and pty() == size())
+        browser.set_window_size(1280, 860)
     browser.find_element(By.ID, "sv-cancel").click()
     wait(browser, lambda d: status(d) == "cancelled")
     assert "cancelled" in text(browser, "sv-final")
@@ -287,6 +311,12 @@ def test_pause_resume_cancel_from_the_view(browser: Any, server: Serve, shots: P
         assert "watching" in text(browser, "sv-mode")
         wait(browser, lambda d: len(log_text(d).split()) > 40 and log_text(d, "stderr"))
         browser.save_screenshot(str(shots / "log.png"))
+        browser.find_element(By.ID, "sv-search").send_keys("tick 2")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-log .out-stderr.hit")
+             and text(d, "sv-hits").endswith("match"))
+        assert all("tick 2" in e.text for e in browser.find_elements(By.CSS_SELECTOR,
+                                                                       "#sv-log .hit"))
+        browser.find_element(By.ID, "sv-search").clear()
         browser.find_element(By.ID, "sv-pause").click()
         wait(browser, lambda d: status(d) == "paused")
         held = owner.request("status", session_id=sid)["stdout_bytes"]
@@ -372,7 +402,7 @@ def test_token_is_asked_for_and_never_in_a_url(browser: Any, shots: Path) -> Non
         with contextlib.closing(Client(server.ws_url, TOKEN)) as owner:
             sid = owner.request("execute", command=[PY, "-c", "print('hi')"])["session_id"]
             owner.until("process.completed", sid)
-            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-id="{sid}"]'))
+            wait(browser, lambda d: sid in dict(js(d, ROWS)))
         requested = js(browser, "return performance.getEntries().map(e => e.name)")
         assert not [url for url in requested if TOKEN in url]
     finally:
