@@ -357,9 +357,9 @@ def test_watch_in_browser_while_another_client_owns(browser: Any, server: Serve,
         open_session(browser, sid)
         wait(browser, lambda d: "one 0399" in log_text(d))
         # The browser's connection drops; it reconnects and resumes from its last seq.
-        js(browser, "window.ccxConsole.rpc.ws.close()")
-        wait(browser, lambda d: text(d, "conn") == "reconnecting…" or text(d, "conn") == "connected")
-        wait(browser, lambda d: text(d, "conn") == "connected")
+        js(browser, "window.dropped = window.ccxConsole.rpc.ws; window.dropped.close()")
+        wait(browser, lambda d: js(d, "const c = window.ccxConsole; return c.rpc.ws !== "
+                                      "window.dropped && c.rpc.open && c.view.ready"))
         owner.request("input", session_id=sid, data="go\n")
         done = owner.until("process.completed", sid)
         assert done["status"] == "exited" and done["exit_code"] == 0
@@ -375,6 +375,20 @@ def test_watch_in_browser_while_another_client_owns(browser: Any, server: Serve,
     finally:
         owner.close()
     assert not csp_errors(browser)
+
+
+def test_csp_is_enforced_and_reported(browser: Any, server: Serve) -> None:
+    """The "no CSP errors" checks above mean something: an inline style without the
+    page's nonce is refused, and the refusal shows in the browser log."""
+    open_console(browser, server)
+    csp_errors(browser)  # empty the log
+    applied = js(browser, """
+        const style = document.createElementNS('http://www.w3.org/1999/xhtml', 'style');
+        style.textContent = 'body { margin-left: 77px; }';
+        document.head.append(style);
+        return getComputedStyle(document.body).marginLeft;""")
+    assert applied != "77px"
+    wait(browser, lambda d: csp_errors(d))
 
 
 def test_token_is_asked_for_and_never_in_a_url(browser: Any, shots: Path) -> None:
