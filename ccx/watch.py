@@ -111,3 +111,44 @@ class Watcher:
         if completion is not None and control is None:
             return completion, True
         return None, False
+
+
+async def _self_check() -> None:
+    """A real child, an owner and a watcher that joins late: the same frames reach both."""
+    import os
+    import sys
+
+    from ccx.process import spawn
+    from ccx.session import SessionOptions
+
+    class Collect:
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+
+        async def send_message(self, message: dict[str, object]) -> None:
+            self.frames.append(encode_utf8(message))
+
+        async def send_frame(self, frame: bytes) -> None:
+            self.frames.append(frame)
+
+    code = "import sys\nfor i in range(3): print(i, flush=True); sys.stdin.readline()\n"
+    group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
+                        env=dict(os.environ), stdin=True)
+    owner, viewer = Collect(), Collect()
+    session = Session("self-check", group, SessionOptions(stdin=True), owner)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        session.announce()
+        await session.write_input(b"\n", eof=False)  # it runs on; what came is replayed
+        watcher = Watcher.open(session, viewer, -1)
+        session.watchers[viewer] = watcher
+        watcher.gate.set()
+        nursery.start_soon(watcher.run)
+        await session.write_input(b"\n\n", eof=True)
+    assert owner.frames[1:] == viewer.frames, (owner.frames, viewer.frames)  # no "started"
+    assert b"process.completed" in viewer.frames[-1] and not session.watchers
+    print("ccx.watch: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)
