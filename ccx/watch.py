@@ -48,7 +48,8 @@ class Watcher:
     def open(cls, session: Session, owner: Owner, since_seq: int) -> Watcher:
         """A watcher whose replay starts after *since_seq* (-1: all that is held). The
         caller checked `session.check_replay(since_seq)`."""
-        start = session.first_seq if since_seq < 0 else since_seq + 1
+        # A since_seq beyond what exists yet skips nothing to come (as `attach`).
+        start = session.first_seq if since_seq < 0 else min(since_seq + 1, session.next_seq)
         paused = session.state is State.PAUSED and session.completion is None
         return cls(session, owner, next_seq=start, next_control=session.controls_total,
                    replay_end=session.next_seq,

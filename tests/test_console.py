@@ -392,7 +392,7 @@ def test_csp_is_enforced_and_reported(browser: Any, server: Serve) -> None:
 
 
 def test_token_is_asked_for_and_never_in_a_url(browser: Any, shots: Path) -> None:
-    server = Serve(env={"CCX_TOKEN": TOKEN})
+    server = Serve(env={"CCX_TOKEN": TOKEN, "CCX_ALLOWED_COMMANDS": PY})
     try:
         browser.get(server.page)
         wait(browser, lambda d: d.find_element(By.ID, "login").is_displayed())
@@ -409,8 +409,16 @@ def test_token_is_asked_for_and_never_in_a_url(browser: Any, shots: Path) -> Non
         wrong = "ccx.bearer." + base64.urlsafe_b64encode(b"wrong").decode().rstrip("=")
         assert browser.execute_async_script(probe, server.ws_url, ["ccx"]) == "refused"
         assert browser.execute_async_script(probe, server.ws_url, [wrong, "ccx"]) == "refused"
+        browser.find_element(By.ID, "token").send_keys("wrong" + Keys.ENTER)
+        wait(browser, lambda d: text(d, "login-error") == "refused: wrong token?")
+        assert not browser.find_element(By.ID, "main").is_displayed()
+        browser.find_element(By.ID, "token").clear()
         browser.find_element(By.ID, "token").send_keys(TOKEN + Keys.ENTER)
         wait(browser, lambda d: text(d, "conn") == "connected")
+        # Starting from the page obeys the server's allow-list like any other client.
+        browser.find_element(By.ID, "start-command").send_keys("sh -c 'echo hi'")
+        browser.find_element(By.ID, "start-submit").click()
+        wait(browser, lambda d: "(-32001)" in text(d, "start-error"))
         assert js(browser, "return window.ccxConsole.rpc.ws.protocol") == "ccx"
         assert TOKEN not in browser.current_url
         with contextlib.closing(Client(server.ws_url, TOKEN)) as owner:

@@ -149,6 +149,13 @@ async def test_unwatch_is_idempotent_and_stops_notifications(
     assert not [m for m in watcher.notifications if m["params"].get("session_id") == sid]
 
 
+async def test_server_info_lists_watch(start_server: Callable[..., Awaitable[Server]],
+                                       connect: Connect) -> None:
+    server = await start_server(max_watchers=3)
+    info = await (await connect(server)).result("server.info")
+    assert "watch" in info["capabilities"] and info["limits"]["max_watchers"] == 3
+
+
 async def test_watch_errors_as_attach(start_server: Callable[..., Awaitable[Server]],
                                       connect: Connect) -> None:
     server = await start_server(replay_bytes=1024)
