@@ -377,6 +377,34 @@ def test_watch_in_browser_while_another_client_owns(browser: Any, server: Serve,
     assert not csp_errors(browser)
 
 
+def test_watched_pty_then_take_over(browser: Any, server: Serve, shots: Path) -> None:
+    """A PTY session of another client: watched at its owner's size, then taken over."""
+    owner = Client(server.ws_url)
+    sid = owner.request("execute", command=[PY, "-i", "-q"], pty={"cols": 70, "rows": 20},
+                        linger=30)["session_id"]
+    try:
+        owner.request("input", session_id=sid, data="print('from', 'owner')\r")
+        open_console(browser, server)
+        open_session(browser, sid)
+        wait(browser, lambda d: "from owner" in terminal_text(d))
+        assert "watching" in text(browser, "sv-mode")
+        size = "const t = window.ccxConsole.view.terminal.term; return [t.cols, t.rows]"
+        wait(browser, lambda d: js(d, size) == [70, 20])  # a watcher does not resize it
+        browser.find_element(By.ID, "sv-take").click()
+        wait(browser, lambda d: "owner" in text(d, "sv-mode"))
+        assert owner.until("process.detached", sid) == {"session_id": sid}
+        browser.find_element(By.CSS_SELECTOR, "#sv-term .xterm-helper-textarea").send_keys(
+            "print(2**10)" + Keys.ENTER)
+        wait(browser, lambda d: "\n1024\n" in terminal_text(d))
+        wait(browser, lambda d: js(d, size) != [70, 20])  # its owner now: it follows the window
+        browser.save_screenshot(str(shots / "pty-taken-over.png"))
+        browser.find_element(By.ID, "sv-cancel").click()
+        wait(browser, lambda d: status(d) == "cancelled")
+    finally:
+        owner.close()
+    assert not csp_errors(browser)
+
+
 def test_csp_is_enforced_and_reported(browser: Any, server: Serve) -> None:
     """The "no CSP errors" checks above mean something: an inline style without the
     page's nonce is refused, and the refusal shows in the browser log."""
