@@ -1,4 +1,4 @@
-"""nox sessions for ccx: tests, lint (ruff), typecheck (mypy --strict), selftest.
+"""nox sessions for ccx: tests, lint (ruff), typecheck (mypy --strict), selftest, selfchecks.
 
 Run `nox -l` to list them; `nox -s tests -- -k pause` passes arguments through to pytest.
 Docs: https://nox.thea.codes/en/stable/
@@ -27,6 +27,13 @@ def selftest(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def selfchecks(session: nox.Session) -> None:
+    """Every module's own `python -m ccx.<module>` check (`ccx.selfchecks` finds them)."""
+    session.install("-e", ".")
+    session.run("python", "-m", "ccx.selfchecks")
+
+
+@nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
     session.run("ruff", "check", "ccx", "tests", "noxfile.py")
@@ -36,6 +43,14 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("mypy", "ccx")
+
+
+@nox.session(python="3.11")
+def container(session: nox.Session) -> None:
+    """The image built with podman and run for real (tests/test_container.py; root, podman,
+    runc, slirp4netns, debootstrap: .ci/container installs them in CI)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "container", "tests/test_container.py", *session.posargs)
 
 
 @nox.session(python="3.11")

@@ -241,3 +241,60 @@ async def dispatch(request: Request, call: Call) -> dict[str, object] | None:
         log.info("request", outcome=outcome,
                  duration_ms=round((time.monotonic() - started) * 1000, 3))
     return None if request.is_notification else reply
+
+
+async def _self_check() -> None:
+    """Requests through `dispatch` as a transport sends them: ping, an unknown method, bad
+    params, execute (and its notifications, after the response), status."""
+    import json
+
+    import trio
+
+    from ccx.config import Settings
+    from ccx.protocol import parse_frame
+
+    sent: list[dict[str, Any]] = []
+
+    class Collector:
+        async def send_message(self, message: dict[str, object]) -> None:
+            sent.append(message)
+
+        async def send_frame(self, frame: bytes) -> None:
+            sent.append(json.loads(frame))
+
+    owner = Collector()
+    manager = SessionManager(Settings(state_dir="", kill_grace=0.5))
+
+    async def ask(method: str, params: object = None) -> tuple[Call, dict[str, Any]]:
+        """One request, as a transport hands it over; the call (its hooks) and the reply."""
+        message = {"jsonrpc": "2.0", "id": 1, "method": method}
+        if params is not None:
+            message["params"] = params
+        request = parse_frame(json.dumps(message)).items[0]
+        assert isinstance(request, Request)
+        call = Call(manager, owner, request.params)
+        reply = await dispatch(request, call)
+        assert reply is not None
+        return call, reply
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        assert (await ask("ping"))[1]["result"]["pong"] is True
+        assert (await ask("nope"))[1]["error"]["code"] == -32601
+        assert (await ask("execute", {"command": 5}))[1]["error"]["code"] == -32602
+        call, reply = await ask("execute", {"command": ["echo", "hi"]})
+        session_id = reply["result"]["session_id"]
+        for hook in call.after_response:
+            hook()
+        await manager.get(session_id).wait_done()
+        methods = [m["method"] for m in sent]
+        assert methods[0] == "process.started" and methods[-1] == "process.completed", methods
+        assert (await ask("status", {"session_id": session_id}))[1]["result"]["exit_code"] == 0
+        nursery.cancel_scope.cancel()
+    print("ccx.api: PASS")
+
+
+if __name__ == "__main__":
+    import trio
+
+    trio.run(_self_check)

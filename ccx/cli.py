@@ -35,6 +35,7 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: no server to talk to
+HEALTH_TIMEOUT_S = 3.0  # < the HEALTHCHECK/compose timeout (5 s): see deploy/Dockerfile
 READ_BYTES = 64 * 1024
 
 
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = commands.add_parser("health", help="exit 0 when the server's /health is ok")
     _add_client_options(health)
+    health.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S,
+                        help=f"seconds to wait for the answer (default {HEALTH_TIMEOUT_S:g}; "
+                        "below the image's HEALTHCHECK timeout of 5 s, so a hung server is "
+                        "reported by this command, not killed by the runtime)")
 
     commands.add_parser("selftest", help="boot a private server and check it for real")
 
@@ -435,7 +440,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     host, port, secure = health_url(args.url)
     connection_class = http.client.HTTPSConnection if secure else http.client.HTTPConnection
     try:
-        connection = connection_class(host, port, timeout=5)
+        connection = connection_class(host, port, timeout=args.timeout)
         connection.request("GET", "/health")
         reply = connection.getresponse()
         body = json.loads(reply.read() or b"{}")

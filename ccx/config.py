@@ -2,8 +2,10 @@
 
 Inputs: a mapping of environment variables (usually `os.environ`) and optional overrides.
 Outputs: a validated `Settings` (the token read from CCX_TOKEN_FILE if given), or
-`ConfigError` whose message names the variable at fault; `resolve_loopback`, the rule that a
-host is loopback only if every address it resolves to is.
+`ConfigError` whose message names the variable at fault; `OPTIONS`, one `Option` per setting
+(variable `CCX_<NAME>`, parser, default, help line), derived from the `Settings` fields, so
+a new setting is one `setting(...)` field; `resolve_loopback`, the rule that a host is
+loopback only if every address it resolves to is.
 Docs: https://www.attrs.org/en/stable/api.html#attrs.frozen
 """
 
@@ -28,7 +30,7 @@ class ConfigError(ValueError):
 
 @attrs.frozen
 class Option:
-    """One setting: its env variable, its type, its default and its help line."""
+    """One setting as the CLI and the environment see it: derived from a `Settings` field."""
 
     name: str
     env: str
@@ -72,6 +74,12 @@ def _log_format(text: str) -> str:
     return fmt
 
 
+def setting(default: Any, parse: Callable[[str], Any], help_line: str) -> Any:
+    """A `Settings` field that is also the variable `CCX_<NAME>` and the flag `--<name>`:
+    its default, its parser (variable text to value) and its help line, written once."""
+    return attrs.field(default=default, metadata={"parse": parse, "help": help_line})
+
+
 def default_state_dir() -> str:
     """Per-user runtime directory for the crash record: $XDG_RUNTIME_DIR/ccx or /tmp/ccx-UID."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -80,93 +88,6 @@ def default_state_dir() -> str:
     return f"/tmp/ccx-{os.getuid()}"
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("host", "CCX_HOST", str, "127.0.0.1", "address to bind"),
-    Option("port", "CCX_PORT", int, 8003, "TCP port (0 = any free port)"),
-    Option("token", "CCX_TOKEN", _optional_str, None,
-           "shared secret clients must present (Bearer header or ?token=)"),
-    Option("token_file", "CCX_TOKEN_FILE", _optional_str, None,
-           "file holding the token (surrounding whitespace stripped); keeps it out of argv "
-           "and the environment"),
-    Option("insecure", "CCX_INSECURE", _bool, False,
-           "allow a non-loopback bind without a token"),
-    Option("allowed_commands", "CCX_ALLOWED_COMMANDS", _optional_csv, None,
-           "comma-separated executable names or absolute paths; unset = any"),
-    Option("allowed_env", "CCX_ALLOWED_ENV", _csv, (),
-           "comma-separated env names execute may set although, with an allow-list, they "
-           "could make an allowed program run other code (PATH, LD_*, BASH_ENV, GIT_*...)"),
-    Option("allow_shell", "CCX_ALLOW_SHELL", _bool, False, "allow execute with shell=true"),
-    Option("allowed_origins", "CCX_ALLOWED_ORIGINS", _csv, (),
-           "extra allowed Origin values, comma separated; * allows all"),
-    Option("allowed_hosts", "CCX_ALLOWED_HOSTS", _csv, (),
-           "on a loopback bind, extra Host header names accepted besides loopback ones "
-           "(e.g. a local reverse proxy's); * accepts any"),
-    Option("max_connections", "CCX_MAX_CONNECTIONS", int, 1024,
-           "open TCP connections, whole server; beyond it a new one is answered 503"),
-    Option("max_pending_heads", "CCX_MAX_PENDING_HEADS", int, 64,
-           "connections still sending their HTTP request head; beyond it the oldest is "
-           "closed"),
-    Option("head_timeout", "CCX_HEAD_TIMEOUT", float, 10.0,
-           "seconds a connection has to send its complete HTTP request head"),
-    Option("max_sessions", "CCX_MAX_SESSIONS", int, 64,
-           "live sessions, whole server (ended ones holding unread output count too)"),
-    Option("max_sessions_per_connection", "CCX_MAX_SESSIONS_PER_CONNECTION", int, 16,
-           "live sessions owned by one connection (counted the same way)"),
-    Option("max_watchers", "CCX_MAX_WATCHERS", int, 16,
-           "connections watching one session at once (PROTOCOL.md 11); beyond, -32003"),
-    Option("max_message_bytes", "CCX_MAX_MESSAGE_BYTES", int, 1024 * 1024,
-           "largest client frame in bytes (bigger closes with 1009)"),
-    Option("kill_grace", "CCX_KILL_GRACE", float, 5.0,
-           "seconds between SIGTERM and SIGKILL on cancel (and the most any session gets "
-           "at server shutdown)"),
-    Option("max_kill_grace", "CCX_MAX_KILL_GRACE", float, 300.0,
-           "largest kill_grace an execute may ask for (larger values are refused)"),
-    Option("ws_ping_interval", "CCX_WS_PING_INTERVAL", float, 0.0,
-           "seconds between server pings (0 = off)"),
-    Option("tcp_keepalive", "CCX_TCP_KEEPALIVE", float, 60.0,
-           "seconds a connection may be idle before TCP keepalive probes check the peer"),
-    Option("tcp_user_timeout", "CCX_TCP_USER_TIMEOUT", float, 120.0,
-           "seconds sent data (or a probe) may stay unacknowledged before the connection "
-           "is dropped and its sessions released; a slow reader is never cut off"),
-    Option("retention", "CCX_RETENTION", float, 3600.0,
-           "seconds an ended session (and output nobody received) is kept"),
-    Option("max_linger", "CCX_MAX_LINGER", float, 86400.0,
-           "largest linger an execute may ask for (larger values are clamped)"),
-    Option("replay_bytes", "CCX_REPLAY_BYTES", int, 8 * 1024 * 1024,
-           "per session: unsent output held before the child is throttled, and again "
-           "recently sent output kept for replay"),
-    Option("ended_replay_bytes", "CCX_ENDED_REPLAY_BYTES", int, 256 * 1024 * 1024,
-           "whole server: sent output kept for replay by ended sessions; beyond it the "
-           "oldest ended sessions' replay goes first (their unsent output never)"),
-    Option("max_held_bytes", "CCX_MAX_HELD_BYTES", int, 1024 * 1024 * 1024,
-           "whole server: bytes of output held in memory by all sessions, live and ended, as "
-           "kept (JSON-encoded); when full, sent replay output is forgotten (oldest first), "
-           "then execute gets -32003 and sessions with unsent output are throttled"),
-    Option("max_input_bytes", "CCX_MAX_INPUT_BYTES", int, 8 * 1024 * 1024,
-           "per connection: bytes of input frames read but not yet written to the child; "
-           "beyond it the connection's input waits, as on a pipe"),
-    Option("node_name", "CCX_NODE_NAME", _optional_str, None,
-           "prefix of session ids (e.g. the pod name) so an id tells which server has it"),
-    Option("mcp_buffer_bytes", "CCX_MCP_BUFFER_BYTES", int, 1024 * 1024,
-           "MCP: unread output held per session and stream before the child is throttled"),
-    Option("mcp_tail_bytes", "CCX_MCP_TAIL_BYTES", int, 32 * 1024,
-           "MCP: bytes of each stream the execute tool returns (the end; the rest is counted)"),
-    Option("mcp_http_idle", "CCX_MCP_HTTP_IDLE", float, 3600.0,
-           "MCP over HTTP: seconds a session without requests or open streams is kept"),
-    Option("mcp_sse_max", "CCX_MCP_SSE_MAX", float, 0.0,
-           "MCP over HTTP: seconds after which a response stream is closed for the client to "
-           "resume with Last-Event-ID (for proxies with response timeouts); 0 = never"),
-    Option("mcp_http_max_sessions", "CCX_MCP_HTTP_MAX_SESSIONS", int, 256,
-           "MCP over HTTP: sessions kept; beyond it the longest idle one is ended"),
-    Option("track_interval", "CCX_TRACK_INTERVAL", float, 0.5,
-           "seconds between scans for descendants that left their session's group "
-           "(0 = scan only when a session ends)"),
-    Option("state_dir", "CCX_STATE_DIR", str, default_state_dir(),
-           "directory of the crash record (live process groups), so the next start kills "
-           "what a SIGKILLed server left running; empty = off"),
-    Option("log_level", "CCX_LOG_LEVEL", _log_level, "info", "debug, info, warning, error"),
-    Option("log_format", "CCX_LOG_FORMAT", _log_format, "json", "json or console"),
-)
 
 
 def read_token_file(path: str) -> str:
@@ -208,44 +129,88 @@ def resolve_loopback(host: str) -> bool:
 class Settings:
     """Everything `ccx serve` needs to know, validated once at start-up."""
 
-    host: str = "127.0.0.1"
-    port: int = 8003
-    token: str | None = None
-    token_file: str | None = None
-    insecure: bool = False
-    allowed_commands: tuple[str, ...] | None = None
-    allowed_env: tuple[str, ...] = ()
-    allow_shell: bool = False
-    allowed_origins: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
-    max_connections: int = 1024
-    max_pending_heads: int = 64
-    head_timeout: float = 10.0
-    max_sessions: int = 64
-    max_sessions_per_connection: int = 16
-    max_watchers: int = 16
-    max_message_bytes: int = 1024 * 1024
-    kill_grace: float = 5.0
-    max_kill_grace: float = 300.0
-    ws_ping_interval: float = 0.0
-    tcp_keepalive: float = 60.0
-    tcp_user_timeout: float = 120.0
-    retention: float = 3600.0
-    max_linger: float = 86400.0
-    replay_bytes: int = 8 * 1024 * 1024
-    ended_replay_bytes: int = 256 * 1024 * 1024
-    max_held_bytes: int = 1024 * 1024 * 1024
-    max_input_bytes: int = 8 * 1024 * 1024
-    node_name: str | None = None
-    mcp_buffer_bytes: int = 1024 * 1024
-    mcp_tail_bytes: int = 32 * 1024
-    mcp_http_idle: float = 3600.0
-    mcp_sse_max: float = 0.0
-    mcp_http_max_sessions: int = 256
-    track_interval: float = 0.5
-    state_dir: str = attrs.field(factory=default_state_dir)
-    log_level: str = "info"
-    log_format: str = "json"
+    host: str = setting("127.0.0.1", str, "address to bind")
+    port: int = setting(8003, int, "TCP port (0 = any free port)")
+    token: str | None = setting(None, _optional_str,
+        "shared secret clients must present (Bearer header or ?token=)")
+    token_file: str | None = setting(None, _optional_str,
+        "file holding the token (surrounding whitespace stripped); keeps it out of argv and "
+        "the environment")
+    insecure: bool = setting(False, _bool, "allow a non-loopback bind without a token")
+    allowed_commands: tuple[str, ...] | None = setting(None, _optional_csv,
+        "comma-separated executable names or absolute paths; unset = any")
+    allowed_env: tuple[str, ...] = setting((), _csv,
+        "comma-separated env names execute may set although, with an allow-list, they could "
+        "make an allowed program run other code (PATH, LD_*, BASH_ENV, GIT_*...)")
+    allow_shell: bool = setting(False, _bool, "allow execute with shell=true")
+    allowed_origins: tuple[str, ...] = setting((), _csv,
+        "extra allowed Origin values, comma separated; * allows all")
+    allowed_hosts: tuple[str, ...] = setting((), _csv,
+        "on a loopback bind, extra Host header names accepted besides loopback ones (e.g. a "
+        "local reverse proxy's); * accepts any")
+    max_connections: int = setting(1024, int,
+        "open TCP connections, whole server; beyond it a new one is answered 503")
+    max_pending_heads: int = setting(64, int,
+        "connections still sending their HTTP request head; beyond it the oldest is closed")
+    head_timeout: float = setting(10.0, float,
+        "seconds a connection has to send its complete HTTP request head")
+    max_sessions: int = setting(64, int,
+        "live sessions, whole server (ended ones holding unread output count too)")
+    max_sessions_per_connection: int = setting(16, int,
+        "live sessions owned by one connection (counted the same way)")
+    max_watchers: int = setting(16, int,
+        "connections watching one session at once (PROTOCOL.md 11); beyond, -32003")
+    max_message_bytes: int = setting(1024 * 1024, int,
+        "largest client frame in bytes (bigger closes with 1009)")
+    kill_grace: float = setting(5.0, float,
+        "seconds between SIGTERM and SIGKILL on cancel (and the most any session gets at "
+        "server shutdown)")
+    max_kill_grace: float = setting(300.0, float,
+        "largest kill_grace an execute may ask for (larger values are refused)")
+    ws_ping_interval: float = setting(0.0, float, "seconds between server pings (0 = off)")
+    tcp_keepalive: float = setting(60.0, float,
+        "seconds a connection may be idle before TCP keepalive probes check the peer")
+    tcp_user_timeout: float = setting(120.0, float,
+        "seconds sent data (or a probe) may stay unacknowledged before the connection is "
+        "dropped and its sessions released; a slow reader is never cut off")
+    retention: float = setting(3600.0, float,
+        "seconds an ended session (and output nobody received) is kept")
+    max_linger: float = setting(86400.0, float,
+        "largest linger an execute may ask for (larger values are clamped)")
+    replay_bytes: int = setting(8 * 1024 * 1024, int,
+        "per session: unsent output held before the child is throttled, and again recently "
+        "sent output kept for replay")
+    ended_replay_bytes: int = setting(256 * 1024 * 1024, int,
+        "whole server: sent output kept for replay by ended sessions; beyond it the oldest "
+        "ended sessions' replay goes first (their unsent output never)")
+    max_held_bytes: int = setting(1024 * 1024 * 1024, int,
+        "whole server: bytes of output held in memory by all sessions, live and ended, as "
+        "kept (JSON-encoded); when full, sent replay output is forgotten (oldest first), then "
+        "execute gets -32003 and sessions with unsent output are throttled")
+    max_input_bytes: int = setting(8 * 1024 * 1024, int,
+        "per connection: bytes of input frames read but not yet written to the child; beyond "
+        "it the connection's input waits, as on a pipe")
+    node_name: str | None = setting(None, _optional_str,
+        "prefix of session ids (e.g. the pod name) so an id tells which server has it")
+    mcp_buffer_bytes: int = setting(1024 * 1024, int,
+        "MCP: unread output held per session and stream before the child is throttled")
+    mcp_tail_bytes: int = setting(32 * 1024, int,
+        "MCP: bytes of each stream the execute tool returns (the end; the rest is counted)")
+    mcp_http_idle: float = setting(3600.0, float,
+        "MCP over HTTP: seconds a session without requests or open streams is kept")
+    mcp_sse_max: float = setting(0.0, float,
+        "MCP over HTTP: seconds after which a response stream is closed for the client to "
+        "resume with Last-Event-ID (for proxies with response timeouts); 0 = never")
+    mcp_http_max_sessions: int = setting(256, int,
+        "MCP over HTTP: sessions kept; beyond it the longest idle one is ended")
+    track_interval: float = setting(0.5, float,
+        "seconds between scans for descendants that left their session's group (0 = scan only "
+        "when a session ends)")
+    state_dir: str = setting(attrs.Factory(default_state_dir), str,
+        "directory of the crash record (live process groups), so the next start kills what a "
+        "SIGKILLed server left running; empty = off")
+    log_level: str = setting("info", _log_level, "debug, info, warning, error")
+    log_format: str = setting("json", _log_format, "json or console")
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -319,6 +284,17 @@ class Settings:
             return cls(**values)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _option(field: attrs.Attribute[Any]) -> Option:
+    default = field.default
+    factory = getattr(default, "factory", None)  # attrs.Factory: the value it makes now
+    return Option(field.name, f"CCX_{field.name.upper()}", field.metadata["parse"],
+                  factory() if callable(factory) else default, field.metadata["help"])
+
+
+# Every setting, in field order: what `from_env` reads and what the CLI offers as flags.
+OPTIONS: tuple[Option, ...] = tuple(_option(field) for field in attrs.fields(Settings))
 
 
 if __name__ == "__main__":

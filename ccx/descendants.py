@@ -10,13 +10,12 @@ process group, so `killpg` cannot reach it. On Linux ccx still finds it two ways
 Each process is recorded as (pid, start time), the start time (field 22 of /proc/PID/stat)
 telling a process from a later one that reuses its pid; signals go through a pidfd opened
 after that check, so a recycled pid is never hit.
-No networking, no JSON. Linux /proc only; elsewhere every scan is empty.
+No networking, no JSON. Linux /proc only (read through `ccx.procfs`); elsewhere nothing is found.
 
-Inputs: /proc.  Outputs: `snapshot()` (`snapshot_async()` scans in a worker thread on a host
-with many processes), `Tracker` (per session; `known` holds each process as its last scan saw
-it, state included, which `ccx.tree` reads to pause the whole tree), `signal_procs`.
-Docs: https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
-      https://man7.org/linux/man-pages/man5/proc_pid_environ.5.html
+Inputs: /proc snapshots (`ccx.procfs.snapshot`).  Outputs: `Tracker` (per session; `known`
+holds each process as its last scan saw it, state included, which `ccx.tree` reads to pause
+the whole tree), `adopted_by_session`, `session_marker`, `signal_procs`, `still_alive`.
+Docs: https://man7.org/linux/man-pages/man5/proc_pid_environ.5.html
       https://man7.org/linux/man-pages/man2/pidfd_open.2.html
 """
 
@@ -27,85 +26,15 @@ import signal
 from collections.abc import Iterable, Mapping
 
 import attrs
-import trio
+
+from ccx.procfs import Proc, current, environ_value
 
 SESSION_ENV = "CCX_SESSION_ID"  # set in every session's environment; descendants inherit it
-SCAN_INLINE_MAX = 200  # host processes up to which a scan (~10 us each) runs on the loop
-_host_processes = 0  # processes the last snapshot went through
-
-
-@attrs.frozen
-class Proc:
-    """One process as /proc/PID/stat shows it."""
-
-    pid: int
-    ppid: int
-    pgid: int
-    state: str
-    start: int  # clock ticks after boot: (pid, start) names one process for good
-    sid: int = 0  # session id
-
-
-def read_proc(pid: int) -> Proc | None:
-    try:  # os.open/os.read: a third cheaper than open(), and a snapshot does this per process
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        raw = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if not raw:
-        return None
-    # comm may hold spaces and parentheses: the fields start after the last ")".
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return Proc(pid, int(fields[1]), int(fields[2]), fields[0].decode(), int(fields[19]),
-                int(fields[3]))
-
-
-async def snapshot_async() -> dict[int, Proc]:
-    """`snapshot()`, in a worker thread on a host with many processes, so a scan never
-    holds the event loop for long.
-
-    **Cancellation**: the thread is waited for (cancel-safe, nothing half-done).
-    """
-    if _host_processes <= SCAN_INLINE_MAX:
-        return snapshot()
-    return await trio.to_thread.run_sync(snapshot)
-
-
-def snapshot() -> dict[int, Proc]:
-    """Every process on the machine, by pid (one pass over /proc)."""
-    global _host_processes
-    procs: dict[int, Proc] = {}
-    try:
-        entries = os.scandir("/proc")
-    except OSError:
-        return procs
-    with entries:
-        for entry in entries:
-            if entry.name.isdigit():
-                proc = read_proc(int(entry.name))
-                if proc is not None:
-                    procs[proc.pid] = proc
-    _host_processes = len(procs)
-    return procs
 
 
 def session_marker(pid: int) -> str | None:
     """The `CCX_SESSION_ID` a process was started with (its initial environment), if any."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
-    except OSError:
-        return None
-    prefix = SESSION_ENV.encode() + b"="
-    for item in environ.split(b"\0"):
-        if item.startswith(prefix):
-            return item[len(prefix) :].decode("utf-8", "replace")
-    return None
+    return environ_value(pid, SESSION_ENV)
 
 
 @attrs.define(eq=False)
@@ -149,7 +78,7 @@ class Tracker:
         for proc in self.known.values():
             now = procs.get(proc.pid)
             if now is None:  # dead, or born after *procs* was taken
-                now = read_proc(proc.pid)
+                now = current(proc)
             if now is not None and now.start == proc.start and now.state != "Z":
                 alive.append(now)  # its state from this scan: ccx.tree reads it
         return alive
@@ -182,8 +111,7 @@ def signal_procs(procs: Iterable[Proc], sig: signal.Signals) -> None:
         except OSError:
             continue  # gone already
         try:
-            now = read_proc(proc.pid)  # checked after the pidfd pins the process
-            if now is not None and now.start == proc.start:
+            if current(proc) is not None:  # checked after the pidfd pins the process
                 signal.pidfd_send_signal(fd, sig)
         except OSError:
             pass
@@ -195,8 +123,8 @@ def reap_zombies(procs: Iterable[Proc]) -> None:
     """Reap those of *procs* that are zombie children of this process (adopted orphans)."""
     me = os.getpid()
     for proc in procs:
-        now = read_proc(proc.pid)
-        if now is not None and now.start == proc.start and now.state == "Z" and now.ppid == me:
+        now = current(proc)
+        if now is not None and now.state == "Z" and now.ppid == me:
             try:
                 os.waitpid(proc.pid, os.WNOHANG)
             except ChildProcessError:
@@ -209,8 +137,8 @@ def still_alive(procs: Iterable[Proc]) -> list[Proc]:
     reap_zombies(procs)
     alive = []
     for proc in procs:
-        now = read_proc(proc.pid)
-        if now is not None and now.start == proc.start and now.state != "Z":
+        now = current(proc)
+        if now is not None and now.state != "Z":
             alive.append(proc)
     return alive
 
@@ -221,6 +149,7 @@ if __name__ == "__main__":
     import time
 
     from ccx.process import become_subreaper
+    from ccx.procfs import snapshot
 
     assert become_subreaper(), "needs Linux PR_SET_CHILD_SUBREAPER"
     env = {**os.environ, SESSION_ENV: "demo"}

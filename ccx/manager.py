@@ -8,7 +8,7 @@ torn down by the task that asked for it), lookups by id, and ended sessions kept
 (`mcp_buffers`), not in one MCP connection, so a lingering session's unread output outlives
 the connection that started it; a buffer is forgotten with its session.
 
-Memory bounds (PROTOCOL.md section 6, docs/security-memory.md): the manager owns `held`, the
+Memory bounds (PROTOCOL.md section 6, docs/security.md): the manager owns `held`, the
 `HeldBudget` of CCX_MAX_HELD_BYTES that every session's outbox and every MCP buffer charges
 with the bytes it keeps. When it is full, sent replay output is forgotten (oldest first),
 then `execute` gets -32003 and sessions with unsent output are throttled. Sessions that hold
@@ -32,12 +32,14 @@ import structlog
 import trio
 
 from ccx.config import Settings
-from ccx.descendants import SESSION_ENV, adopted_by_session, snapshot_async
+from ccx.descendants import SESSION_ENV, adopted_by_session
 from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
 from ccx.outbox import HeldBudget
-from ccx.process import Group, resolve_executable, spawn, stop_group
+from ccx.owner import Owner, OwnerGone
+from ccx.process import Group, StopStep, resolve_executable, spawn, stop_group
+from ccx.procfs import run_scan, snapshot
 from ccx.protocol import (
     ExecuteParams,
     InvalidParams,
@@ -47,7 +49,7 @@ from ccx.protocol import (
     SpawnFailed,
     notification,
 )
-from ccx.session import Owner, OwnerGone, Session, SessionOptions
+from ccx.session import Session, SessionOptions
 from ccx.state import GroupRecord, StateFile
 from ccx.watch import Watcher
 
@@ -57,7 +59,7 @@ SHELL = "/bin/sh"
 MAX_ENDED_KEPT = 1000  # ended sessions remembered at most, whatever CCX_RETENTION says
 SWEEP_MIN_S = 0.1  # retention sweeps: at least this far apart...
 SWEEP_MAX_S = 60.0  # ...and at most this far (an expired session lingers this long at worst)
-HIDDEN_FROM_CHILDREN = ("CCX_TOKEN",)
+HIDDEN_FROM_CHILDREN = ("CCX_TOKEN", "CCX_TOKEN_FILE")  # where the token is: not theirs
 SHUTDOWN_POLL_S = 0.01
 DETACH_NOTICE_TIMEOUT_S = 10.0  # how long we try to tell a connection it lost a session
 PTY_TERM = "xterm-256color"  # TERM of a PTY session unless execute's env sets one
@@ -105,7 +107,6 @@ class SessionManager:
     _nursery: trio.Nursery | None = None
     _sessions: dict[str, Session] = attrs.field(factory=dict)
     _accepting: bool = True
-    _changed: trio.Event = attrs.field(factory=trio.Event)
     state: StateFile = attrs.field(factory=lambda: StateFile(""))  # the crash record
     started_total: int = 0
     spawn_failures_total: int = 0
@@ -129,15 +130,18 @@ class SessionManager:
                 nursery.start_soon(self._sweep_expired)
                 task_status.started()
                 await trio.sleep_forever()
-        finally:  # every group is empty now (each session ran its shielded kill path)
-            self.state.remove()
+        finally:  # every group is empty now (each session ran its shielded kill path)...
+            if not any(s.stop_step is StopStep.OUTLIVED for s in self._sessions.values()):
+                self.state.remove()  # ...unless one outlived SIGKILL: the record keeps it
 
     def _record(self) -> None:
-        """Rewrite the crash record: every group that may still have members."""
+        """Rewrite the crash record: every group that may still have members, including
+        one that outlived SIGKILL (D state), so the next start tries again."""
         self.state.write(
             GroupRecord(s.id, s.group.pgid, s.group.start or 0,
                         tuple((p.pid, p.start) for p in s.tracker.escapees()))
-            for s in self.running()
+            for s in self._sessions.values()
+            if s.running or s.stop_step is StopStep.OUTLIVED
         )
 
     async def _track_descendants(self) -> None:
@@ -149,7 +153,7 @@ class SessionManager:
             running = self.running()
             if not running:
                 continue
-            procs = await snapshot_async()
+            procs = await run_scan(snapshot)
             adopted = adopted_by_session(procs)
             for session in running:
                 session.tracker.update(procs, adopted.get(session.id, []))
@@ -406,7 +410,6 @@ class SessionManager:
         with structlog.contextvars.bound_contextvars(session_id=session.id):
             log.info("spawned", command=launch.argv, executable=launch.executable,
                      pid=group.pid, pgid=group.pgid, cwd=launch.cwd)
-        self._notify()
         return session
 
     async def _run_session(self, session: Session) -> None:
@@ -416,9 +419,11 @@ class SessionManager:
             log.exception("session_crashed", session_id=session.id)
 
     def _on_done(self, session: Session) -> None:
+        if session.stop_step is StopStep.OUTLIVED:
+            log.error("outlived_group_kept_in_record", session_id=session.id,
+                      pgid=session.group.pgid)
         self._record()
         self._forget_expired()  # the cap on ended sessions holds at once
-        self._notify()
 
     async def _sweep_expired(self) -> None:
         """Forget ended sessions once CCX_RETENTION has passed, even if nobody looks them up:
@@ -426,10 +431,6 @@ class SessionManager:
         while True:
             await trio.sleep(min(max(self.settings.retention / 2, SWEEP_MIN_S), SWEEP_MAX_S))
             self._forget_expired()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     def release(self, owner: Owner) -> None:
         """The owner's connection closed: end its watches (PROTOCOL.md 11), detach its
@@ -552,3 +553,35 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+async def _self_check() -> None:
+    """Start, look up and end sessions; the limit holds; shutdown leaves no group behind."""
+    import sys
+
+    manager = SessionManager(Settings(state_dir="", kill_grace=0.5, max_sessions=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        sleeper = await manager.execute(ExecuteParams([sys.executable, "-c",
+                                                       "import time; time.sleep(60)"]), None)
+        assert manager.get(sleeper.id) is sleeper and manager.running() == [sleeper]
+        try:
+            await manager.execute(ExecuteParams(["true"]), None)
+        except LimitReached:
+            pass
+        else:
+            raise AssertionError("max_sessions=1 must refuse a second session")
+        try:
+            manager.get("no-such-session")
+        except SessionNotFound:
+            pass
+        else:
+            raise AssertionError("an unknown id must fail")
+        await manager.shutdown(timeout=5)
+        assert not manager.running() and sleeper.state.value == "cancelled", sleeper.state
+        nursery.cancel_scope.cancel()
+    print("ccx.manager: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

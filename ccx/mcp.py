@@ -36,6 +36,7 @@ from ccx.log import add_tap, get_logger, remove_tap
 from ccx.manager import SessionManager
 from ccx.mcp_buffer import OutputBuffer
 from ccx.mcp_tools import TOOLS, ToolCall
+from ccx.owner import OwnerGone
 from ccx.protocol import (
     ExecuteParams,
     Frame,
@@ -51,7 +52,7 @@ from ccx.protocol import (
     parse_frame,
     response,
 )
-from ccx.session import OwnerGone, Session
+from ccx.session import Session
 
 log = get_logger("ccx.mcp")
 

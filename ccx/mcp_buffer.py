@@ -30,8 +30,8 @@ import attrs
 import trio
 
 from ccx.outbox import HeldBudget
+from ccx.owner import OwnerGone
 from ccx.protocol import InvalidParams
-from ccx.session import OwnerGone
 
 STREAMS = ("stdout", "stderr")
 UTF8_MAX_CHAR_BYTES = 4

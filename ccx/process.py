@@ -2,29 +2,25 @@
 
 Inputs: argv, the resolved executable, cwd, env, stdin mode or a terminal size, kill grace.
 Outputs: a running `Group` (own session and group, pgid == pid) with its pipes, or with the
-master side of a pseudo-terminal whose slave is the child's controlling terminal; `stop_group`
-(the one kill path: SIGTERM, SIGCONT, grace, SIGKILL, wait until empty) and the `StopStep` it
-reached, with a `Grace` its caller can shorten while it runs; group inspection through /proc;
-the child-subreaper switch.
+master side of a pseudo-terminal whose slave is the child's controlling terminal (set up by
+`ccx.pty`); `stop_group` (the one kill path: SIGTERM, SIGCONT, grace, SIGKILL, wait until
+empty) and the `StopStep` it reached, with a `Grace` its caller can shorten while it runs;
+`stop_procs` (the same timeline, for what a dead server left running); group inspection
+through `ccx.procfs`; the child-subreaper switch.
 
 A PTY group is the whole *session* the child leads, not only its process group: a job-control
 shell (`sh -i`) puts each pipeline in a process group of its own, inside the same session and on
 the same terminal, so those are members too (signalled with one `killpg` per process group).
 
-Group inspection cost: Linux has no "members of group G" query, so a full answer reads
-/proc/<pid>/stat of every process on the host (~10 us each). The waits (`wait_group_empty`
-after a signal, `wait_group_stopped` for PAUSE) poll, so they first look only at the pids
-last seen in the group (a live, running one among them answers "not yet" for free) and run a
-full scan only to confirm "empty" / "all stopped" (unless `killpg(pgid, 0)` already says the
-group is gone). On a host with many processes (more than `SCAN_INLINE_MAX` at the last scan)
-that scan runs in a worker thread, so the event loop keeps serving other sessions; on a small
-host it runs inline, because the thread hand-off (~1 ms on a busy 2-core machine) would cost
-more than the scan.
+Group inspection cost: Linux has no "members of group G" query, so a full answer is a scan
+of every process on the host (`ccx.procfs.scan`, ~10 us per process). The waits
+(`wait_group_empty` after a signal, `wait_group_stopped` for PAUSE) poll, so they first look
+only at the pids last seen in the group (a live, running one among them answers "not yet" for
+free) and run a full scan only to confirm "empty" / "all stopped" (unless `killpg(pgid, 0)`
+already says the group is gone); on a big host that scan runs in a worker thread
+(`ccx.procfs.run_scan`).
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#spawning-subprocesses
-      https://trio.readthedocs.io/en/stable/reference-lowlevel.html#trio.lowlevel.FdStream
       https://man7.org/linux/man-pages/man2/kill.2.html
-      https://man7.org/linux/man-pages/man2/TIOCSCTTY.2const.html
-      https://man7.org/linux/man-pages/man4/tty_ioctl.4.html
       https://man7.org/linux/man-pages/man2/PR_SET_CHILD_SUBREAPER.2const.html
       https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
 """
@@ -33,23 +29,22 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import errno
-import fcntl
 import functools
 import os
 import shutil
 import signal
-import struct
 import subprocess
-import termios
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 import attrs
 import trio
 
-from ccx.descendants import Proc, read_proc, signal_procs, still_alive
+from ccx.descendants import signal_procs, still_alive
 from ccx.log import get_logger
+from ccx.procfs import Proc, read_proc, run_scan, scan
+from ccx.pty import Terminal, spawn_on_terminal
 
 log = get_logger("ccx.process")
 
@@ -58,10 +53,6 @@ POLL_FIRST_S = 0.001  # first look at /proc after a signal; processes often die 
 POLL_MAX_S = 0.05  # later looks back off to this, so a stubborn group costs little CPU
 AFTER_KILL_TIMEOUT_S = 10.0  # SIGKILL cannot be ignored; only D-state can outlast this
 STOP_SEEN_TIMEOUT_S = 1.0  # how long PAUSE waits to see every member in state T
-SCAN_INLINE_MAX = 200  # processes on the host up to which a full scan (~10 us each) runs inline
-_host_processes = 0  # processes the last full /proc scan went through
-MAX_WINDOW_CELLS = 0xFFFF  # struct winsize holds unsigned shorts
-DEFAULT_EOF_CHAR = b"\x04"  # ^D, when the terminal's VEOF cannot be read
 
 
 class StopStep(enum.Enum):
@@ -70,6 +61,7 @@ class StopStep(enum.Enum):
     ALREADY_EMPTY = "already_empty"
     TERMINATED = "terminated"  # gone after SIGTERM, within the grace
     KILLED = "killed"  # needed SIGKILL
+    OUTLIVED = "outlived"  # still not empty AFTER_KILL_TIMEOUT_S after SIGKILL (D state)
 
 
 @attrs.define(eq=False)
@@ -106,42 +98,6 @@ class Grace:
                 yield scope
             finally:
                 self._scope = None
-
-
-@attrs.frozen
-class Member:
-    """One process of a group as /proc shows it."""
-
-    pid: int
-    state: str  # R, S, D, T, t, Z, ...
-    ppid: int
-    pgrp: int = 0
-    session: int = 0
-
-
-@attrs.define(eq=False)
-class Terminal:
-    """The parent's side of a PTY: the master fd as a trio stream, and the window size."""
-
-    master: trio.lowlevel.FdStream
-    cols: int
-    rows: int
-
-    def resize(self, cols: int, rows: int) -> None:
-        """Set the window size; the kernel sends SIGWINCH to the terminal's foreground group
-        when the size changes. Raises OSError once the master is closed."""
-        set_window_size(self.master.fileno(), cols, rows)
-        self.cols, self.rows = cols, rows
-
-    def eof_char(self) -> bytes:
-        """The terminal's EOF character (VEOF, ^D unless the child changed it)."""
-        try:
-            value = termios.tcgetattr(self.master.fileno())[6][termios.VEOF]
-        except (OSError, termios.error):
-            return DEFAULT_EOF_CHAR
-        if isinstance(value, int):
-            return bytes([value])
-        return bytes(value) or DEFAULT_EOF_CHAR
 
 
 @attrs.define(eq=False)
@@ -215,8 +171,11 @@ async def spawn(
     the same). Raises OSError (FileNotFoundError, PermissionError...) when exec fails.
     """
     if pty is not None:
-        return await _spawn_on_terminal(argv, executable=executable, cwd=cwd, env=env,
-                                        size=pty)
+        process, terminal = await spawn_on_terminal(argv, executable=executable, cwd=cwd,
+                                                    env=env, size=pty)
+        leader = read_proc(process.pid)
+        return Group(process, list(argv), terminal,
+                     start=leader.start if leader is not None else None)
     process = await trio.lowlevel.open_process(
         list(argv),
         executable=executable,
@@ -231,48 +190,6 @@ async def spawn(
     return Group(process, list(argv), start=leader.start if leader is not None else None)
 
 
-def set_window_size(fd: int, cols: int, rows: int) -> None:
-    """TIOCSWINSZ on a terminal fd (either side of a PTY)."""
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _take_controlling_terminal() -> None:
-    """In the child, after setsid and before exec: its stdin (the slave) becomes its
-    controlling terminal, so ^C, job control and SIGWINCH reach it as on a real terminal."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-async def _spawn_on_terminal(
-    argv: Sequence[str], *, executable: str, cwd: str | None, env: Mapping[str, str],
-    size: tuple[int, int],
-) -> Group:
-    """openpty, size it, start the child on the slave (stdin, stdout, stderr and controlling
-    terminal), close the slave here and keep the master as a non-blocking `FdStream`.
-
-    The terminal starts as the kernel makes it: cooked mode, echo, ^C/^D/^Z active.
-    """
-    master, slave = os.openpty()  # both O_CLOEXEC: no other child inherits them
-    try:
-        set_window_size(slave, *size)
-        try:
-            process = await trio.lowlevel.open_process(
-                list(argv), executable=executable, cwd=cwd, env=dict(env),
-                stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                preexec_fn=_take_controlling_terminal,
-            )
-        except subprocess.SubprocessError as exc:  # TIOCSCTTY failed in the child
-            raise OSError(errno.ENOTTY, f"cannot attach the terminal: {exc}") from None
-    except BaseException:
-        os.close(master)
-        raise
-    finally:
-        os.close(slave)  # the child holds it now; an open slave here would hide EOF
-    terminal = Terminal(trio.lowlevel.FdStream(master), cols=size[0], rows=size[1])
-    leader = read_proc(process.pid)
-    return Group(process, list(argv), terminal,
-                 start=leader.start if leader is not None else None)
-
-
 def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = False) -> bool:
     """Send each of *signals* to the whole group (with *whole_session*: to every process
     group of the session *pgid* leads, the leader's last); False if nobody is left to signal.
@@ -283,7 +200,7 @@ def signal_group(pgid: int, *signals: signal.Signals, whole_session: bool = Fals
     """
     pgrps = [pgid]
     if whole_session:
-        pgrps = sorted({m.pgrp for m in _scan(session=pgid) if m.pgrp != pgid}) + pgrps
+        pgrps = sorted({m.pgid for m in scan(sid=pgid) if m.pgid != pgid}) + pgrps
     reached = False
     for target in pgrps:
         try:
@@ -303,52 +220,21 @@ def signal_members(group: Group, *signals: signal.Signals) -> bool:
     return signal_group(group.pgid, *signals, whole_session=group.whole_session)
 
 
-def _read_stat(pid: int) -> tuple[str, int, int, int] | None:
-    try:  # os.open/os.read: a third cheaper than open(), and this runs for every process
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        raw = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if not raw:
-        return None
-    # comm may hold spaces and parentheses: the fields start after the last ")".
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3])
-
-
-def group_members(pgid: int, *, whole_session: bool = False) -> list[Member]:
+def group_members(pgid: int, *, whole_session: bool = False) -> list[Proc]:
     """Every process whose process group (with *whole_session*: session) is *pgid*,
     zombies included."""
     if whole_session:
-        return list(_scan(session=pgid))
+        return list(scan(sid=pgid))
     try:
         os.killpg(pgid, 0)  # cheap answer for the common case: nobody left at all
     except ProcessLookupError:
         return []
     except PermissionError:
         pass
-    return list(_scan(pgrp=pgid))
+    return list(scan(pgid=pgid))
 
 
-def _scan(*, pgrp: int | None = None, session: int | None = None) -> Iterator[Member]:
-    global _host_processes
-    pids = [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
-    _host_processes = len(pids)
-    for pid in pids:
-        stat = _read_stat(pid)
-        if stat is None or (pgrp is not None and stat[2] != pgrp):
-            continue
-        if session is not None and stat[3] != session:
-            continue
-        yield Member(pid, stat[0], stat[1], stat[2], stat[3])
-
-
-def reap_adopted(members: Sequence[Member], *, leader: int) -> None:
+def reap_adopted(members: Sequence[Proc], *, leader: int) -> None:
     """Reap zombies we adopted as subreaper. Never the leader: trio waits for that one."""
     me = os.getpid()
     for member in members:
@@ -359,12 +245,12 @@ def reap_adopted(members: Sequence[Member], *, leader: int) -> None:
                 pass
 
 
-def _alive(group: Group, members: list[Member]) -> list[Member]:
+def _alive(group: Group, members: list[Proc]) -> list[Proc]:
     reap_adopted(members, leader=group.pid)
     return [m for m in members if m.state != "Z"]
 
 
-def live_members(group: Group) -> list[Member]:
+def live_members(group: Group) -> list[Proc]:
     """Members that still run (zombies count as gone; ours are reaped on the way). A full
     scan (unless the group is gone); the pids found become the group's `known` ones."""
     members = group_members(group.pgid, whole_session=group.whole_session)
@@ -372,28 +258,23 @@ def live_members(group: Group) -> list[Member]:
     return _alive(group, members)
 
 
-async def scan_live_members(group: Group) -> list[Member]:
+async def scan_live_members(group: Group) -> list[Proc]:
     """`live_members`, with the /proc scan in a worker thread on a host with many processes
     (reaping stays here)."""
-    if _host_processes <= SCAN_INLINE_MAX:
-        return live_members(group)
-    members = await trio.to_thread.run_sync(
+    members = await run_scan(
         functools.partial(group_members, group.pgid, whole_session=group.whole_session))
     group.known = frozenset(m.pid for m in members)
     return _alive(group, members)
 
 
-def known_live_members(group: Group) -> list[Member]:
+def known_live_members(group: Group) -> list[Proc]:
     """The live members among the leader and the `known` pids: a few stat reads, no scan.
     Whatever it returns is a member now; an empty answer proves nothing."""
     members = []
     for pid in group.known | {group.pid}:
-        stat = _read_stat(pid)
-        if stat is None:
-            continue
-        state, ppid, pgrp, session = stat  # a reused pid is in another group and session
-        if (session if group.whole_session else pgrp) == group.pgid:
-            members.append(Member(pid, state, ppid, pgrp, session))
+        proc = read_proc(pid)  # a reused pid is in another group and session
+        if proc is not None and (proc.sid if group.whole_session else proc.pgid) == group.pgid:
+            members.append(proc)
     return _alive(group, members)
 
 
@@ -422,9 +303,9 @@ async def wait_group_stopped(group: Group, timeout: float = STOP_SEEN_TIMEOUT_S,
     holds) unless *confirm* is False (the caller scans next anyway); a known member still
     running answers "not yet" without one.
     """
-    def running(members: list[Member]) -> bool:
+    def running(members: list[Proc]) -> bool:
         return any(m.state not in ("T", "t") for m in members
-                   if not leader_group_only or m.pgrp == group.pgid)
+                   if not leader_group_only or m.pgid == group.pgid)
 
     delay = POLL_FIRST_S
     with trio.move_on_after(timeout):
@@ -464,13 +345,14 @@ async def stop_group(group: Group, *, grace: float | Grace,
                      escapees: Sequence[Proc] = ()) -> StopStep:
     """Make the group empty. The one kill path: every way a session ends goes through here.
 
-    Timeline: SIGTERM then SIGCONT to the group (TERM first, so a stopped member wakes up with
-    the TERM already pending instead of running on for a moment; on a terminal every process
-    group of the session gets them), wait up to *grace* seconds (a `Grace` can be shortened
-    by its owner while this waits: shutdown's cap, a forced cancel) for every member to go,
-    then SIGKILL to the group and wait again, up to `AFTER_KILL_TIMEOUT_S` (only an
-    uninterruptible D-state member can outlast it; that is logged as an error). Zombies are
-    reaped on the way (the leader by trio). *escapees* (descendants that left the group, see
+    Timeline (`_escalate`, shared with `stop_procs`): SIGTERM then SIGCONT to the group (TERM
+    first, so a stopped member wakes up with the TERM already pending instead of running on
+    for a moment; on a terminal every process group of the session gets them), wait up to
+    *grace* seconds (a `Grace` can be shortened by its owner while this waits: shutdown's
+    cap, a forced cancel) for every member to go, then SIGKILL to the group and wait again,
+    up to `AFTER_KILL_TIMEOUT_S` (only an uninterruptible D-state member can outlast it; that
+    is logged as an error and returned as `StopStep.OUTLIVED`). Zombies are reaped on the
+    way (the leader by trio). *escapees* (descendants that left the group, see
     `ccx.descendants`) get the same signals, one by one, at the same steps, and the wait
     covers them too.
 
@@ -478,37 +360,109 @@ async def stop_group(group: Group, *, grace: float | Grace,
     Cancelling from outside cannot cut the grace; `Grace.cap` can.
     """
     with trio.CancelScope(shield=True):
-        step = await _escalate(group, grace if isinstance(grace, Grace) else Grace(grace),
-                               escapees)
+        step = await _escalate(_GroupTargets(group, escapees),
+                               grace if isinstance(grace, Grace) else Grace(grace))
     return step
 
 
-def _signal_all(group: Group, escapees: Sequence[Proc], *signals: signal.Signals) -> None:
-    signal_members(group, *signals)
-    for sig in signals:
-        signal_procs(escapees, sig)
-    log.info("signal_sent", pgid=group.pgid, signals=[s.name for s in signals],
-             escapees=[p.pid for p in escapees] or None)
+async def stop_procs(procs: Sequence[Proc], *, grace: float) -> StopStep:
+    """`stop_group`'s timeline for recorded processes that are not our children (what a
+    dead server left running, `ccx.state.recover`): each is signalled through a pidfd after
+    a (pid, start time) check, never a recycled pid.
+
+    **Cancellation**: shielded, as `stop_group`; bounded by grace + AFTER_KILL_TIMEOUT_S.
+    """
+    with trio.CancelScope(shield=True):
+        step = await _escalate(_ProcTargets(procs), Grace(grace))
+    return step
 
 
-async def _escalate(group: Group, grace: Grace, escapees: Sequence[Proc]) -> StopStep:
-    escapees = still_alive(escapees)
-    if group.process.returncode is not None and not live_members(group) and not escapees:
+class _Targets(Protocol):
+    """What one escalation stops."""
+
+    def alive(self) -> bool:
+        """Whether anything is left to stop (zombies count as gone; ours are reaped)."""
+
+    def signal(self, *signals: signal.Signals) -> None:
+        """Send each of *signals* to every target still alive."""
+
+    async def wait_gone(self) -> None:
+        """Return once every target is gone. Cancel-safe."""
+
+    def survivors(self) -> dict[str, object]:
+        """What is still alive, for the log."""
+
+
+@attrs.define(eq=False)
+class _GroupTargets:
+    """A spawned group (on a terminal: its whole session) and its escapees."""
+
+    group: Group
+    escapees: Sequence[Proc]
+
+    def alive(self) -> bool:
+        self.escapees = still_alive(self.escapees)
+        return (self.group.process.returncode is None or bool(live_members(self.group))
+                or bool(self.escapees))
+
+    def signal(self, *signals: signal.Signals) -> None:
+        escapees = still_alive(self.escapees)
+        signal_members(self.group, *signals)
+        for sig in signals:
+            signal_procs(escapees, sig)
+        log.info("signal_sent", pgid=self.group.pgid, signals=[s.name for s in signals],
+                 escapees=[p.pid for p in escapees] or None)
+
+    async def wait_gone(self) -> None:
+        await wait_group_empty(self.group, self.escapees)
+
+    def survivors(self) -> dict[str, object]:
+        return {"pgid": self.group.pgid,
+                "members": [attrs.asdict(m) for m in live_members(self.group)],
+                "escapees": [p.pid for p in still_alive(self.escapees)]}
+
+
+@attrs.define(eq=False)
+class _ProcTargets:
+    """Recorded processes, each known by (pid, start time)."""
+
+    procs: Sequence[Proc]
+
+    def alive(self) -> bool:
+        return bool(still_alive(self.procs))
+
+    def signal(self, *signals: signal.Signals) -> None:
+        procs = still_alive(self.procs)
+        for sig in signals:
+            signal_procs(procs, sig)
+        log.info("signal_sent", pids=[p.pid for p in procs], signals=[s.name for s in signals])
+
+    async def wait_gone(self) -> None:
+        delay = POLL_FIRST_S
+        while still_alive(self.procs):
+            await trio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX_S)
+
+    def survivors(self) -> dict[str, object]:
+        return {"pids": [p.pid for p in still_alive(self.procs)]}
+
+
+async def _escalate(targets: _Targets, grace: Grace) -> StopStep:
+    """The timeline of `stop_group`, written once. Callers shield it."""
+    if not targets.alive():
         return StopStep.ALREADY_EMPTY
     # No SIGHUP on a terminal, although a closing terminal sends one: pending together with
     # SIGTERM it is delivered first and its default action would pre-empt a TERM handler.
-    _signal_all(group, escapees, signal.SIGTERM, signal.SIGCONT)
+    targets.signal(signal.SIGTERM, signal.SIGCONT)
     with grace.running():
-        await wait_group_empty(group, escapees)
+        await targets.wait_gone()
         return StopStep.TERMINATED
-    _signal_all(group, still_alive(escapees), signal.SIGKILL)
+    targets.signal(signal.SIGKILL)
     with trio.move_on_after(AFTER_KILL_TIMEOUT_S):
-        await wait_group_empty(group, escapees)
+        await targets.wait_gone()
         return StopStep.KILLED
-    log.error("group_outlived_sigkill", pgid=group.pgid,
-              members=[attrs.asdict(m) for m in live_members(group)],
-              escapees=[p.pid for p in still_alive(escapees)])
-    return StopStep.KILLED
+    log.error("group_outlived_sigkill", timeout_s=AFTER_KILL_TIMEOUT_S, **targets.survivors())
+    return StopStep.OUTLIVED
 
 
 def signal_name(returncode: int | None) -> str | None:

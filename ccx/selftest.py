@@ -20,8 +20,8 @@ import trio_websocket
 
 from ccx.client import Client, Output, ServerError, connect
 from ccx.config import Settings
-from ccx.descendants import snapshot
 from ccx.process import group_members
+from ccx.procfs import snapshot
 from ccx.server import Server
 
 PY = sys.executable

@@ -265,3 +265,40 @@ async def _obey_signals(server: Server, signals: AsyncIterator[int]) -> None:
         else:
             log.warning("signal_received_again", signal=name, action="SIGKILL every group")
             server.kill()
+
+
+async def _self_check() -> None:
+    """Boot on a free port: /health answers before any WebSocket, an unknown path gets 404,
+    a session started over the WebSocket is ended by `stop()`, and `run` then returns."""
+    import json
+
+    import trio_websocket
+
+    async def get(port: int, path: str) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            reply = b""
+            while chunk := await stream.receive_some(4096):
+                reply += chunk
+        return reply
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(Server(Settings(port=0, state_dir="", kill_grace=0.5)).run)
+        assert server.port
+        health = await get(server.port, "/health")
+        assert health.startswith(b"HTTP/1.1 200 ") and b'"status": "ok"' in health, health
+        assert (await get(server.port, "/nope")).startswith(b"HTTP/1.1 404 ")
+        async with trio_websocket.open_websocket_url(server.url) as ws:
+            await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "execute",
+                                              "params": {"command": ["sleep", "60"]}}))
+            reply = json.loads(await ws.get_message())
+            assert "session_id" in reply["result"], reply
+            assert len(server.manager.running()) == 1
+            server.stop()
+    assert not server.manager.running(), "a group outlived the server"
+    print("ccx.server: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

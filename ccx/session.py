@@ -51,15 +51,11 @@ import attrs
 import structlog
 import trio
 
-from ccx.descendants import (
-    Tracker,
-    adopted_by_session,
-    signal_procs,
-    snapshot_async,
-    still_alive,
-)
+from ccx.descendants import Tracker, signal_procs, still_alive
 from ccx.log import get_logger
 from ccx.outbox import Held, HeldBudget, Outbox
+from ccx.owner import Owner as Owner  # re-exported: ccx.api and older imports
+from ccx.owner import OwnerGone as OwnerGone
 from ccx.process import (
     Grace,
     Group,
@@ -70,7 +66,7 @@ from ccx.process import (
     stop_group,
 )
 from ccx.protocol import InvalidState, encode_utf8, notification
-from ccx.tree import pause_tree, resume_tree, stop_arrivals
+from ccx.tree import pause_tree, refresh, resume_tree, stop_arrivals
 
 log = get_logger("ccx.session")
 
@@ -92,20 +88,6 @@ class Watch(Protocol):
 
     def stop(self) -> None:
         """End the watch: it sends nothing more."""
-
-
-class OwnerGone(Exception):
-    """The owner (a connection) can no longer deliver messages."""
-
-
-class Owner(Protocol):
-    """Who receives a session's notifications: a connection, in practice."""
-
-    async def send_message(self, message: dict[str, object]) -> None:
-        """Deliver one message; wait while the peer is slow; raise `OwnerGone` if closed."""
-
-    async def send_frame(self, frame: bytes) -> None:
-        """Deliver one message already encoded (`encode_utf8`), as `send_message` does."""
 
 
 class State(enum.Enum):
@@ -600,8 +582,7 @@ class Session:
 
     async def refresh_descendants(self) -> None:
         """Scan /proc now for this session's descendants (see `ccx.descendants`)."""
-        procs = await snapshot_async()
-        self.tracker.update(procs, adopted_by_session(procs).get(self.id, []))
+        await refresh(self.tracker)
 
     async def _stop_late_escapees(self) -> None:
         """Kill what the kill path could not know of: a member that daemonized during the
@@ -853,3 +834,50 @@ class Session:
 def group_alive(session: Session) -> bool:
     """True while any process of the session's group is alive (used by tests and selftest)."""
     return bool(live_members(session.group))
+
+
+async def _self_check() -> None:
+    """One session end to end: started, output in order, PAUSE/RESUME, CANCEL of a tree that
+    traps SIGTERM (KILLED step), completed last; nothing left alive."""
+    import json
+    import sys
+
+    from ccx.process import spawn
+
+    messages: list[dict[str, object]] = []
+
+    class Collector:
+        async def send_message(self, message: dict[str, object]) -> None:
+            messages.append(message)
+
+        async def send_frame(self, frame: bytes) -> None:
+            messages.append(json.loads(frame))
+
+    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True); time.sleep(60)")
+    group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
+                        env=os.environ, stdin=False)
+    session = Session("check", group, SessionOptions(kill_grace=0.2), Collector())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        session.announce()  # what the execute response's sending does
+        with trio.fail_after(5):
+            while not any(m.get("method") == "process.output" for m in messages):
+                await trio.sleep(0.01)
+        assert await session.pause() is State.PAUSED
+        assert session.resume() is State.RUNNING
+        session.cancel()
+        await session.wait_done()
+    methods = [m["method"] for m in messages]
+    assert methods[0] == "process.started" and methods[-1] == "process.completed", methods
+    assert {"process.paused", "process.resumed"} <= set(methods), methods
+    params = [m["params"] for m in messages if isinstance(m.get("params"), dict)]
+    seqs = [p["seq"] for p in params if isinstance(p, dict) and "seq" in p]
+    assert seqs == sorted(seqs), seqs
+    assert session.state is State.CANCELLED and session.stop_step is StopStep.KILLED
+    assert not group_alive(session), "group left"
+    print("ccx.session: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

@@ -20,22 +20,20 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import stat
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
-import trio
 
-from ccx.descendants import Proc, read_proc, session_marker, signal_procs, snapshot, still_alive
+from ccx.descendants import session_marker
 from ccx.log import get_logger
+from ccx.process import stop_procs
+from ccx.procfs import Proc, read_proc, snapshot
 
 log = get_logger("ccx.state")
 
 STATE_VERSION = 1
-RECOVER_POLL_S = 0.02
-AFTER_KILL_WAIT_S = 5.0  # SIGKILL cannot be ignored; only D-state outlasts this
 _instances = itertools.count(1)  # several servers may share one process (tests)
 
 
@@ -145,22 +143,6 @@ def _leftovers(record: GroupRecord, procs: Mapping[int, Proc]) -> list[Proc]:
     return found
 
 
-async def _stop(procs: list[Proc], grace: float) -> str:
-    signal_procs(procs, signal.SIGTERM)
-    signal_procs(procs, signal.SIGCONT)
-    with trio.move_on_after(grace):
-        while still_alive(procs):
-            await trio.sleep(RECOVER_POLL_S)
-        return "terminated"
-    signal_procs(still_alive(procs), signal.SIGKILL)
-    with trio.move_on_after(AFTER_KILL_WAIT_S):
-        while still_alive(procs):
-            await trio.sleep(RECOVER_POLL_S)
-        return "killed"
-    log.error("orphan_outlived_sigkill", pids=[p.pid for p in still_alive(procs)])
-    return "killed"
-
-
 def _read_record(path: str) -> tuple[dict[str, Any], list[GroupRecord]]:
     """(server, groups) of one record; a small file on a local (usually tmpfs) directory."""
     with open(path) as f:
@@ -172,8 +154,12 @@ async def recover(directory: str, *, grace: float) -> int:
     """Stop what servers that died without cleaning up left running; return how many
     groups were stopped. Files of servers still running are left alone.
 
-    **Cancellation**: each stop is bounded by *grace* + 5 s; cancelling leaves the files of
-    groups not yet handled in place for the next start.
+    Each group's leftovers go through `ccx.process.stop_procs`: the kill path's timeline
+    (SIGTERM, SIGCONT, *grace*, SIGKILL) and its `StopStep`, logged as `step`.
+
+    **Cancellation**: each stop is shielded and bounded by *grace* + `AFTER_KILL_TIMEOUT_S`;
+    cancelling between them leaves the files of groups not yet handled in place for the next
+    start.
     """
     if not directory or not prepare_dir(directory):
         return 0
@@ -193,10 +179,10 @@ async def recover(directory: str, *, grace: float) -> int:
             leftovers = _leftovers(record, snapshot())
             if not leftovers:
                 continue
-            step = await _stop(leftovers, grace)
+            step = await stop_procs(leftovers, grace=grace)
             stopped += 1
             log.warning("orphan_group_stopped", pgid=record.pgid, session_id=record.session_id,
-                        pids=[p.pid for p in leftovers], step=step,
+                        pids=[p.pid for p in leftovers], step=step.value,
                         dead_server_pid=server.get("pid"))
         try:
             os.unlink(path)
@@ -204,3 +190,44 @@ async def recover(directory: str, *, grace: float) -> int:
             pass
         log.info("state_file_recovered", path=path, groups=len(records))
     return stopped
+
+
+def _self_check() -> None:
+    """A record left by a dead server: `recover` stops its group (a TERM-trapping child
+    too, through SIGKILL) and deletes the file; a running server's record is left alone."""
+    import functools
+    import subprocess
+    import sys
+    import tempfile
+
+    import trio
+
+    def recover_now(directory: str) -> int:
+        return trio.run(functools.partial(recover, directory, grace=0.2))
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+           "print('ready', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             start_new_session=True)
+    assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+    leader = read_proc(child.pid)
+    assert leader is not None
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o700)
+        record = StateFile.open(directory)
+        record.write([GroupRecord("check", child.pid, leader.start)])
+        assert recover_now(directory) == 0, "a running server's groups"
+        with open(record.path) as f:
+            body = json.load(f)
+        body["server"] = {"pid": child.pid, "start": 0}  # a server that is gone
+        with open(record.path, "w") as f:
+            json.dump(body, f)
+        assert recover_now(directory) == 1
+        assert not os.listdir(directory), "the dead server's record stays"
+    child.wait(timeout=5)  # already reaped by the kill path (its status lost: ours, not trio's)
+    assert read_proc(child.pid) is None, "the TERM-trapping child survived"
+    print("ccx.state: PASS")
+
+
+if __name__ == "__main__":
+    _self_check()

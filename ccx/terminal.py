@@ -105,3 +105,28 @@ async def forward_window_changes(session: RemoteTerminal, sent: tuple[int, int])
                 await session.resize(*size)
                 last = size
             await changes.__anext__()
+
+
+def _self_check() -> None:
+    """raw_mode on a real PTY: no echo, no line discipline inside, every setting back after."""
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        with raw_mode(slave):
+            inside = termios.tcgetattr(slave)
+            assert not inside[3] & (termios.ICANON | termios.ECHO | termios.ISIG), inside[3]
+        assert termios.tcgetattr(slave) == before, "terminal not restored"
+        null = os.open(os.devnull, os.O_RDONLY)
+        with raw_mode(null):  # not a terminal: nothing to do
+            pass
+        os.close(null)
+    finally:
+        os.close(master)
+        os.close(slave)
+    cols, rows = window_size()
+    assert cols > 0 and rows > 0
+    print("ccx.terminal: PASS")
+
+
+if __name__ == "__main__":
+    _self_check()

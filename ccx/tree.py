@@ -40,16 +40,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import trio
 
-from ccx.descendants import (
-    Proc,
-    Tracker,
-    adopted_by_session,
-    read_proc,
-    signal_procs,
-    snapshot_async,
-)
+from ccx.descendants import Tracker, adopted_by_session, signal_procs
 from ccx.log import get_logger
 from ccx.process import POLL_FIRST_S, POLL_MAX_S, Group, pause_group, signal_members
+from ccx.procfs import Proc, current, read_proc, run_scan, snapshot
 
 log = get_logger("ccx.tree")
 
@@ -64,7 +58,7 @@ async def refresh(tracker: Tracker) -> None:
 
     **Cancellation**: safe; the tracker keeps what it knew.
     """
-    procs = await snapshot_async()
+    procs = await run_scan(snapshot)
     tracker.update(procs, adopted_by_session(procs).get(tracker.session_id, []))
 
 
@@ -96,8 +90,8 @@ async def _wait_stopped(procs: Iterable[Proc], wanted: Callable[[], bool]) -> No
     while wanted():
         later = []
         for proc in waiting:
-            now = read_proc(proc.pid)
-            if now is not None and now.start == proc.start and now.state not in STOPPED | GONE:
+            now = current(proc)
+            if now is not None and now.state not in STOPPED | GONE:
                 later.append(proc)
         if not later:
             return

@@ -24,8 +24,9 @@ import attrs
 import trio
 
 from ccx.log import get_logger
+from ccx.owner import Owner, OwnerGone
 from ccx.protocol import encode_utf8, notification
-from ccx.session import Owner, OwnerGone, Session, State
+from ccx.session import Session, State
 
 log = get_logger("ccx.watch")
 

@@ -34,6 +34,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run the long (soak) variants of tests/reliability")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """`-m container` asks for tests/test_container.py (image builds): it reads CCX_CONTAINER
+    at import and otherwise skips as a whole, with one line."""
+    if "container" in (config.getoption("markexpr") or ""):
+        os.environ.setdefault("CCX_CONTAINER", "1")
+
+
 def soak_enabled(config: pytest.Config) -> bool:
     return bool(config.getoption("--soak")) or os.environ.get("CCX_SOAK", "") not in ("", "0")
 

@@ -76,7 +76,9 @@ async def test_health_counts_running_not_undelivered(server: Any, client: RawCli
     client has not taken yet is not running any more."""
     started = await client.execute(["head", "-c", "4000000", "/dev/zero"])
     session = server.manager.get(started["session_id"])
-    await wait_for(lambda: session.state.ended)
+    # ccx's own state for "its group is gone" (the status is final a little earlier, when the
+    # leader exits; the kill path's last scan confirms the group empty after that).
+    await wait_for(lambda: not session.running)
     assert not session.done, "the test needs output still waiting for the client"
     status, _, body = await http_get(server.port, "/health")
     assert status == 200 and json.loads(body)["sessions"] == 0

@@ -288,6 +288,29 @@ def test_install_claude_build_arg(dockerfile: Dockerfile) -> None:
     assert dockerfile.env(INSTALL_CLAUDE="1")["DISABLE_AUTOUPDATER"] == "1"
 
 
+def test_home_is_writable_for_another_uid(dockerfile: Dockerfile) -> None:
+    """compose's `home` volume is made from the image's /home/ccx: with `user: "1000:1000"`
+    it must stay writable (Claude Code writes ~/.claude*), hence mode 1777 like /tmp.
+    tests/test_container.py runs that case for real."""
+    home = dockerfile.env()["HOME"]
+    runs = " ".join(r.args for s in dockerfile.chain() for r in s.all("RUN"))
+    assert re.search(rf"chmod 1777 {re.escape(home)}(\s|$)", runs), f"{home} is not 1777"
+
+
+def test_ccx_health_gives_up_before_the_runtime(dockerfile: Dockerfile) -> None:
+    """A hung server must be reported by `ccx health` itself ("timed out", exit 1), not by
+    the runtime killing the check at its timeout (podman: exit 125, no message of ours)."""
+    from ccx.cli import HEALTH_TIMEOUT_S, build_parser
+
+    assert build_parser().parse_args(["health"]).timeout == HEALTH_TIMEOUT_S
+    options, command = dockerfile.healthcheck()
+    assert "--timeout" not in " ".join(command), "the default is the one checked here"
+    timeouts = {"Dockerfile": seconds(options["timeout"]),
+                "compose.yaml": seconds(compose_service()["healthcheck"]["timeout"])}
+    for where, timeout in timeouts.items():
+        assert timeout >= HEALTH_TIMEOUT_S + 1, (where, timeout, HEALTH_TIMEOUT_S)
+
+
 def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     """Docker's rule: the last pattern matching the path or one of its parents wins."""
     parts = path.split("/")
@@ -714,3 +737,10 @@ def test_readme_and_docs_describe_the_deployment() -> None:
     for topic in ("Many replicas", "Rolling updates", "not yet implemented", "ccx-pods",
                   "terminationGracePeriodSeconds", "sessionAffinity", "attach"):
         assert topic.lower() in guide.lower(), f"docs/deploy.md says nothing about {topic!r}"
+    # podman: an OCI image drops the HEALTHCHECK; buildah 1.28 needs INSTALL_CLAUDE given.
+    raw_guide = (ROOT / "docs" / "deploy.md").read_text()
+    podman_builds = re.findall(r"podman build [^`\n]*", raw_guide)
+    assert podman_builds and all("--format docker" in b and "INSTALL_CLAUDE=" in b
+                                 for b in podman_builds), podman_builds
+    # A cancelled session's exit code is the command's own (143, 0, 137...): the status says it.
+    assert "exits 143." not in guide and "137" in guide and '"cancelled"' in guide

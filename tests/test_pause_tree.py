@@ -24,8 +24,9 @@ import pytest
 import trio
 from conftest import RawClient, completion, py, start_ready, wait_for
 
-from ccx.descendants import Tracker, snapshot
+from ccx.descendants import Tracker
 from ccx.process import become_subreaper
+from ccx.procfs import snapshot
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 

@@ -38,7 +38,7 @@ LATE_CHILD = (
 def scan_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Full scans run inline on a small host and in a worker thread on a big one: both."""
     if request.param == "thread":
-        monkeypatch.setattr("ccx.process.SCAN_INLINE_MAX", -1)
+        monkeypatch.setattr("ccx.procfs.SCAN_INLINE_MAX", -1)
 
 
 async def start(leader_s: float) -> Group:

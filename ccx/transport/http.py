@@ -262,3 +262,30 @@ def _reason(status: int) -> bytes:
         return http.HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
+
+
+async def _self_check() -> None:
+    """A head split over two sends, read whole with what follows it; a plain response."""
+    import trio.testing
+
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(b"GET /health?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n")
+    await client.send_all(b"Connection: Upgrade\r\n\r\nrest")
+    head = await read_head(server, timeout=1)
+    assert head is not None and head.path == "/health" and head.is_websocket_upgrade
+    assert head.header("HOST") == "a" and head.raw.endswith(b"rest")
+    await send_plain(server, 404, {"error": "nope"})
+    reply = await client.receive_some(4096)
+    assert reply.startswith(b"HTTP/1.1 404 ") and reply.endswith(b'{"error": "nope"}'), reply
+    await client.send_all(b"\x00garbage\r\n\r\n")
+    try:
+        await read_head(server, timeout=1)
+    except BadHead as exc:
+        assert exc.status == 400, exc.status
+    else:
+        raise AssertionError("a malformed head must be refused")
+    print("ccx.transport.http: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

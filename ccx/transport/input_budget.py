@@ -22,6 +22,7 @@ class InputBudget:
 
     limit_bytes: int
     pending_bytes: int = 0
+    waiting: bool = False  # a reader waits for room (the client is being back-pressured)
     _released: trio.Event = attrs.field(factory=trio.Event)
 
     async def acquire(self, size: int) -> None:
@@ -30,8 +31,12 @@ class InputBudget:
 
         **Cancellation**: safe; nothing is counted if cancelled while waiting.
         """
-        while self.pending_bytes and self.pending_bytes + size > self.limit_bytes:
-            await self._released.wait()
+        try:
+            while self.pending_bytes and self.pending_bytes + size > self.limit_bytes:
+                self.waiting = True
+                await self._released.wait()
+        finally:
+            self.waiting = False
         self.pending_bytes += size
 
     def release(self, size: int) -> None:
@@ -51,3 +56,23 @@ def carries_input(frame: Frame) -> bool:
                 and item.params.get("name") == "send_input":
             return True
     return False
+
+
+async def _self_check() -> None:
+    from ccx.protocol import parse_frame
+
+    assert carries_input(parse_frame('{"jsonrpc":"2.0","id":1,"method":"input","params":{}}'))
+    assert not carries_input(parse_frame('{"jsonrpc":"2.0","id":1,"method":"ping"}'))
+    budget = InputBudget(limit_bytes=10)
+    await budget.acquire(8)
+    with trio.move_on_after(0.05) as waited:
+        await budget.acquire(5)  # 8 + 5 > 10: waits for a release
+    assert waited.cancelled_caught and budget.pending_bytes == 8
+    budget.release(8)
+    await budget.acquire(50)  # nothing pending: one frame over the limit still goes alone
+    assert budget.pending_bytes == 50
+    print("ccx.transport.input_budget: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

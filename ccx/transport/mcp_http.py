@@ -37,6 +37,7 @@ from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import SUPPORTED_VERSIONS, McpEndpoint
 from ccx.outbox import Outbox
+from ccx.owner import OwnerGone
 from ccx.protocol import (
     Invalid,
     InvalidRequest,
@@ -46,7 +47,6 @@ from ccx.protocol import (
     error_response,
     parse_frame,
 )
-from ccx.session import OwnerGone
 from ccx.transport.http import SSE_TYPE, Exchange, Head, HttpError
 from ccx.transport.policy import origin_ok, token_ok
 from ccx.transport.sse import EventStream, sse_event

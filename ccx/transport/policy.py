@@ -138,3 +138,28 @@ def host_ok(settings: Settings, value: str | None, *, loopback_bind: bool) -> bo
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _self_check() -> None:
+    import h11
+
+    def head(target: str, *headers: tuple[str, str]) -> Head:
+        request = h11.Request(method="GET", target=target, headers=[("Host", "x"), *headers])
+        return Head(request, b"")
+
+    secret = Settings(token="s3cret", state_dir="")
+    assert token_ok(Settings(state_dir=""), head("/ws"))
+    assert token_ok(secret, head("/ws", ("Authorization", "Bearer s3cret")))
+    assert token_ok(secret, head("/ws?token=s3cret")) and not token_ok(secret, head("/ws"))
+    plain = Settings(state_dir="")
+    assert origin_ok(plain, None) and origin_ok(plain, "http://localhost:3000")
+    assert not origin_ok(plain, "https://evil.example") and not origin_ok(plain, "http://a@localhost")
+    assert host_ok(plain, "127.0.0.1:8003", loopback_bind=True)
+    assert not host_ok(plain, "rebind.example", loopback_bind=True)
+    assert host_ok(plain, "rebind.example", loopback_bind=False)
+    assert split_host("[::1]:80") == "::1" and split_host("a/b") is None
+    print("ccx.transport.policy: PASS")
+
+
+if __name__ == "__main__":
+    _self_check()

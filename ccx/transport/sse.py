@@ -21,8 +21,8 @@ import attrs
 import trio
 
 from ccx.outbox import Held, Outbox
+from ccx.owner import OwnerGone
 from ccx.protocol import ReplayUnavailable, encode_utf8
-from ccx.session import OwnerGone
 
 
 @attrs.define(eq=False)

@@ -26,9 +26,9 @@ from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
+from ccx.owner import OwnerGone
 from ccx.process import become_subreaper
 from ccx.protocol import Frame, InvalidRequest, encode, error_response, parse_frame
-from ccx.session import OwnerGone
 from ccx.state import recover
 from ccx.transport.input_budget import InputBudget, carries_input
 
@@ -161,3 +161,47 @@ async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) 
         log.info("signal_received", signal=signal.Signals(signum).name)
         scope.cancel()
         return
+
+
+async def _self_check() -> None:
+    """initialize, then execute through the MCP tool, over two pipes; EOF ends the server."""
+    import functools
+    import json
+    from typing import Any
+
+    in_read, in_write = os.pipe()
+    out_read, out_write = os.pipe()
+    requests: list[dict[str, Any]] = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+         "params": {"protocolVersion": "2025-11-25", "capabilities": {}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+         "params": {"name": "execute", "arguments": {"command": ["echo", "hi"]}}},
+    ]
+    settings = Settings(state_dir="", kill_grace=1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(serve_stdio, settings, stdin_fd=in_read,
+                                             stdout_fd=out_write))
+        replies: dict[object, Any] = {}
+        pending = b""
+        for request in requests:
+            _write_all(in_write, (json.dumps(request) + "\n").encode())
+            if "id" not in request:
+                continue
+            while request["id"] not in replies:
+                pending += await trio.to_thread.run_sync(os.read, out_read, READ_BYTES)
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    message = json.loads(line)
+                    if "id" in message:
+                        replies[message["id"]] = message
+        os.close(in_write)  # EOF: the server stops
+    result = replies[2]["result"]
+    assert result["structuredContent"]["stdout"] == "hi\n", result
+    for fd in (in_read, out_read, out_write):
+        os.close(fd)
+    print("ccx.transport.stdio: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

@@ -115,3 +115,15 @@ async def serve_ui(stream: trio.abc.SendStream, head: Head, settings: Settings) 
     suffix = name[name.rfind("."):]
     await send_plain(stream, 200, data, content_type=CONTENT_TYPES[suffix], headers=headers,
                      head_only=head.method == "HEAD")
+
+
+if __name__ == "__main__":
+    assert _read("index.html") is not None and NONCE_MARK in (_read("index.html") or b"")
+    assert _read("vendor/xterm/xterm.mjs") is not None
+    for bad in ("../server.py", "vendor/../app.js", "/etc/passwd", ".hidden.js", "__init__.py",
+                "", "vendor//xterm.mjs", "nope.js"):
+        assert _read(bad) is None, bad
+    policy = csp("abc")
+    assert "'unsafe-inline'" not in policy and "'nonce-abc'" in policy
+    assert is_ui_path("/") and is_ui_path("/ui/app.js") and not is_ui_path("/uix")
+    print("ccx.transport.ui: PASS")

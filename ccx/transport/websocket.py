@@ -7,7 +7,7 @@ Outputs: a `Connection` that is the `Owner` of the sessions it starts: it reads 
 each request in its own task (at most `MAX_IN_FLIGHT` at once, so a flood back-pressures),
 sends responses and session notifications, and cancels its sessions when it closes.
 
-Input back-pressure (PROTOCOL.md section 6, docs/security-memory.md): a frame that carries
+Input back-pressure (PROTOCOL.md section 6, docs/security.md): a frame that carries
 child input (native `input`, MCP `tools/call` of `send_input`) is charged its size in bytes
 to the connection's `InputBudget` (CCX_MAX_INPUT_BYTES) until its request is answered, i.e.
 its data is written to the child. When the next input frame does not fit, the reader waits
@@ -17,6 +17,8 @@ Only input frames wait for the budget; every request read before one (control in
 already running, so it is never held behind input. Requests the client sends *after* an input
 frame that waits are read when it fits: when the child reads, or when the session ends (an
 end fails its pending writes with -32004, whoever cancelled it: another connection may).
+While it waits, the socket is checked for a hang-up (FIN or RST) every 0.5 s: a client that
+goes away then still loses its sessions (trio-websocket, not being read, cannot see the close).
 A client offering the subprotocol `mcp` (or any upgrade on `/mcp`) gets an MCP connection
 instead: its frames go to a `McpEndpoint`, which owns the sessions (PROTOCOL.md section 7).
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import select
 import struct
 
 import attrs
@@ -50,8 +53,8 @@ from ccx.config import Settings
 from ccx.log import clip, get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
+from ccx.owner import OwnerGone
 from ccx.protocol import Frame, Invalid, encode_utf8, error_response, parse_frame
-from ccx.session import OwnerGone
 from ccx.transport.http import Head, ReplayStream, send_plain
 from ccx.transport.input_budget import InputBudget, carries_input
 from ccx.transport.policy import BROWSER_SUBPROTOCOL, origin_ok, token_ok
@@ -61,6 +64,8 @@ log = get_logger("ccx.websocket")
 MAX_IN_FLIGHT = 64  # requests of one connection being handled at once; more waits to be read
 HANDSHAKE_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
+HANGUP_POLL_S = 0.5  # while the reader waits for input room: how often the socket is checked
+HANGUP_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
 WS_PATHS = ("/ws", "/ws/mcp", "/mcp")
@@ -211,10 +216,41 @@ class Connection:
             frame = parse_frame(message)
             del message  # the parsed frame is what stays in memory
             charge = size if carries_input(frame) else 0
-            if charge:
-                await self.input.acquire(charge)  # back-pressure: stop reading, as a pipe
+            if charge and not await self._input_room(charge):
+                log.info("peer_hung_up", waiting_for="input room")
+                return  # as a close: the connection's sessions are released
             await self._in_flight.acquire()
             nursery.start_soon(self._handle_frame, frame, charge)
+
+    async def _input_room(self, charge: int) -> bool:
+        """Wait until *charge* bytes of input fit (back-pressure: the reader stops reading, as
+        a writer on a full pipe waits); False, with nothing charged, if the peer hung up.
+
+        While the reader waits, trio-websocket reads no further frame either (its queue is
+        full), so a close frame or EOF behind the client's unread frames would go unseen
+        until the child reads, and the connection's sessions would run on without it. So
+        the socket itself is checked for a hang-up (peer FIN: POLLRDHUP, seen even with
+        unread data before it; RST: POLLERR/POLLHUP) every `HANGUP_POLL_S`, only while
+        waiting: no event exists for it without reading.
+        """
+        sock = getattr(self.wire.inner, "socket", None)
+        hung_up = acquired = False
+        async with trio.open_nursery() as nursery:
+            if sock is not None:
+                async def watch() -> None:
+                    nonlocal hung_up
+                    while not _hung_up(sock):
+                        await trio.sleep(HANGUP_POLL_S)
+                    hung_up = True
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+            await self.input.acquire(charge)
+            acquired = True
+            nursery.cancel_scope.cancel()
+        if hung_up and acquired:
+            self.input.release(charge)
+        return not hung_up
 
     async def _handle_frame(self, frame: Frame, charge: int) -> None:
         try:
@@ -274,6 +310,16 @@ class Connection:
             if not self.ws.closed:
                 await self._drained.wait()
             await self.ws.aclose(code, reason)
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """Whether the peer closed its side (FIN) or reset the connection, without reading."""
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), HANGUP_EVENTS)
+    except (OSError, ValueError):  # closed here already
+        return True
+    return any(events & HANGUP_EVENTS for _, events in poller.poll(0))
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -338,3 +384,35 @@ async def serve_websocket(
                     await connection.close(1000, "")
                 log.info("disconnected", close_code=int(ws.closed.code) if ws.closed else None)
         nursery.cancel_scope.cancel()
+
+
+async def _self_check() -> None:
+    """Frames over a real WebSocket: a parse error answered, a batch answered as a list, and
+    a frame over CCX_MAX_MESSAGE_BYTES closing the connection with 1009."""
+    import json
+
+    from ccx.server import Server  # the server routes upgrades here; import it late
+
+    settings = Settings(port=0, state_dir="", max_message_bytes=1024)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(Server(settings).run)
+        async with trio_websocket.open_websocket_url(server.url) as ws:
+            await ws.send_message("{")
+            assert json.loads(await ws.get_message())["error"]["code"] == -32700
+            ping = {"jsonrpc": "2.0", "method": "ping"}
+            await ws.send_message(json.dumps([{**ping, "id": 1}, {**ping, "id": 2}]))
+            replies = json.loads(await ws.get_message())
+            assert sorted(r["id"] for r in replies) == [1, 2], replies
+            await ws.send_message("x" * 2048)
+            try:
+                await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                assert exc.reason is not None and exc.reason.code == 1009, exc.reason
+            else:
+                raise AssertionError("an over-long frame must close the connection")
+        server.stop()
+    print("ccx.transport.websocket: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)

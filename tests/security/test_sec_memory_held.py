@@ -5,7 +5,7 @@ session lingers). Budgets count raw bytes, but `\\x01` is held JSON-escaped (`\\
 bytes), so each ended session held ~48 MiB, and nothing server-wide capped what ended
 sessions kept (RSS 37 -> 621 MiB after 12 sessions). Fixed by `CCX_MAX_HELD_BYTES` (bytes
 actually held, all sessions) and by counting sessions that hold unsent output against
-`CCX_MAX_SESSIONS` (docs/security-memory.md).
+`CCX_MAX_SESSIONS` (docs/security.md).
 
 Rules: as in conftest; the server is a real `ccx serve` subprocess, its memory is VmRSS from
 /proc; thresholds derive from the configured limits with generous slack (a regression is

@@ -4,7 +4,7 @@ Two connections each send 64 one-MiB `input` frames to a `sleep 600` started wit
 request became a task holding its frame (up to 64 in flight per connection), so the server
 held ~3 MiB per frame (RSS 248 -> 634 MiB). Fixed by a per-connection input budget
 (`CCX_MAX_INPUT_BYTES`, 8 MiB): the reader stops taking `input` frames while the budget is
-full, so the client waits, as on a pipe (docs/security-memory.md).
+full, so the client waits, as on a pipe (docs/security.md).
 
 Rules: as in conftest; the server is a real `ccx serve` subprocess and its memory is VmRSS
 from /proc; thresholds derive from the configured limits with generous slack. Every request
@@ -19,9 +19,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
-from conftest import group_alive, http_get
+from conftest import group_alive, http_get, wait_for
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "reliability"))
 from relhelp import CCX, RawWs, Serve, rss_kib
@@ -163,3 +165,36 @@ def test_stdio_stops_reading_input_it_cannot_write(tmp_path: Path) -> None:
         proc.terminate()  # SIGTERM: the server cancels its sessions, then exits
         proc.wait(timeout=15)
     assert pgid is not None and not group_alive(pgid), "a session outlived `ccx mcp`"
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_a_client_gone_while_its_input_waits_loses_its_sessions(start_server: Any,
+                                                                     how: str) -> None:
+    """Regression: while the reader waited for input room it read nothing, so the close of a
+    client that had flooded `input` went unnoticed until the child read: its session (no
+    linger) ran on, ownerless. A hang-up must release the connection's sessions at once."""
+    limit = 64 * 1024
+    server = await start_server(max_input_bytes=limit)
+    client = await RawWs.connect(server.port)
+    started = (await client.request("execute", {"command": ["sleep", "600"], "stdin": True}))
+    session = server.manager.get(started["result"]["session_id"])
+    chunk = "x" * (limit // 2)
+
+    async def flood() -> None:
+        for n in range(64):  # 2 MiB: far beyond the budget, the socket buffers and the pipe
+            await client.send_json({"jsonrpc": "2.0", "id": 100 + n, "method": "input",
+                                    "params": {"session_id": session.id, "data": chunk}})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        # ccx's own state: the connection's budget is full and its reader waits for room.
+        await wait_for(lambda: any(c.input.waiting for c in server.connections), timeout=30)
+        nursery.cancel_scope.cancel()
+    if how == "rst":
+        client.reset()
+    else:
+        client.stream.socket.close()  # an ordinary close: FIN, with unread frames behind it
+    with trio.fail_after(15):
+        await session.wait_done()
+    assert session.state.value == "cancelled", session.state
+    assert not group_alive(session.group.pgid)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -80,3 +81,14 @@ async def test_token_in_argv_is_warned_about(tmp_path: Path) -> None:
         warnings = [e for e in served.log() if e.get("event") == "token_in_argv"]
         assert warnings and warnings[0]["level"] == "warning", served.log_text()
         assert await _handshake_status(served.port, "Authorization: Bearer visible\r\n") == 101
+
+
+async def test_children_do_not_learn_where_the_token_is(
+        start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """Like CCX_TOKEN, CCX_TOKEN_FILE is not passed to sessions (before: it was)."""
+    monkeypatch.setenv("CCX_TOKEN_FILE", str(tmp_path / "token"))
+    client = await connect(await start_server())
+    out, _, done = await client.run(["env"])
+    assert done["exit_code"] == 0 and b"PATH=" in out
+    assert b"CCX_TOKEN_FILE" not in out
