@@ -139,6 +139,24 @@ async def attach(call: Call) -> dict[str, object]:
             "pgid": session.group.pgid, "next_seq": session.next_seq}
 
 
+async def watch(call: Call) -> dict[str, object]:
+    """PROTOCOL.md section 11: as `attach`, but the session stays where it is."""
+    params = structure_params(call.params, AttachParams)
+    if call.owner is None:
+        raise InvalidState("watch needs a connection to deliver to")
+    session, watcher = call.manager.watch(params.session_id, params.since_seq, call.owner)
+    call.after_response.append(watcher.gate.set)
+    return {"session_id": session.id, "status": session.state.value, "pid": session.group.pid,
+            "pgid": session.group.pgid, "next_seq": watcher.replay_end}
+
+
+async def unwatch(call: Call) -> dict[str, object]:
+    params = structure_params(call.params, SessionParams)
+    if call.owner is not None:
+        call.manager.unwatch(params.session_id, call.owner)
+    return {"session_id": params.session_id, "watching": False}
+
+
 async def status(call: Call) -> dict[str, object]:
     params = structure_params(call.params, SessionParams)
     return attrs.asdict(call.manager.get(params.session_id).info())
@@ -159,7 +177,7 @@ async def server_info(call: Call) -> dict[str, object]:
     structure_params(call.params if isinstance(call.params, dict) else None, NoParams)
     settings = call.manager.settings
     capabilities = ["execute", "control", "input", "stdin", "base64", "batch", "timeout",
-                    "linger", "attach", "replay", "pty", "resize", "drain"]
+                    "linger", "attach", "replay", "pty", "resize", "drain", "watch"]
     if settings.allow_shell:
         capabilities.append("shell")
     return {
@@ -169,6 +187,7 @@ async def server_info(call: Call) -> dict[str, object]:
         "limits": {
             "max_sessions": settings.max_sessions,
             "max_sessions_per_connection": settings.max_sessions_per_connection,
+            "max_watchers": settings.max_watchers,
             "max_message_bytes": settings.max_message_bytes,
             "chunk_bytes": CHUNK_BYTES,
             "channel_chunks": CHANNEL_CHUNKS,
@@ -198,6 +217,8 @@ METHODS: dict[str, Handler] = {
     "resize": resize,
     "sessions": sessions,
     "attach": attach,
+    "watch": watch,
+    "unwatch": unwatch,
     "status": status,
     "ping": ping,
     "server.info": server_info,

@@ -158,6 +158,8 @@ class Settings:
         "live sessions, whole server (ended ones holding unread output count too)")
     max_sessions_per_connection: int = setting(16, int,
         "live sessions owned by one connection (counted the same way)")
+    max_watchers: int = setting(16, int,
+        "connections watching one session at once (PROTOCOL.md 11); beyond, -32003")
     max_message_bytes: int = setting(1024 * 1024, int,
         "largest client frame in bytes (bigger closes with 1009)")
     kill_grace: float = setting(5.0, float,
@@ -217,7 +219,8 @@ class Settings:
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"CCX_PORT: {self.port} is not a TCP port (0-65535)")
-        for name in ("max_sessions", "max_sessions_per_connection", "max_message_bytes",
+        for name in ("max_sessions", "max_sessions_per_connection", "max_watchers",
+                     "max_message_bytes",
                      "replay_bytes", "mcp_buffer_bytes", "mcp_tail_bytes", "max_held_bytes",
                      "max_input_bytes", "max_connections", "max_pending_heads",
                      "mcp_http_max_sessions"):

@@ -53,6 +53,7 @@ from ccx.protocol import (
 )
 from ccx.session import Session, SessionOptions
 from ccx.state import GroupRecord, StateFile
+from ccx.watch import Watcher
 
 log = get_logger("ccx.manager")
 
@@ -485,8 +486,13 @@ class SessionManager:
             self._forget_expired()
 
     def release(self, owner: Owner) -> None:
-        """The owner's connection closed: detach its sessions; cancel those without linger
-        (PROTOCOL.md 5); start the linger clock of the others."""
+        """The owner's connection closed: end its watches (PROTOCOL.md 11), detach its
+        sessions; cancel those without linger (PROTOCOL.md 5); start the linger clock of the
+        others."""
+        for watched in self._sessions.values():
+            watcher = watched.watchers.pop(owner, None)
+            if watcher is not None:
+                watcher.stop()
         self._notify()  # a drain or shutdown waiting for this owner's sessions looks again
         for session in self.owned_by(owner):
             session.detach()
@@ -520,6 +526,37 @@ class SessionManager:
         log.info("attached", session_id=session.id, since_seq=since_seq,
                  next_seq=session.next_seq)
         return session
+
+    def watch(self, session_id: object, since_seq: int, owner: Owner) -> tuple[Session, Watcher]:
+        """Subscribe *owner* to a session without moving it (PROTOCOL.md section 11); a
+        watch by the same connection replaces its earlier one. At most CCX_MAX_WATCHERS.
+
+        The caller sets `watcher.gate` once the watch result is sent.
+        """
+        session = self.get(session_id)
+        session.check_replay(since_seq)
+        previous = session.watchers.get(owner)
+        limit = self.settings.max_watchers
+        if previous is None and len(session.watchers) >= limit:
+            raise LimitReached(f"watcher limit reached ({limit} per session)",
+                               {"limit": limit, "scope": "watchers"})
+        if previous is not None:
+            previous.stop()
+        watcher = Watcher.open(session, owner, since_seq)
+        session.watchers[owner] = watcher
+        assert self._nursery is not None
+        self._nursery.start_soon(watcher.run)
+        log.info("watching", session_id=session.id, since_seq=since_seq,
+                 next_seq=session.next_seq, watchers=len(session.watchers))
+        return session, watcher
+
+    def unwatch(self, session_id: str, owner: Owner) -> None:
+        """End *owner*'s watch of the session, if any (idempotent; an unknown or forgotten
+        session is simply not watched)."""
+        session = self._sessions.get(session_id)
+        watcher = None if session is None else session.watchers.pop(owner, None)
+        if watcher is not None:
+            watcher.stop()
 
     @staticmethod
     async def _tell_detached(previous: Owner, session_id: str) -> None:

@@ -4,7 +4,9 @@ and `HeldBudget`, the server-wide count of the bytes all sessions hold.
 Inputs: notifications encoded once by the session, as the UTF-8 JSON that goes on the wire
 (output carries a `seq`).
 Outputs: the next frame to deliver to the current owner; `rewind()` to re-deliver from a
-given seq to a new owner (PROTOCOL.md section 8); room checks that turn into back-pressure.
+given seq to a new owner (PROTOCOL.md section 8); room checks that turn into back-pressure;
+`output(seq)`, any held output by its seq (sent or not), for watchers (PROTOCOL.md 11), who
+read what is held and pin nothing: when it is evicted, it is gone for them too.
 
 Memory bounds. Per session, two budgets (`budget_bytes` each) of the raw output bytes the
 held frames carry, as PROTOCOL.md section 8 counts them: `pending` (not yet delivered; when
@@ -130,6 +132,9 @@ class Outbox:
     sent_bytes: int = 0
     next_seq: int = 0
     frame_bytes: int = 0  # bytes of every frame held (pending and sent): what `held` counts
+    # Every held output (sent, then pending) in seq order: contiguous seqs, so `output(seq)`
+    # is an index. The same `Held` objects as in the two queues: it costs a pointer each.
+    outputs: collections.deque[Held] = attrs.field(factory=collections.deque)
 
     @property
     def has_room(self) -> bool:
@@ -147,6 +152,8 @@ class Outbox:
             self.held.credit(size)
 
     def push(self, held: Held) -> None:
+        if held.seq is not None and (not self.outputs or held.seq > self.last_seq):
+            self.outputs.append(held)  # a rewind pushes again what is already indexed
         self.pending.append(held)
         self.pending_bytes += held.size
         self._charge(len(held.frame))
@@ -182,6 +189,8 @@ class Outbox:
 
     def forget_oldest_sent(self) -> None:
         held = self.sent.popleft()
+        if self.outputs and self.outputs[0] is held:  # the oldest sent is the oldest held
+            self.outputs.popleft()
         self.sent_stamps.popleft()
         self.sent_bytes -= held.size
         if not self.sent and self.held is not None:
@@ -199,17 +208,28 @@ class Outbox:
         """Let go of everything held (the session is forgotten): its bytes leave `held`."""
         self.forget_sent()
         self.pending.clear()
+        self.outputs.clear()
         self.pending_bytes = 0
         self._credit(self.frame_bytes)
 
     @property
     def first_seq(self) -> int:
         """The oldest seq still held (sent or pending), or `next_seq` if none is."""
-        for queue in (self.sent, self.pending):
-            for held in queue:
-                if held.seq is not None:
-                    return held.seq
-        return self.next_seq
+        first = self.outputs[0].seq if self.outputs else None
+        return self.next_seq if first is None else first
+
+    @property
+    def last_seq(self) -> int:
+        """The newest seq held, or -1 if none is."""
+        last = self.outputs[-1].seq if self.outputs else None
+        return -1 if last is None else last
+
+    def output(self, seq: int) -> Held | None:
+        """The held output with this *seq* (sent or pending), or None if it is not held."""
+        first = self.first_seq
+        if first <= seq < first + len(self.outputs):
+            return self.outputs[seq - first]
+        return None
 
     def check_replay(self, since_seq: int) -> None:
         """Raise -32006 if output after *since_seq* is no longer held (-1: never raises)."""
@@ -255,14 +275,16 @@ if __name__ == "__main__":
     box.check_replay(0)
     try:
         Outbox(budget_bytes=4, sent=box.sent, next_seq=3).check_replay(-1)
-        box.sent.popleft()
+        box.forget_oldest_sent()
         box.check_replay(0)
     except ReplayUnavailable as exc:
         assert exc.data == {"first_seq": 2}, exc.data
     else:
         raise AssertionError("seq 1 is gone: replay after 0 must fail")
+    assert box.output(1) is None and box.output(3) is box.pending[0]
     box.rewind(2, [Held("process.completed", b"{}")])
     assert [h.seq for h in box.pending] == [3, None] and [h.seq for h in box.sent] == [2]
+    assert [h.seq for h in box.outputs] == [2, 3] and box.output(2) is box.sent[0]
     budget = HeldBudget(limit_bytes=64)
     first, second = Outbox(100, budget), Outbox(100, budget)
     for box in (first, second, first):

@@ -7,7 +7,7 @@ head within CCX_HEAD_TIMEOUT, refuses a foreign `Host` on a loopback bind (403, 
 rebinding: `ccx.transport.policy`), then routes: `/health` (liveness), `/ready` (readiness,
 PROTOCOL.md 10: 503 while draining or full) and `/metrics` answers, WebSocket connections on
 `/ws` and `/ws/mcp` (and `/mcp` for MCP), MCP over Streamable HTTP on `/mcp`
-(`ccx.transport.mcp_http`).
+(`ccx.transport.mcp_http`), the web console on `/` and `/ui/` (`ccx.transport.ui`).
 Stopping (PROTOCOL.md 5, 6, 10): SIGTERM first drains (no new sessions, the rest keeps
 working) until no session is busy or CCX_DRAIN_TIMEOUT has passed (0: at once); then the
 shutdown cancels every session at once (their kill paths run concurrently; completions say
@@ -41,6 +41,7 @@ from ccx.transport.http import BadHead, Head, read_head, send_plain
 from ccx.transport.listen import Gate, connection_cap, raise_fd_limit, serve_limited
 from ccx.transport.mcp_http import McpHttp
 from ccx.transport.policy import host_ok, token_ok
+from ccx.transport.ui import is_ui_path, serve_ui
 from ccx.transport.websocket import (
     CLOSE_GOING_AWAY,
     MCP_PATH,
@@ -252,6 +253,8 @@ class Server:
             body = {"ready": True} if why is None else {"ready": False, "reason": why}
             await send_plain(stream, 200 if why is None else 503, body,
                              head_only=head.method == "HEAD")
+        elif is_ui_path(path):  # the web console (ccx.transport.ui)
+            await serve_ui(stream, head, self.settings)
         elif path == "/metrics":
             if not token_ok(self.settings, head):
                 await send_plain(stream, 401, "missing or wrong token\n",

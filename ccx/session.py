@@ -5,7 +5,9 @@ Outputs: `process.started/output/paused/resumed/completed` notifications in orde
 `seq` counter; control (`pause`, `resume`, `cancel`, `write_input`) through a state table,
 PAUSE and RESUME acting on the whole tree (group and escaped descendants, `ccx.tree`);
 `attach`/`detach` of owners with replay (PROTOCOL.md section 8); `info()` for `status`;
-`resize` of a PTY session (PROTOCOL.md section 9).
+`resize` of a PTY session (PROTOCOL.md section 9). For watchers (PROTOCOL.md section 11,
+`ccx.watch`): `news` (an event set whenever something is queued), `held_output(seq)`, the
+log of recent `process.paused`/`resumed` (`control_at`), and the registry `watchers`.
 
 Back-pressure: each pump reads at most `CHUNK_BYTES` and awaits `send()` on a channel of
 `CHANNEL_CHUNKS` slots; the collector turns chunks into notifications in the `Outbox` and
@@ -43,6 +45,7 @@ import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 import attrs
 import structlog
@@ -75,6 +78,16 @@ LATE_ROUNDS_MAX = 20  # kill-and-rescan rounds for escapees born during the kill
 # A client's CANCEL repeated at least this long after its first one means "force it now":
 # SIGKILL without waiting out the grace. Sooner, it is taken for a duplicate (a retry).
 REPEAT_CANCEL_FORCES_S = 1.0
+# process.paused/resumed kept for watchers (with the seq they came before); older ones are
+# dropped, and a watcher that far behind skips them (only PAUSE/RESUME requests make them).
+CONTROL_LOG_MAX = 1024
+
+
+class Watch(Protocol):
+    """A watcher of a session (`ccx.watch.Watcher`), as the session sees it."""
+
+    def stop(self) -> None:
+        """End the watch: it sends nothing more."""
 
 
 class State(enum.Enum):
@@ -181,6 +194,14 @@ class Session:
     _wake: trio.Event = attrs.field(factory=trio.Event)  # for the deliverer
     _room: trio.Event = attrs.field(factory=trio.Event)  # for the collector
     _scope: trio.CancelScope | None = None
+    # Watchers (PROTOCOL.md 11) by connection, and what they wait on: `news` is set (and
+    # replaced) whenever a notification is queued. `_controls` holds (before_seq, index,
+    # frame) of recent process.paused/resumed: the output seq they came before.
+    watchers: dict[Owner, Watch] = attrs.field(factory=dict)
+    news: trio.Event = attrs.field(factory=trio.Event)
+    _controls: collections.deque[tuple[int, int, bytes]] = attrs.field(
+        factory=collections.deque)
+    _controls_total: int = 0
     _send: trio.MemorySendChannel[tuple[str, bytes] | str] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[tuple[str, bytes] | str] = attrs.field(init=False)
 
@@ -453,6 +474,8 @@ class Session:
     def forget(self) -> None:
         """The manager forgets this session (retention over): stop it, let go of its output."""
         self.abandon()
+        for watcher in list(self.watchers.values()):
+            watcher.stop()
         if self.held is not None:
             self.held.stop_waiting(self._room_changed)
         self._outbox.clear()
@@ -654,14 +677,63 @@ class Session:
 
     def _poke(self) -> None:
         self._wake.set()
+        if self.watchers:  # a watcher takes `news` only once registered: none, none waits
+            self.news.set()
+            self.news = trio.Event()
 
     def _room_changed(self) -> None:
         self._room.set()
 
     def _queue(self, method: str, params: dict[str, object]) -> None:
         message = notification(method, {"session_id": self.id, **params})
-        self._outbox.push(Held(method, encode_utf8(message)))
+        frame = encode_utf8(message)
+        if method in ("process.paused", "process.resumed"):
+            self._log_control(frame)
+        self._outbox.push(Held(method, frame))
         self._poke()
+
+    def _log_control(self, frame: bytes) -> None:
+        """Keep a paused/resumed frame for watchers, before the next output seq; forget
+        those before the oldest held output (a watcher there has lagged anyway)."""
+        self._controls.append((self._outbox.next_seq, self._controls_total, frame))
+        self._controls_total += 1
+        first = self._outbox.first_seq
+        while self._controls and (len(self._controls) > CONTROL_LOG_MAX
+                                  or self._controls[0][0] < first):
+            self._controls.popleft()
+
+    # ------------------------------------------------------------------------------ watchers
+
+    @property
+    def controls_total(self) -> int:
+        """The index the next paused/resumed notification will have in the control log."""
+        return self._controls_total
+
+    def control_at(self, index: int) -> tuple[int, int, bytes] | None:
+        """The first logged paused/resumed with index >= *index*, as (before_seq, index,
+        frame), or None if there is none yet."""
+        if not self._controls or index > self._controls[-1][1]:
+            return None
+        oldest = self._controls[0][1]
+        return self._controls[max(index - oldest, 0)]
+
+    def held_output(self, seq: int) -> bytes | None:
+        """The frame of output *seq* while it is held (sent or not), else None."""
+        held = self._outbox.output(seq)
+        return None if held is None else held.frame
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest output seq still held (`next_seq` when none is)."""
+        return self._outbox.first_seq
+
+    @property
+    def completion(self) -> bytes | None:
+        """The process.completed frame once it is queued (after every output)."""
+        return None if self._completion is None else self._completion.frame
+
+    def paused_frame(self) -> bytes:
+        return encode_utf8(notification("process.paused", {"session_id": self.id}))
 
     async def _collect(self) -> None:
         """Turn channel items into notifications in the outbox; `seq` is assigned here only."""

@@ -104,7 +104,9 @@ async def test_health_needs_no_token(start_server: Any) -> None:
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
-@pytest.mark.parametrize("target", ["/", "/nope", "/healthz", "/ws/other", "/wss", "/health/x"])
+# "/" is the web console (a documented addition: docs/protocol-notes.md, test_console_http).
+@pytest.mark.parametrize("target", ["/nope", "/healthz", "/ws/other", "/wss", "/health/x",
+                                    "/uix", "/index.html"])
 async def test_unknown_paths_are_404(server: Any, target: str) -> None:
     status, _, _ = await http_get(server.port, target)
     assert status == 404
@@ -677,7 +679,8 @@ async def test_metrics_need_the_token_when_one_is_set(start_server: Any) -> None
 
 @pytest.mark.parametrize("method,target,expected", [
     ("POST", "/nope", 404),
-    ("PUT", "/", 404),
+    ("PUT", "/nope/", 404),
+    ("PUT", "/", 405),  # the web console's page: GET and HEAD only
     ("POST", "/ws", 426),
 ])
 async def test_other_plain_requests(server: Any, method: str, target: str,

@@ -2,6 +2,13 @@
 
 Inputs: `Settings` and a parsed request head (`Head`) or one header value.
 Outputs: booleans; the callers answer 401 (token), 403 (origin, host).
+Browsers cannot set `Authorization` on a WebSocket, so the token may also come as an offered
+subprotocol `ccx.bearer.<base64url of the token, no padding>` (as the Kubernetes API server
+takes `base64url.bearer.authorization.k8s.io.<token>`); the server then selects only the
+non-secret `ccx` (`BROWSER_SUBPROTOCOL`), never echoing the token. A page served by ccx
+itself (the console, `ccx.transport.ui`) is same-origin: an Origin equal to
+`http(s)://<Host header>` is accepted on any bind (on a loopback bind the Host rule has
+already refused foreign names, so a rebound name never gets this far).
 The Host rule (DNS-rebinding defence): on a loopback bind a browser page on a name re-pointed
 at 127.0.0.1 still sends its own name as `Host`; only loopback names and literals (and
 `CCX_ALLOWED_HOSTS`) are served. The Host value is never resolved: that is what rebinding
@@ -12,6 +19,8 @@ Docs: https://www.rfc-editor.org/rfc/rfc9110#section-7.2 (Host)
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 from urllib.parse import parse_qs, urlsplit
@@ -26,23 +35,56 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost
                             "ip6-loopback"})
 
 
+BROWSER_SUBPROTOCOL = "ccx"  # what the server selects for a browser (native protocol)
+BEARER_SUBPROTOCOL_PREFIX = "ccx.bearer."  # + base64url(token) without "=" padding
+
+
+def subprotocol_tokens(head: Head) -> list[bytes]:
+    """The tokens offered as `ccx.bearer.<base64url>` subprotocols (undecodable ones are
+    skipped)."""
+    tokens = []
+    for offered in (head.header("sec-websocket-protocol") or "").split(","):
+        offered = offered.strip()
+        if not offered.startswith(BEARER_SUBPROTOCOL_PREFIX):
+            continue
+        encoded = offered[len(BEARER_SUBPROTOCOL_PREFIX):]
+        try:
+            tokens.append(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+        except (binascii.Error, ValueError):
+            continue
+    return tokens
+
+
 def token_ok(settings: Settings, head: Head) -> bool:
-    """True when no token is set, or the request carries it (Bearer header or ?token=)."""
+    """True when no token is set, or the request carries it (Bearer header, `ccx.bearer.`
+    subprotocol, or ?token=)."""
     if settings.token is None:
         return True
     expected = settings.token.encode()
     auth = head.header("authorization") or ""
     if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), expected):
         return True
+    if any(hmac.compare_digest(token, expected) for token in subprotocol_tokens(head)):
+        return True
     query = parse_qs(urlsplit(head.target).query)
     return any(hmac.compare_digest(v.encode(), expected) for v in query.get("token", []))
 
 
-def origin_ok(settings: Settings, origin: str | None) -> bool:
-    """No Origin, a loopback origin, or one listed in CCX_ALLOWED_ORIGINS (or `*`)."""
+def same_origin(origin: str, host: str | None) -> bool:
+    """The Origin is this server as the browser addressed it: `http(s)://<Host>`."""
+    if host is None or split_host(host) is None:
+        return False
+    return origin.lower() in (f"http://{host.strip().lower()}", f"https://{host.strip().lower()}")
+
+
+def origin_ok(settings: Settings, origin: str | None, host: str | None = None) -> bool:
+    """No Origin, a loopback origin, the server's own (same as the *host* header: its
+    console), or one listed in CCX_ALLOWED_ORIGINS (or `*`)."""
     if origin is None:
         return True
     if "*" in settings.allowed_origins or origin in settings.allowed_origins:
+        return True
+    if same_origin(origin, host):
         return True
     try:
         parts = urlsplit(origin)

@@ -57,7 +57,7 @@ from ccx.owner import OwnerGone
 from ccx.protocol import Frame, Invalid, encode_utf8, error_response, parse_frame
 from ccx.transport.http import Head, ReplayStream, send_plain
 from ccx.transport.input_budget import InputBudget, carries_input
-from ccx.transport.policy import origin_ok, token_ok
+from ccx.transport.policy import BROWSER_SUBPROTOCOL, origin_ok, token_ok
 
 log = get_logger("ccx.websocket")
 
@@ -350,7 +350,7 @@ async def serve_websocket(
         await send_plain(stream, 401, "missing or wrong token\n",
                          headers=[("WWW-Authenticate", "Bearer")])
         return
-    if not origin_ok(settings, head.header("origin")):
+    if not origin_ok(settings, head.header("origin"), head.header("host")):
         log.warning("handshake_rejected", status=403, origin=clip(head.header("origin")))
         await send_plain(stream, 403, "origin not allowed\n")
         return
@@ -365,7 +365,11 @@ async def serve_websocket(
             nursery.cancel_scope.cancel()
             return
         offered_mcp = MCP_SUBPROTOCOL in request.proposed_subprotocols
-        ws = await request.accept(subprotocol=MCP_SUBPROTOCOL if offered_mcp else None)
+        # A browser offers `ccx` (and maybe `ccx.bearer.<token>`): only `ccx` is selected.
+        selected = MCP_SUBPROTOCOL if offered_mcp else (
+            BROWSER_SUBPROTOCOL if BROWSER_SUBPROTOCOL in request.proposed_subprotocols
+            else None)
+        ws = await request.accept(subprotocol=selected)
         connection = Connection(ws, manager, settings, wire,
                                 speaks_mcp=offered_mcp or head.path == MCP_PATH)
         connections.add(connection)

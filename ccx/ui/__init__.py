@@ -1,0 +1,1 @@
+"""The web console's static files (package data), served by `ccx.transport.ui`."""

@@ -1,0 +1,156 @@
+"""Watching a session without owning it (PROTOCOL.md section 11): one cursor, one task.
+
+Inputs: a `Session`, the watching connection (an `Owner`), and `since_seq` as for `attach`.
+Outputs: the same notifications an attaching owner would get (held output with seq >
+since_seq, `process.paused` if paused, `process.completed` if ended), then live
+`process.output`, `process.paused/resumed` and `process.completed`, in the session's order;
+or `process.lagged {"session_id", "first_seq"}` once the next output owed is no longer held.
+
+How it never slows anyone: a watcher is a cursor (`next_seq`) into the output the session
+holds anyway for its owner (`Outbox.output`: unsent output and recently sent output kept for
+replay). It copies nothing and pins nothing: the session's budgets evict sent output
+whatever watchers have read, and a watcher that finds its next output gone is lagged and
+ends. Its own task sends one frame at a time to its connection, waiting there as long as the
+connection is slow; meanwhile the session goes on. It waits for `Session.news` when it has
+caught up. Control notifications come from the session's control log, each placed before the
+output seq that followed it, so a watcher sees them where the owner did.
+Docs: ../shared/PROTOCOL.md section 11 ("Watching without owning"), DESIGN.md "Watching"
+      https://trio.readthedocs.io/en/stable/reference-core.html#trio.Event
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from ccx.log import get_logger
+from ccx.owner import Owner, OwnerGone
+from ccx.protocol import encode_utf8, notification
+from ccx.session import Session, State
+
+log = get_logger("ccx.watch")
+
+
+@attrs.define(eq=False)
+class Watcher:
+    """One connection watching one session: a cursor and the task that moves it."""
+
+    session: Session
+    owner: Owner
+    next_seq: int  # the next output to send
+    next_control: int  # index of the next paused/resumed in the session's control log
+    replay_end: int  # the session's next_seq when the watch began
+    preface: list[bytes]  # process.paused at watch time: sent once the replay is out
+    gate: trio.Event = attrs.field(factory=trio.Event)  # set once the watch result is sent
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    ended: bool = False
+
+    @classmethod
+    def open(cls, session: Session, owner: Owner, since_seq: int) -> Watcher:
+        """A watcher whose replay starts after *since_seq* (-1: all that is held). The
+        caller checked `session.check_replay(since_seq)`."""
+        # A since_seq beyond what exists yet skips nothing to come (as `attach`).
+        start = session.first_seq if since_seq < 0 else min(since_seq + 1, session.next_seq)
+        paused = session.state is State.PAUSED and session.completion is None
+        return cls(session, owner, next_seq=start, next_control=session.controls_total,
+                   replay_end=session.next_seq,
+                   preface=[session.paused_frame()] if paused else [])
+
+    def stop(self) -> None:
+        """End the watch now (unwatch, replaced, connection closed, session forgotten)."""
+        self.ended = True
+        self.scope.cancel()
+
+    async def run(self) -> None:
+        """Send what is owed until completion, lag, `stop()` or the connection's end; then
+        free the watcher's place.
+
+        **Cancellation**: `stop()` cancels it; a hand-over to the connection is cancel-safe
+        (the writer takes whole frames), so nothing half-sent is left behind.
+        """
+        with self.scope:
+            try:
+                await self.gate.wait()
+                await self._send_all()
+            except OwnerGone:
+                pass
+        self.ended = True
+        if self.session.watchers.get(self.owner) is self:
+            del self.session.watchers[self.owner]
+
+    async def _send_all(self) -> None:
+        session = self.session
+        while True:
+            news = session.news  # taken before looking: nothing queued after it is missed
+            frame, last = self._next()
+            if frame is None:
+                await news.wait()
+                continue
+            await self.owner.send_frame(frame)
+            if last:
+                return
+
+    def _next(self) -> tuple[bytes | None, bool]:
+        """The next frame owed and whether it is the last; advances the cursor."""
+        session = self.session
+        if self.preface and self.next_seq >= self.replay_end:
+            return self.preface.pop(0), False
+        control = session.control_at(self.next_control)
+        if control is not None and control[0] <= self.next_seq:
+            self.next_control = control[1] + 1
+            return control[2], False
+        if self.next_seq < session.next_seq:
+            frame = session.held_output(self.next_seq)
+            if frame is None:
+                first = session.first_seq
+                log.info("watcher_lagged", session_id=session.id, next_seq=self.next_seq,
+                         first_seq=first)
+                return encode_utf8(notification("process.lagged", {
+                    "session_id": session.id, "first_seq": first})), True
+            self.next_seq += 1
+            return frame, False
+        completion = session.completion
+        if completion is not None and control is None:
+            return completion, True
+        return None, False
+
+
+async def _self_check() -> None:
+    """A real child, an owner and a watcher that joins late: the same frames reach both."""
+    import os
+    import sys
+
+    from ccx.process import spawn
+    from ccx.session import SessionOptions
+
+    class Collect:
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+
+        async def send_message(self, message: dict[str, object]) -> None:
+            self.frames.append(encode_utf8(message))
+
+        async def send_frame(self, frame: bytes) -> None:
+            self.frames.append(frame)
+
+    code = "import sys\nfor i in range(3): print(i, flush=True); sys.stdin.readline()\n"
+    group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
+                        env=dict(os.environ), stdin=True)
+    owner, viewer = Collect(), Collect()
+    session = Session("self-check", group, SessionOptions(stdin=True), owner)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        session.announce()
+        await session.write_input(b"\n", eof=False)  # it runs on; what came is replayed
+        watcher = Watcher.open(session, viewer, -1)
+        session.watchers[viewer] = watcher
+        watcher.gate.set()
+        nursery.start_soon(watcher.run)
+        await session.write_input(b"\n\n", eof=True)
+    assert owner.frames[1:] == viewer.frames, (owner.frames, viewer.frames)  # no "started"
+    assert b"process.completed" in viewer.frames[-1] and not session.watchers
+    print("ccx.watch: PASS")
+
+
+if __name__ == "__main__":
+    trio.run(_self_check)
