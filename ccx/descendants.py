@@ -14,7 +14,8 @@ No networking, no JSON. Linux /proc only (read through `ccx.procfs`); elsewhere 
 
 Inputs: /proc snapshots (`ccx.procfs.snapshot`).  Outputs: `Tracker` (per session; `known`
 holds each process as its last scan saw it, state included, which `ccx.tree` reads to pause
-the whole tree), `adopted_by_session`, `session_marker`, `signal_procs`, `still_alive`.
+the whole tree), `adopted_by_session`, `session_marker`, `signal_procs`, `still_alive`,
+`reap_adopted` (the one place adopted zombies are reaped).
 Docs: https://man7.org/linux/man-pages/man5/proc_pid_environ.5.html
       https://man7.org/linux/man-pages/man2/pidfd_open.2.html
 """
@@ -140,12 +141,13 @@ def signal_procs(procs: Iterable[Proc], sig: signal.Signals) -> None:
             os.close(fd)
 
 
-def reap_zombies(procs: Iterable[Proc]) -> None:
-    """Reap those of *procs* that are zombie children of this process (adopted orphans)."""
+def reap_adopted(procs: Iterable[Proc], *, leader: int | None = None) -> None:
+    """Reap those of *procs* (as /proc showed them just now) that are zombie children of
+    this process: orphans it adopted as subreaper. Never *leader*: trio waits for that one.
+    (A zombie's pid cannot be reused before it is reaped, so the pid is still *proc*.)"""
     me = os.getpid()
     for proc in procs:
-        now = current(proc)
-        if now is not None and now.state == "Z" and now.ppid == me:
+        if proc.state == "Z" and proc.ppid == me and proc.pid != leader:
             try:
                 os.waitpid(proc.pid, os.WNOHANG)
             except ChildProcessError:
@@ -155,13 +157,10 @@ def reap_zombies(procs: Iterable[Proc]) -> None:
 def still_alive(procs: Iterable[Proc]) -> list[Proc]:
     """Those of *procs* that still run (zombies count as gone; ours are reaped)."""
     procs = list(procs)
-    reap_zombies(procs)
-    alive = []
-    for proc in procs:
-        now = current(proc)
-        if now is not None and now.state != "Z":
-            alive.append(proc)
-    return alive
+    now = [current(proc) for proc in procs]
+    reap_adopted(found for found in now if found is not None)
+    return [proc for proc, found in zip(procs, now, strict=True)
+            if found is not None and found.state != "Z"]
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from ccx.descendants import signal_procs, still_alive
+from ccx.descendants import reap_adopted, signal_procs, still_alive
 from ccx.log import get_logger
 from ccx.procfs import Proc, index, read_proc, scan, shared_snapshot
 from ccx.pty import Terminal, spawn_on_terminal
@@ -255,17 +255,6 @@ def group_members(pgid: int, *, whole_session: bool = False) -> list[Proc]:
     except PermissionError:
         pass
     return list(scan(pgid=pgid))
-
-
-def reap_adopted(members: Sequence[Proc], *, leader: int) -> None:
-    """Reap zombies we adopted as subreaper. Never the leader: trio waits for that one."""
-    me = os.getpid()
-    for member in members:
-        if member.state == "Z" and member.ppid == me and member.pid != leader:
-            try:
-                os.waitpid(member.pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
 
 
 def _alive(group: Group, members: list[Proc]) -> list[Proc]:

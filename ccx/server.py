@@ -35,8 +35,7 @@ from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ccx.metrics import ServerState
-from ccx.process import become_subreaper
-from ccx.state import recover
+from ccx.node import Node
 from ccx.transport.http import BadHead, Head, read_head, send_plain
 from ccx.transport.listen import Gate, connection_cap, raise_fd_limit, serve_limited
 from ccx.transport.mcp_http import McpHttp
@@ -54,9 +53,6 @@ log = get_logger("ccx.server")
 
 SHUTDOWN_MARGIN_S = 1.5  # beyond kill_grace: time to deliver completions and close sockets
 CLOSE_RESERVE_S = 0.5  # of that margin, kept for closing connections with 1001
-# After a second signal (everything SIGKILLed), what is left of the shutdown gets this long:
-# completions and 1001 closes go out if they can; PROTOCOL.md 6 wants an exit within 2 s.
-FORCED_EXIT_S = 1.0
 # TCP keepalive (CCX_TCP_KEEPALIVE s idle, then KEEPALIVE_COUNT probes KEEPALIVE_INTERVAL_S
 # apart) finds idle peers that vanished without a FIN or RST. CCX_TCP_USER_TIMEOUT: data
 # (or a keepalive probe) unacknowledged for that long drops the connection. A live peer that
@@ -71,6 +67,7 @@ class Server:
     """Serve the contract on `settings.host:settings.port` until `stop()` is called."""
 
     settings: Settings
+    node: Node = attrs.field(init=False)  # the composition root: subreaper, recovery, manager
     manager: SessionManager = attrs.field(init=False)
     mcp_http: McpHttp = attrs.field(init=False)
     connections: set[Connection] = attrs.field(factory=set)
@@ -79,12 +76,12 @@ class Server:
     loopback_bind: bool = True  # every bound address is loopback: the Host rule applies
     _stopping: trio.Event = attrs.field(factory=trio.Event)  # shut down now
     _drain_first: trio.Event = attrs.field(factory=trio.Event)  # SIGTERM: drain, then stop
-    _run_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     def __attrs_post_init__(self) -> None:
         self.gate = Gate(connection_cap(self.settings.max_connections),
                          self.settings.max_pending_heads)
-        self.manager = SessionManager(self.settings)
+        self.node = Node(self.settings)
+        self.manager = self.node.manager
         self.mcp_http = McpHttp(self.manager)
         self.manager.metrics.watch(self._state)
 
@@ -117,11 +114,9 @@ class Server:
 
     def kill(self) -> None:
         """End a shutdown now (a further SIGTERM or SIGINT, PROTOCOL.md 6): SIGKILL every
-        group and escapee at once, then give the rest of the shutdown `FORCED_EXIT_S`."""
+        group and escapee at once, then give the rest of the shutdown `node.FORCED_EXIT_S`."""
         self._stopping.set()
-        self.manager.kill_all()
-        deadline = trio.current_time() + FORCED_EXIT_S
-        self._run_scope.deadline = min(self._run_scope.deadline, deadline)
+        self.node.kill()
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve, and on `stop()` shut down in order. Returns when all is closed.
@@ -129,9 +124,13 @@ class Server:
         **Cancellation**: cancelling it skips the orderly part, but every session still goes
         through its shielded kill path, so no process outlives the server.
         """
-        become_subreaper()
-        # Before listening: what a server that died without cleaning up left running goes now.
-        await recover(self.settings.state_dir, grace=self.settings.kill_grace)
+        # The node (ccx.node) first recovers what a server that died without cleaning up left
+        # running, then runs the manager; `kill()` bounds what is left of all of it.
+        async with self.node.running():
+            await self._listen_and_serve(task_status)
+        log.info("stopped")
+
+    async def _listen_and_serve(self, task_status: trio.TaskStatus[Server]) -> None:
         if self.gate.max_connections < self.settings.max_connections:
             log.warning("connection_cap_lowered", wanted=self.settings.max_connections,
                         cap=self.gate.max_connections,
@@ -142,14 +141,11 @@ class Server:
         self.loopback_bind = all(
             ipaddress.ip_address(listener.socket.getsockname()[0].split("%")[0]).is_loopback
             for listener in listeners)
-        with self._run_scope:  # `kill()` bounds what is left (sessions' kill paths are shielded)
-            await self._serve(listeners, task_status)
-        log.info("stopped")
+        await self._serve(listeners, task_status)
 
     async def _serve(self, listeners: list[trio.SocketListener],
                      task_status: trio.TaskStatus[Server]) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.manager.run)
             await nursery.start(self.mcp_http.run)
             async with trio.open_nursery() as handlers:
                 accepting = trio.CancelScope()

@@ -5,15 +5,44 @@ Inputs: parsed frames (`ccx.protocol.Frame`) and their size in bytes, from a tra
 Outputs: `carries_input(frame)` (does it write to a child's stdin?) and an `InputBudget` the
 reader awaits before it reads past an input frame that does not fit, so a client that sends
 faster than the child reads waits, as on a pipe. Used by the WebSocket and stdio transports.
+While the reader waits it reads nothing, so a peer's close behind its unread input would go
+unseen: `acquire_unless_hung_up` also watches the peer's descriptors (socket; stdin, stdout)
+for a hang-up (`hung_up`: poll(2) without reading) and gives up when one comes.
 Docs: docs/protocol-notes.md (Memory limits); https://trio.readthedocs.io/en/stable/reference-core.html#trio.Event
+      https://man7.org/linux/man-pages/man2/poll.2.html (POLLRDHUP, POLLHUP, POLLERR)
 """
 
 from __future__ import annotations
+
+import select
+from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import trio
 
 from ccx.protocol import Frame, Request
+
+HANGUP_POLL_S = 0.5  # while a reader waits for input room: how often its peer is checked
+# Peer FIN (POLLRDHUP, seen even with unread data before it), RST or a pipe's writer gone
+# (POLLHUP), a pipe's reader gone (POLLERR on its write end).
+HANGUP_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+def hung_up(peers: Sequence[int | HasFileno]) -> bool:
+    """Whether the other side of one of *peers* (descriptors or sockets) hung up, without
+    reading; a descriptor closed here counts as hung up too."""
+    poller = select.poll()
+    try:
+        for peer in peers:
+            poller.register(peer, HANGUP_EVENTS)
+    except (OSError, ValueError):  # closed here already
+        return True
+    return any(events & (HANGUP_EVENTS | select.POLLNVAL) for _, events in poller.poll(0))
 
 
 @attrs.define(eq=False)
@@ -38,6 +67,33 @@ class InputBudget:
         finally:
             self.waiting = False
         self.pending_bytes += size
+
+    async def acquire_unless_hung_up(self, size: int, peers: Sequence[int | HasFileno]) -> bool:
+        """`acquire(size)`, unless one of *peers* hangs up first (checked every
+        `HANGUP_POLL_S`, only while waiting: no event exists for it without reading); then
+        False, with nothing counted.
+
+        **Cancellation**: safe; nothing is counted if cancelled while waiting.
+        """
+        if not peers:
+            await self.acquire(size)
+            return True
+        gone = acquired = False
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                nonlocal gone
+                while not hung_up(peers):
+                    await trio.sleep(HANGUP_POLL_S)
+                gone = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await self.acquire(size)
+            acquired = True
+            nursery.cancel_scope.cancel()
+        if gone and acquired:
+            self.release(size)
+        return not gone
 
     def release(self, size: int) -> None:
         self.pending_bytes -= size
@@ -71,6 +127,20 @@ async def _self_check() -> None:
     budget.release(8)
     await budget.acquire(50)  # nothing pending: one frame over the limit still goes alone
     assert budget.pending_bytes == 50
+    import os
+
+    read_end, write_end = os.pipe()
+    assert not hung_up([read_end, write_end])
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            async def hang_up_soon() -> None:
+                await trio.sleep(0.05)
+                os.close(write_end)  # the writer goes: POLLHUP on the read end
+
+            nursery.start_soon(hang_up_soon)
+            assert not await budget.acquire_unless_hung_up(10, [read_end])
+    assert budget.pending_bytes == 50 and hung_up([read_end])
+    os.close(read_end)
     print("ccx.transport.input_budget: PASS")
 
 

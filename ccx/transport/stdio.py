@@ -1,14 +1,19 @@
 """MCP over stdio (`ccx mcp`): newline-delimited JSON-RPC on stdin/stdout, logs on stderr.
 
 Inputs: `Settings`; file descriptors for input (stdin) and output (stdout).
-Outputs: one `McpEndpoint` served until stdin reaches EOF (or SIGTERM/SIGINT); then every
-session it started is cancelled, lingering ones too (nobody can reconnect to this process),
-and the process returns once their groups are empty. stdout
+Outputs: one `McpEndpoint` on the manager of a `ccx.node.Node` (the composition root `ccx
+serve` uses too: subreaper, crash recovery), served until stdin reaches EOF (or
+SIGTERM/SIGINT); then every session it started is cancelled, lingering ones too (nobody can
+reconnect to this process), and the process returns once their groups are empty. A further
+SIGTERM or SIGINT once that shutdown has begun SIGKILLs every group and ends the process
+within 2 s (PROTOCOL.md 6), as `ccx serve` does. stdout
 carries protocol messages only (one per line; JSON escapes newlines inside strings).
 Blocking reads and writes run in worker threads, so the descriptors keep their blocking mode
 (a parent sharing them is not surprised by O_NONBLOCK). Lines are handled in tasks (at most
 `MAX_IN_FLIGHT`), and lines carrying `send_input` are charged to an `InputBudget`
-(CCX_MAX_INPUT_BYTES): while the next one does not fit, stdin is not read (a pipe's wait).
+(CCX_MAX_INPUT_BYTES): while the next one does not fit, stdin is not read (a pipe's wait),
+but stdin and stdout are watched for a hang-up of the peer (its stdin EOF, its end of
+stdout closed), which ends the server as EOF does.
 Docs: https://modelcontextprotocol.io/specification/2025-11-25/basic/transports#stdio
       https://trio.readthedocs.io/en/stable/reference-core.html#trio.to_thread.run_sync
 """
@@ -26,10 +31,9 @@ from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
+from ccx.node import Node
 from ccx.owner import OwnerGone
-from ccx.process import become_subreaper
 from ccx.protocol import Frame, InvalidRequest, encode, error_response, parse_frame
-from ccx.state import recover
 from ccx.transport.input_budget import InputBudget, carries_input
 
 log = get_logger("ccx.stdio")
@@ -71,11 +75,12 @@ class StdioPeer:
                     raise OwnerGone("stdio") from None
 
 
-async def _read_lines(fd: int, limit: int, nursery: trio.Nursery,
+async def _read_lines(fd: int, out_fd: int, limit: int, nursery: trio.Nursery,
                       handle: Callable[[Frame | None, int], Awaitable[None]],
                       slots: trio.Semaphore, budget: InputBudget) -> None:
     """Split stdin into lines, parse each and hand it to *handle* in a task, until EOF. A line
-    carrying input is charged to *budget* first: while it does not fit, stdin is not read."""
+    carrying input is charged to *budget* first: while it does not fit, stdin is not read,
+    and a hang-up on *fd* or *out_fd* (the peer is gone) ends the reading as EOF does."""
     pending = bytearray()
     too_long = False
     while True:
@@ -91,8 +96,9 @@ async def _read_lines(fd: int, limit: int, nursery: trio.Nursery,
             if line.strip():
                 frame = parse_frame(line)
                 charge = len(line) if carries_input(frame) else 0
-                if charge:
-                    await budget.acquire(charge)
+                if charge and not await budget.acquire_unless_hung_up(charge, (fd, out_fd)):
+                    log.info("peer_hung_up", waiting_for="input room")
+                    return
                 await slots.acquire()
                 nursery.start_soon(handle, frame, charge)
         if len(pending) > limit:
@@ -103,20 +109,28 @@ async def _read_lines(fd: int, limit: int, nursery: trio.Nursery,
 
 
 async def serve_stdio(settings: Settings, *, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
-    """Serve MCP on the given descriptors until EOF on input or SIGTERM/SIGINT.
+    """Serve MCP on the given descriptors until EOF on input or SIGTERM/SIGINT; a further
+    signal during the shutdown SIGKILLs every group (`Node.kill`).
 
     **Cancellation**: cancelling it still cancels every session through its shielded kill
     path, so no process it started outlives it.
     """
-    become_subreaper()
-    # Before serving: what a `ccx mcp` or `ccx serve` that died without cleaning up left
-    # running goes now (docs/reliability.md).
-    await recover(settings.state_dir, grace=settings.kill_grace)
-    manager = SessionManager(settings)
+    node = Node(settings)
+    reading = trio.CancelScope()  # the first signal ends the reading, as EOF does
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_obey_signals, signals, reading, node)
+            async with node.running() as manager:
+                await _serve(manager, settings, reading, stdin_fd, stdout_fd)
+            nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _serve(manager: SessionManager, settings: Settings, reading: trio.CancelScope,
+                 stdin_fd: int, stdout_fd: int) -> None:
     peer = StdioPeer(stdout_fd)
     endpoint = McpEndpoint(manager, peer.send)
     slots = trio.Semaphore(MAX_IN_FLIGHT)
-
     budget = InputBudget(settings.max_input_bytes)
 
     async def handle(frame: Frame | None, charge: int) -> None:
@@ -138,29 +152,34 @@ async def serve_stdio(settings: Settings, *, stdin_fd: int = 0, stdout_fd: int =
                 budget.release(charge)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
         nursery.start_soon(endpoint.run)
         with structlog.contextvars.bound_contextvars(connection_id="stdio"):
             log.info("mcp_stdio_ready", pid=os.getpid())
             async with trio.open_nursery() as requests:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    requests.start_soon(_stop_on_signal, signals, requests.cancel_scope)
-                    await _read_lines(stdin_fd, settings.max_message_bytes, requests, handle,
-                                      slots, budget)
+                with reading:
+                    await _read_lines(stdin_fd, stdout_fd, settings.max_message_bytes,
+                                      requests, handle, slots, budget)
                     log.info("stdin_closed")
-                    requests.cancel_scope.cancel()
+                reading.cancel()  # from here on a signal SIGKILLs (see `_obey_signals`)
+                requests.cancel_scope.cancel()
             endpoint.close()  # cancels the sessions (PROTOCOL.md 5: they die with their peer)
             # ...and shutdown cancels the lingering ones it only detached.
             await manager.shutdown(timeout=settings.kill_grace + SHUTDOWN_MARGIN_S)
         nursery.cancel_scope.cancel()
-    log.info("stopped")
 
 
-async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+async def _obey_signals(signals: AsyncIterator[int], reading: trio.CancelScope,
+                        node: Node) -> None:
+    """The first SIGTERM/SIGINT ends the reading (the shutdown follows); one that comes once
+    the shutdown has begun (after EOF too) SIGKILLs every group and ends the node at once."""
     async for signum in signals:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        scope.cancel()
-        return
+        name = signal.Signals(signum).name
+        if not reading.cancel_called:
+            log.info("signal_received", signal=name)
+            reading.cancel()
+        else:
+            log.warning("signal_received_again", signal=name, action="SIGKILL every group")
+            node.kill()
 
 
 async def _self_check() -> None:

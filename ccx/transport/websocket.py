@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import select
 import struct
 
 import attrs
@@ -64,8 +63,6 @@ log = get_logger("ccx.websocket")
 MAX_IN_FLIGHT = 64  # requests of one connection being handled at once; more waits to be read
 HANDSHAKE_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
-HANGUP_POLL_S = 0.5  # while the reader waits for input room: how often the socket is checked
-HANGUP_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
 WS_PATHS = ("/ws", "/ws/mcp", "/mcp")
@@ -230,27 +227,11 @@ class Connection:
         full), so a close frame or EOF behind the client's unread frames would go unseen
         until the child reads, and the connection's sessions would run on without it. So
         the socket itself is checked for a hang-up (peer FIN: POLLRDHUP, seen even with
-        unread data before it; RST: POLLERR/POLLHUP) every `HANGUP_POLL_S`, only while
+        unread data before it; RST: POLLERR/POLLHUP) every `input_budget.HANGUP_POLL_S`, only while
         waiting: no event exists for it without reading.
         """
         sock = getattr(self.wire.inner, "socket", None)
-        hung_up = acquired = False
-        async with trio.open_nursery() as nursery:
-            if sock is not None:
-                async def watch() -> None:
-                    nonlocal hung_up
-                    while not _hung_up(sock):
-                        await trio.sleep(HANGUP_POLL_S)
-                    hung_up = True
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch)
-            await self.input.acquire(charge)
-            acquired = True
-            nursery.cancel_scope.cancel()
-        if hung_up and acquired:
-            self.input.release(charge)
-        return not hung_up
+        return await self.input.acquire_unless_hung_up(charge, [] if sock is None else [sock])
 
     async def _handle_frame(self, frame: Frame, charge: int) -> None:
         try:
@@ -310,16 +291,6 @@ class Connection:
             if not self.ws.closed:
                 await self._drained.wait()
             await self.ws.aclose(code, reason)
-
-
-def _hung_up(sock: trio.socket.SocketType) -> bool:
-    """Whether the peer closed its side (FIN) or reset the connection, without reading."""
-    poller = select.poll()
-    try:
-        poller.register(sock.fileno(), HANGUP_EVENTS)
-    except (OSError, ValueError):  # closed here already
-        return True
-    return any(events & HANGUP_EVENTS for _, events in poller.poll(0))
 
 
 def _peer(stream: trio.abc.Stream) -> str:
