@@ -4,8 +4,11 @@ selftest.
 Inputs: argv, `CCX_*` environment (server settings; `CCX_URL`/`CCX_TOKEN` for client commands).
 Outputs: a running server (`ccx serve`), or a client action with a meaningful exit code:
 `ccx run` exits with the remote exit code (128+N for a signal, 124 timeout, 130 after Ctrl-C,
-141 when the local stdout pipe closed); `ccx drain --wait` exits 0 once the node has no live
-session, 1 at its deadline (a Kubernetes preStop hook: PROTOCOL.md 10, docs/deploy.md).
+141 when the local stdout pipe closed); a session cancelled from elsewhere (`ccx cancel`, a
+drain, a shutdown) gets one status line on stderr and exits 128+N of the signal that ended it
+(143, `EXIT_CANCELLED`, when it exited by itself after the cancel); `ccx drain --wait` exits 0
+once the node has no live session, 1 at its deadline (a Kubernetes preStop hook: PROTOCOL.md
+10, docs/deploy.md).
 Docs: https://docs.python.org/3/library/argparse.html
       https://trio.readthedocs.io/en/stable/reference-io.html#signals
 """
@@ -35,6 +38,7 @@ DEFAULT_URL = "ws://127.0.0.1:8003/ws"
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+EXIT_CANCELLED = 128 + signal.SIGTERM  # cancelled elsewhere, and it exited by itself
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: no server to talk to
 HEALTH_TIMEOUT_S = 3.0  # < the HEALTHCHECK/compose timeout (5 s): see deploy/Dockerfile
@@ -207,14 +211,26 @@ def _exit_code(completed: Any, interrupted: bool) -> int:
         return EXIT_TIMEOUT
     if interrupted:
         return EXIT_INTERRUPTED
-    if completed.exit_code is not None:
-        return int(completed.exit_code)
+    if completed.exit_code is not None and completed.status != "cancelled":
+        return int(completed.exit_code)  # a cancelled job's own exit code (0 too) is not it
     if completed.signal:
         try:
             return 128 + int(signal.Signals[completed.signal])
         except KeyError:
             pass
-    return 128 + signal.SIGTERM
+    return EXIT_CANCELLED
+
+
+def _cancelled_line(completed: Any) -> str:
+    """The status line of a session cancelled from elsewhere (`ccx cancel`, drain, shutdown)."""
+    reason = f" (reason: {completed.reason})" if completed.reason else ""
+    if completed.signal:
+        ending = f"ended by {completed.signal}"
+    elif completed.exit_code is not None:
+        ending = f"exited with {completed.exit_code}"
+    else:
+        ending = "ended"
+    return f"ccx: session {completed.session_id} was cancelled{reason}; it {ending}"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -298,6 +314,8 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
             print(f"ccx: left session {session.id} running; rejoin with: "
                   f"ccx attach {session.id}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if result.status == "cancelled" and not interrupted:
+        print(_cancelled_line(result), file=sys.stderr)
     return _exit_code(result, interrupted)
 
 

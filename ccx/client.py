@@ -82,6 +82,7 @@ class Completed:
     duration_s: float
     stdout_bytes: int
     stderr_bytes: int
+    reason: str | None = None  # why the node ended it itself: "drain", "shutdown"
 
 
 @attrs.frozen
@@ -103,7 +104,7 @@ def _event(method: str, params: dict[str, Any]) -> Event | None:
     if method == "process.completed":
         return Completed(sid, params["status"], params.get("exit_code"), params.get("signal"),
                          params.get("duration_s", 0.0), params.get("stdout_bytes", 0),
-                         params.get("stderr_bytes", 0))
+                         params.get("stderr_bytes", 0), params.get("reason"))
     if method == "process.started":
         return Started(sid, params["pid"], params["pgid"], params["command"])
     if method == "process.paused":

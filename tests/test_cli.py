@@ -127,6 +127,26 @@ def test_ctrl_c_cancels_remote_session(serve: ServeProcess) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("on_term", ["dies", "exits_0"])
+def test_run_reports_a_cancel_from_elsewhere(serve: ServeProcess, on_term: str) -> None:
+    """Regression: `ccx run` printed nothing when its session was cancelled by someone else
+    (`ccx cancel`, drain, shutdown), and exited 0 when the job trapped SIGTERM and exited 0.
+    Now: one status line on stderr and exit 128 + the signal (143 without one)."""
+    trap = "trap 'exit 0' TERM; " if on_term == "exits_0" else ""
+    proc = subprocess.Popen([CCX, "run", "--", "sh", "-c", f"{trap}echo ready; sleep 100 & wait"],
+                            env=serve.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"ready\n"
+    sid = json.loads(ccx(serve, "ps", "--json").stdout)[0]["session_id"]
+    assert ccx(serve, "cancel", sid).stdout == b"cancelling\n"
+    proc.wait(timeout=15)
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
+    assert f"ccx: session {sid} was cancelled" in stderr, stderr
+    ending = "ended by SIGTERM" if on_term == "dies" else "exited with 0"
+    assert ending in stderr and len(stderr.splitlines()) == 1, stderr
+
+
 def test_ps_status_pause_resume_cancel(serve: ServeProcess) -> None:
     proc = subprocess.Popen([CCX, "run", "--", "sleep", "100"], env=serve.env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -172,6 +192,7 @@ def test_serve_sigterm_cancels_sessions_and_exits_zero() -> None:
     assert not os.path.exists(f"/proc/{pgid}")
     proc.wait(timeout=10)
     assert proc.returncode != 0  # the run client saw its session cancelled
+    assert proc.stderr is not None and b"cancelled (reason: shutdown)" in proc.stderr.read()
     completed = [e for e in events if e.get("event") == "completed"]
     assert completed and completed[0]["status"] == "cancelled"
 
