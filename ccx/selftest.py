@@ -75,24 +75,49 @@ async def check_exit_code(server: Server, client: Client) -> None:
 
 
 async def check_pause_resume(server: Server, client: Client) -> None:
-    # The leader and a child in a session of its own (as Claude Code runs its Bash tool) print.
-    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n"
-            "while True:\n    print(time.time(), flush=True); time.sleep(0.01)")
+    """Waits on ccx's own state only (output events, the paused status, byte counts across
+    status round trips), so a loaded machine cannot make it fail: no fixed sleep decides."""
+    # The leader and a child in a session of its own (as Claude Code runs its Bash tool)
+    # write "<who> <time>" every 10 ms (one write(2) each: lines never interleave).
+    code = ("import os, time\nwho = 'L'\nif os.fork() == 0:\n    os.setsid(); who = 'C'\n"
+            "while True:\n    os.write(1, f'{who} {time.time()}\\n'.encode()); time.sleep(0.01)")
     session = await client.execute([PY, "-c", code])
-    await trio.sleep(0.2)
+    lines: list[tuple[str, float]] = []
+    pending = b""
+
+    async def printed_since(moment: float) -> None:
+        """Read output until both processes printed a line stamped after *moment*."""
+        nonlocal pending
+        if {who for who, at in lines if at > moment} == {"L", "C"}:
+            return
+        async for event in session.events():
+            if isinstance(event, Output):
+                pending += event.data
+                *done, pending = pending.split(b"\n")
+                lines.extend((w.decode(), float(t)) for w, t in (d.split() for d in done))
+                if {who for who, at in lines if at > moment} == {"L", "C"}:
+                    return
+        raise AssertionError("the session ended")
+
+    await printed_since(0.0)  # both run: the escapee exists
     assert await session.pause() == "paused"
+    stopped_at = time.time()  # nothing either process prints may carry a later stamp...
     states = {m.state for m in group_members(session.pgid)}
     assert states <= {"T", "t"}, f"group not stopped: {states}"
     escapees = [p for p in snapshot().values()
                 if p.ppid == session.pid and p.pgid != session.pgid]
     assert escapees and {p.state for p in escapees} <= {"T", "t"}, f"escapee runs: {escapees}"
-    before = (await client.status(session.id))["stdout_bytes"]
-    await trio.sleep(0.3)
-    after = (await client.status(session.id))["stdout_bytes"]
-    assert after - before < 4096, f"output continued while paused ({after - before} bytes)"
+    assert (await client.status(session.id))["status"] == "paused"
+    # Output settles: what was in the pipe when the tree stopped gets read, then the count
+    # stays put across a status round trip (a tree that went on writing never settles).
+    before, after = -1, (await client.status(session.id))["stdout_bytes"]
+    while after != before:
+        before, after = after, (await client.status(session.id))["stdout_bytes"]
+    resumed_at = time.time()  # ...before this one
     assert await session.resume() == "running"
-    await trio.sleep(0.2)
-    assert (await client.status(session.id))["stdout_bytes"] > after, "no output after RESUME"
+    await printed_since(resumed_at)  # both print again after RESUME
+    during = [(who, at) for who, at in lines if stopped_at < at < resumed_at]
+    assert not during, f"output continued while paused: {during[:3]}"
     await session.cancel()
     assert (await session.wait()).status == "cancelled"
 
