@@ -113,7 +113,9 @@ async def test_pause_stops_the_bash_tool_and_resume_finishes(
         reply = await client.result("control", session_id=session_id, type="PAUSE")
     assert reply["status"] == "paused"
     tree = {**descendants(started["pid"]), **marked(claude.mark)}
-    assert {comm for _, comm in tree.values()} >= {"sleep"}, tree  # the tool's processes are in it
+    # The tool's loop shell is in it (its `sleep 0.1` child only between two ticks: on a
+    # loaded machine the pause may land while the shell itself runs).
+    assert {comm for _, comm in tree.values()} >= {"bash"}, tree
     running = {pid: v for pid, v in tree.items() if v[0] != "T"}
     assert not running, f"not stopped after PAUSE: {running} (tree {tree})"
     before = lines()
