@@ -269,3 +269,35 @@ def test_drain_wait_timeout_undo_and_ps_node_column() -> None:
         if runner.poll() is None:
             runner.kill()
         stop_serve(server)
+
+
+
+def test_run_into_a_stalled_pipe_throttles_the_child(serve: ServeProcess) -> None:
+    # `ccx run ... | consumer` where the consumer stops reading: the client must stop reading
+    # the connection (bounded buffering), so the server's send blocks and the child is
+    # throttled, as with any slow client (PROTOCOL.md 8). A client that buffers everything
+    # lets the child run on and its own memory grow without bound.
+    endless = "import sys\nwhile True: sys.stdout.buffer.write(b'y' * 65536)"
+    runner = subprocess.Popen([CCX, "run", "--", PY, "-c", endless], env=serve.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    bound = 64 << 20  # held by the server (8 MiB), both socket buffers, the client (4 MiB)
+    try:
+        deadline = time.monotonic() + 60
+        rows: list[bytes] = []
+        while len(rows) < 2:  # the header and its session
+            assert time.monotonic() < deadline and runner.poll() is None
+            rows = ccx(serve, "ps").stdout.splitlines()
+        sid = rows[1].split()[0].decode()
+        seen = -1
+        while True:  # until the child stands still (nobody reads: it must, soon)
+            assert time.monotonic() < deadline, f"still growing: {seen} bytes"
+            status = json.loads(ccx(serve, "status", "--json", sid).stdout)
+            assert status["status"] == "running", status
+            assert status["stdout_bytes"] < bound, status
+            if status["stdout_bytes"] == seen:
+                break
+            seen = status["stdout_bytes"]
+            time.sleep(1.0)  # a second of no progress at all, between two ccx reads
+    finally:
+        runner.kill()
+        runner.wait(timeout=15)
