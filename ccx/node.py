@@ -8,7 +8,7 @@ record, its session tasks) for the body, which hands the manager to its transpor
 `ccx serve` (`server.Server`) and `ccx mcp` (`transport.stdio`) both run inside one, so
 transports never touch pids. `kill()` is the second signal of a shutdown (PROTOCOL.md 6):
 SIGKILL every group and escapee, and end the whole node within `FORCED_EXIT_S`.
-Docs: https://man7.org/linux/man-pages/man2/PR_SET_CHILD_SUBREAPER.2const.html
+Docs: https://man7.org/linux/man-pages/man2/prctl.2.html (PR_SET_CHILD_SUBREAPER)
       https://trio.readthedocs.io/en/stable/reference-core.html#cancellation-and-timeouts
 """
 
