@@ -486,7 +486,8 @@ def test_entry_command_serves_and_stops_cleanly(
         elapsed = time.monotonic() - began
         assert code == 0, server.stderr.read()  # type: ignore[union-attr]
         assert elapsed < kill_grace + SHUTDOWN_MARGIN_S, f"took {elapsed:.1f} s"
-        assert job.wait(timeout=10) == 128 + signal.SIGTERM, "the session was not cancelled"
+        assert job.wait(timeout=10) == 128 + signal.SIGTERM, \
+            f"the session was not cancelled: {job.stderr.read()!r}"  # type: ignore[union-attr]
         assert not pids_running_in(workspace, sleeper), "the session's process outlived ccx"
     finally:
         for process in (job, server):
