@@ -412,13 +412,9 @@ class SpoolOutbox:
             self._credit(len(frame))
         while self.sent_bytes > self.budget_bytes and self.cursor - self.first > 1:
             self.forget_oldest_sent()
-        if self.cursor == self.end and self.spool_sealed:
-            self.spool.idle()
+        if self.cursor == self.end and self.spool.sealed:
+            self.spool.idle()  # an ended session that holds nothing unsent keeps no fd
         return Held("process.output", b"", seq, size)
-
-    @property
-    def spool_sealed(self) -> bool:
-        return bool(self.controls) and self.controls[-1][1].method == "process.completed"
 
     def forget_oldest_sent(self) -> None:
         self.sent_bytes -= self.raws[self._skip]

@@ -201,6 +201,7 @@ class Spool:
     _write_fd: int | None = None  # the tail segment's
     _read_fd: int | None = None
     _read_start: int = -1  # logical start of the segment `_read_fd` is on
+    sealed: bool = False  # no more appends will come
     closed: bool = False
 
     def append(self, frame: bytes) -> int:
@@ -280,6 +281,10 @@ class Spool:
 
     def seal(self) -> None:
         """No more appends will come: close the write descriptor (reads reopen as needed)."""
+        self.sealed = True
+        self._close_write()
+
+    def _close_write(self) -> None:
         if self._write_fd is not None:
             os.close(self._write_fd)
             self._write_fd = None
@@ -288,8 +293,7 @@ class Spool:
         """Close descriptors until the next read or append (an ended spool that holds
         nothing unread keeps no descriptor)."""
         self._close_read()
-        if self._write_fd is not None and not self.closed:
-            self.seal()
+        self._close_write()
 
     @property
     def disk_bytes(self) -> int:
@@ -298,7 +302,7 @@ class Spool:
     def close(self) -> None:
         """Delete every segment; appends are refused from now on."""
         self._close_read()
-        self.seal()
+        self._close_write()
         while self.starts:
             size = (self.starts[1] if len(self.starts) > 1 else self.end) - self.starts[0]
             self._unlink_first(size)
