@@ -21,7 +21,13 @@ section 6). When it is full, sent output kept for replay is forgotten first, old
 sessions with unsent output wait (`wait_for_room`) and new sessions are refused. Unsent
 output is never dropped. Every update is O(1) per frame; a reclaim frees down to a low-water
 mark, so its cost (a heap over the outboxes that hold sent output) is amortized.
-Pure data, no I/O, no trio. Docs: ../shared/PROTOCOL.md sections 6 and 8.
+`Outbox` is pure data, no I/O, no trio. `SpoolOutbox` (issue 18) keeps the same contract
+with output frames on disk (`ccx.spool`): memory per session is then an index of 16 bytes a
+frame, the control notifications and a small cache of frames just queued; only those are
+charged to `HeldBudget` (spooled output does not count, PROTOCOL.md section 6). A spool that
+cannot be written (disk full) makes `put` wait and retry: the collector stops taking from
+the channel and the child blocks, as with a slow client; nothing is dropped.
+Docs: ../shared/PROTOCOL.md sections 6 and 8.
 """
 
 from __future__ import annotations
@@ -477,6 +483,42 @@ class SpoolOutbox:
             self.push(held)
 
 
+def _check_spooled() -> None:
+    """The same contract from disk: budgets, eviction, rewind, -32006, files deleted."""
+    import os
+    import tempfile
+
+    from ccx.spool import SpoolDir
+
+    with tempfile.TemporaryDirectory() as base:
+        os.chmod(base, 0o700)
+        directory = SpoolDir.open(base, node=None, incarnation="check")
+        assert directory is not None
+        budget = HeldBudget(limit_bytes=1 << 20)
+        box = SpoolOutbox(10, budget, directory.spool("s", 10))
+        box.spool.segment_bytes = 8  # a new segment every two frames
+        box.push(Held("process.started", b"{}"))
+        for n in range(4):
+            box.push(Held("process.output", b"%d234" % n, box.take_seq()))
+        assert not box.has_room and box.head() == Held("process.started", b"{}")
+        for _ in range(4):
+            box.delivered()  # started, then seqs 0, 1, 2: seq 0 is evicted
+        assert (box.first_seq, box.sent_bytes, box.pending_bytes) == (1, 8, 4)
+        assert box.output(1) == Held("process.output", b"1234", 1, 4) and box.output(0) is None
+        try:
+            box.check_replay(-1)
+            box.check_replay(0)
+        except ReplayUnavailable as exc:
+            raise AssertionError("seq 1 is held: a replay after 0 works") from exc
+        box.rewind(1, [Held("process.completed", b"{}")])
+        assert [box.head(), box.delivered()][0] == Held("process.output", b"2234", 2, 4)
+        assert box.delivered().seq == 3 and box.head() == Held("process.completed", b"{}")
+        assert box.first_seq == 2 and len(box.spool.starts) == 1, box.spool.starts
+        box.clear()
+        assert budget.held_bytes == 0 and os.listdir(directory.path) == ["lock"]
+        directory.close()
+
+
 if __name__ == "__main__":
     box = Outbox(budget_bytes=10)
     for _ in range(4):
@@ -519,4 +561,6 @@ if __name__ == "__main__":
     first.clear()
     second.clear()
     assert budget.held_bytes == 0
+    _check_spooled()
     print("ccx.outbox: PASS")
+

@@ -18,9 +18,13 @@ write(2). Notifications are encoded once, by the collector, to the UTF-8 JSON th
 the wire; the outbox holds those bytes, and its budgets count the raw output bytes they carry
 (PROTOCOL.md section 8).
 
-Memory per session: two `replay_bytes` budgets of raw output (unsent, recently sent), held
-encoded (up to six times larger for text of control characters), plus the channel
-(`CHANNEL_CHUNKS` x `CHUNK_BYTES`); nothing is dropped. Server-wide, the encoded bytes of
+Memory per session: with a `spool` (the server's `ccx.spool.SpoolDir`, the default), the
+two `replay_bytes` budgets of raw output (unsent, recently sent) are on disk
+(`SpoolOutbox`): memory holds an index, control notifications and up to
+`outbox.CACHE_BYTES` of frames just queued, plus the channel (`CHANNEL_CHUNKS` x
+`CHUNK_BYTES`); a spool that cannot be written makes the collector wait (the child blocks).
+Without one, the budgets are held encoded in memory (up to six times larger for text of
+control characters). Nothing is dropped either way. Server-wide, the encoded bytes of
 every session count against one `HeldBudget` (CCX_MAX_HELD_BYTES): while it is full (after
 sent output was forgotten), a session with unsent output also stops taking from the channel,
 until bytes are let go anywhere (`HeldBudget.wait_for_room` wakes it: no polling). A session
