@@ -277,7 +277,7 @@ class Outbox:
 
 
 SPOOL_RETRY_S = 1.0  # a spool write that failed (disk full...) is tried again this often
-CACHE_BYTES = 128 * 1024  # frames just queued kept in memory for a reader keeping up
+CACHE_BYTES = 256 * 1024  # frames just queued kept in memory, for a reader keeping up
 
 
 def _compact(values: array.array[int], skip: int) -> tuple[array.array[int], int]:

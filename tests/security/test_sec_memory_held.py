@@ -26,6 +26,8 @@ from conftest import http_get, py
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "reliability"))
 from relhelp import RawWs, Serve, rss_kib
 
+from ccx.outbox import CACHE_BYTES
+
 MIB = 1024 * 1024
 REPLAY_BYTES = 8 * MIB  # the CCX_REPLAY_BYTES default: unsent output one session may hold
 ESCAPED = 6  # "\x01" is held as "\u0001"
@@ -203,9 +205,10 @@ async def test_spooled_output_costs_disk_not_memory(tmp_path: Path) -> None:
         spooled = sum(f.stat().st_size for f in (tmp_path / "spool").rglob("*") if f.is_file())
         print(f"\nRSS +{grown / MIB:.0f} MiB, held {held / MIB:.1f} MiB, "
               f"spool {spooled / MIB:.0f} MiB")
-        # Per session: its channel (8 x 64 KiB) and the frames cached for a reader (128 KiB).
-        assert grown <= len(ids) * (8 + 2) * 64 * 1024 + SLACK, f"RSS grew {grown / MIB:.0f} MiB"
-        assert 0 <= held <= len(ids) * 128 * 1024
+        # Per session: its channel (8 x 64 KiB) and the frames cached for a reader.
+        assert grown <= len(ids) * (8 * 64 * 1024 + CACHE_BYTES) + SLACK, \
+            f"RSS grew {grown / MIB:.0f} MiB"
+        assert 0 <= held <= len(ids) * CACHE_BYTES
         assert spooled >= len(ids) * REPLAY_BYTES * ESCAPED, spooled
         for chosen in ids[:2]:
             data, completed = await read_all(watcher, chosen)
