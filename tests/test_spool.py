@@ -25,6 +25,7 @@ from conftest import RawClient, join, py, wait_for
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "reliability"))
 from relhelp import RawWs, Serve
 
+from ccx.outbox import CACHE_BYTES
 from ccx.server import Server
 from ccx.spool import MIN_SEGMENT_BYTES
 
@@ -197,3 +198,20 @@ async def test_crash_leftovers_are_removed_at_the_next_start(tmp_path: Path) -> 
         if doomed.proc.poll() is None:
             doomed.proc.kill()
     assert not os.listdir(spool_root), "clean stops leave nothing"
+
+
+async def test_metrics_show_the_spool_on_disk(start_server: Any, connect: Any) -> None:
+    """`ccx_spool_bytes` counts held output on disk; `ccx_held_bytes` only what is in memory."""
+    from conftest import http_get
+
+    server = await start_server()
+    gone = await connect(server)
+    sid = (await gone.execute(NUMBERED, linger=30))["session_id"]
+    await gone.ws.aclose()
+    await wait_for(lambda: (s := server.manager.find(sid)) is not None and s.state.ended)
+    _, _, body = await http_get(server.port or 0, "/metrics")
+    values = {line.split()[0]: float(line.split()[1]) for line in body.decode().splitlines()
+              if line and not line.startswith("#")}
+    assert values["ccx_spool_bytes"] >= len(EXPECTED), values
+    held = values["ccx_held_bytes"]  # the frames cached for a reader, controls
+    assert 0 < held <= CACHE_BYTES + 4 * KIB, held
