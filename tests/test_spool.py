@@ -152,9 +152,14 @@ async def test_full_disk_blocks_the_child_and_loses_nothing(
     await wait_for(lambda: spool.failing, timeout=20)
     session = server.manager.find(sid)
     assert session is not None
-    stalled = session.stdout_bytes
-    await trio.sleep(1.5)  # the retry interval: still full, still blocked
-    assert session.stdout_bytes == stalled < size and not session.state.ended
+    # The pumps fill the channel behind the blocked collector, then stop: the child blocks.
+    with trio.fail_after(60):
+        while True:
+            stalled = session.stdout_bytes
+            await trio.sleep(1.5)  # past a retry (1 s): the spool is still full
+            if session.stdout_bytes == stalled:
+                break
+    assert stalled < size and not session.state.ended and spool.failing
     filler.unlink()  # room again
     reader = await connect(server)
     await reader.result("attach", {"session_id": sid, "since_seq": -1})
