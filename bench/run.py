@@ -422,14 +422,9 @@ class DiskSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def size(self) -> int:
-        total = 0
-        for root, _, files in os.walk(self.path):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(root, name)).st_size
-                except OSError:
-                    pass
-        return total
+        from ccx.spool import tree_bytes
+
+        return tree_bytes(str(self.path))
 
     def _run(self) -> None:
         while not self._stop.is_set():

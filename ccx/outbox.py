@@ -130,20 +130,14 @@ class HeldBudget:
         return before - self.held_bytes
 
 
-@attrs.define(eq=False)
-class Outbox:
+class _Budgets:
+    """What both outboxes share: the room check, the charge of kept bytes to `held`, the
+    -32006 check. Their attrs fields provide the attributes."""
+
     budget_bytes: int
-    held: HeldBudget | None = None  # the server-wide budget; None: this outbox alone
-    pending: collections.deque[Held] = attrs.field(factory=collections.deque)
-    pending_bytes: int = 0
-    sent: collections.deque[Held] = attrs.field(factory=collections.deque)
-    sent_stamps: collections.deque[int] = attrs.field(factory=collections.deque)
-    sent_bytes: int = 0
-    next_seq: int = 0
-    frame_bytes: int = 0  # bytes of every frame held (pending and sent): what `held` counts
-    # Every held output (sent, then pending) in seq order: contiguous seqs, so `output(seq)`
-    # is an index. The same `Held` objects as in the two queues: it costs a pointer each.
-    outputs: collections.deque[Held] = attrs.field(factory=collections.deque)
+    held: HeldBudget | None
+    pending_bytes: int
+    frame_bytes: int
 
     @property
     def has_room(self) -> bool:
@@ -159,6 +153,34 @@ class Outbox:
         self.frame_bytes -= size
         if self.held is not None:
             self.held.credit(size)
+
+    @property
+    def first_seq(self) -> int:
+        raise NotImplementedError
+
+    def check_replay(self, since_seq: int) -> None:
+        """Raise -32006 if output after *since_seq* is no longer held (-1: never raises)."""
+        first = self.first_seq
+        if since_seq >= 0 and since_seq + 1 < first:
+            raise ReplayUnavailable(
+                f"output after seq {since_seq} is no longer held; oldest held is {first}",
+                {"first_seq": first})
+
+
+@attrs.define(eq=False)
+class Outbox(_Budgets):
+    budget_bytes: int
+    held: HeldBudget | None = None  # the server-wide budget; None: this outbox alone
+    pending: collections.deque[Held] = attrs.field(factory=collections.deque)
+    pending_bytes: int = 0
+    sent: collections.deque[Held] = attrs.field(factory=collections.deque)
+    sent_stamps: collections.deque[int] = attrs.field(factory=collections.deque)
+    sent_bytes: int = 0
+    next_seq: int = 0
+    frame_bytes: int = 0  # bytes of every frame held (pending and sent): what `held` counts
+    # Every held output (sent, then pending) in seq order: contiguous seqs, so `output(seq)`
+    # is an index. The same `Held` objects as in the two queues: it costs a pointer each.
+    outputs: collections.deque[Held] = attrs.field(factory=collections.deque)
 
     def push(self, held: Held) -> None:
         if held.seq is not None and (not self.outputs or held.seq > self.last_seq):
@@ -240,13 +262,6 @@ class Outbox:
             return self.outputs[seq - first]
         return None
 
-    def check_replay(self, since_seq: int) -> None:
-        """Raise -32006 if output after *since_seq* is no longer held (-1: never raises)."""
-        if since_seq >= 0 and since_seq + 1 < self.first_seq:
-            raise ReplayUnavailable(
-                f"output after seq {since_seq} is no longer held; oldest held is "
-                f"{self.first_seq}", {"first_seq": self.first_seq})
-
     def rewind(self, since_seq: int, tail: Iterable[Held]) -> None:
         """Queue, for a new owner: every held output with seq > *since_seq*, then *tail*.
 
@@ -289,7 +304,7 @@ def _compact(values: array.array[int], skip: int) -> tuple[array.array[int], int
 
 
 @attrs.define(eq=False)
-class SpoolOutbox:
+class SpoolOutbox(_Budgets):
     """`Outbox`'s contract (same methods, same budgets, PROTOCOL.md section 8), with output
     frames on disk (`ccx.spool.Spool`) and only an index in memory.
 
@@ -326,23 +341,9 @@ class SpoolOutbox:
     def next_seq(self) -> int:
         return self.end
 
-    @property
-    def has_room(self) -> bool:
-        return self.pending_bytes < self.budget_bytes
-
     def take_seq(self) -> int:
         """The seq of the output being queued: it is taken by `put` (retried as is)."""
         return self.end
-
-    def _charge(self, size: int) -> None:
-        self.frame_bytes += size
-        if self.held is not None:
-            self.held.charge(size)
-
-    def _credit(self, size: int) -> None:
-        self.frame_bytes -= size
-        if self.held is not None:
-            self.held.credit(size)
 
     def push(self, held: Held) -> None:
         """Queue *held*; `OSError` (nothing queued) if an output cannot be spooled."""
@@ -460,12 +461,6 @@ class SpoolOutbox:
         if self.first <= seq < self.end:
             return self._output_held(seq)
         return None
-
-    def check_replay(self, since_seq: int) -> None:
-        if since_seq >= 0 and since_seq + 1 < self.first:
-            raise ReplayUnavailable(
-                f"output after seq {since_seq} is no longer held; oldest held is "
-                f"{self.first}", {"first_seq": self.first})
 
     def rewind(self, since_seq: int, tail: Iterable[Held]) -> None:
         """Queue, for a new owner: every held output with seq > *since_seq*, then *tail*

@@ -76,7 +76,8 @@ def _try_lock(path: str) -> int | None:
     return fd
 
 
-def _tree_bytes(path: str) -> int:
+def tree_bytes(path: str) -> int:
+    """Bytes of the files under *path* (their sizes)."""
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
@@ -102,7 +103,7 @@ def sweep(base: str) -> tuple[int, int]:
             except OSError:
                 continue
             if stale:
-                freed += _tree_bytes(path)
+                freed += tree_bytes(path)
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
             continue
@@ -110,7 +111,7 @@ def sweep(base: str) -> tuple[int, int]:
         if fd is None:
             continue  # a live server's (or not a spool directory)
         try:
-            freed += _tree_bytes(path)
+            freed += tree_bytes(path)
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
         finally:
