@@ -27,6 +27,10 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what we accept from a server, well above
 RECONNECT_FIRST_S = 0.05  # first re-dial delay after a dropped connection; doubles each try
 RECONNECT_MAX_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
+# Output a connection holds for its callers (delivered to a `RemoteSession`, not yet read
+# from `events()`): above it, the client stops reading the connection, so the server's send
+# blocks and the child is throttled (PROTOCOL.md 8), unless a call waits for its reply.
+MAX_HELD_OUTPUT_BYTES = 4 * 1024 * 1024
 
 
 class ServerError(Exception):
@@ -119,8 +123,10 @@ def _event(method: str, params: dict[str, Any]) -> Event | None:
 class RemoteSession:
     """A session this client started (or attached to): its events in order, its controls.
 
-    Events are buffered without bound until read, so a caller may await `pause()` inside
-    its `async for` loop without deadlocking the connection; read them to keep memory flat.
+    Events wait here until read. While more than `MAX_HELD_OUTPUT_BYTES` of output waits
+    (over all sessions of the connection), the client stops reading the connection, so the
+    server and then the child are throttled; a call (`pause()` inside the `async for` loop,
+    say) still gets its reply: the client reads on while a call waits for one.
     With `linger` > 0 the session survives a dropped connection: the client re-dials,
     attaches with the last seq it saw, and `events()` goes on without a gap or duplicate.
     """
@@ -149,6 +155,8 @@ class RemoteSession:
             self.taken = True
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(event)
+            if isinstance(event, Output):  # held until events() reads it
+                self.client._hold(len(event.data))
         if isinstance(event, Detached):
             self._send.close()
 
@@ -164,6 +172,8 @@ class RemoteSession:
             except trio.EndOfChannel:
                 raise ConnectionLost(f"connection closed before session {self.id} completed")\
                     from None
+            if isinstance(event, Output):
+                self.client._release(len(event.data))
             yield event
             if isinstance(event, Completed | Detached):
                 return
@@ -210,6 +220,8 @@ class Client:
     _waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = attrs.field(factory=dict)
     _sessions: dict[str, RemoteSession] = attrs.field(factory=dict)
     _early: dict[str, list[Event]] = attrs.field(factory=dict)
+    _held: int = 0  # output bytes in sessions' channels, not yet read (MAX_HELD_OUTPUT_BYTES)
+    _room: trio.Event = attrs.field(factory=trio.Event)  # set when reading may go on
     _closing: bool = False
     closed: bool = False
     reconnects: int = 0
@@ -290,6 +302,9 @@ class Client:
     async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
         try:
             while True:
+                while self._held > MAX_HELD_OUTPUT_BYTES and not self._waiting:
+                    self._room = trio.Event()
+                    await self._room.wait()  # back-pressure: leave the rest in the socket
                 message = json.loads(await ws.get_message())
                 for item in message if isinstance(message, list) else [message]:
                     self._dispatch(item)
@@ -311,6 +326,14 @@ class Client:
         if channel is not None:
             channel.send_nowait(message)
 
+    def _hold(self, size: int) -> None:
+        self._held += size
+
+    def _release(self, size: int) -> None:
+        self._held -= size
+        if self._held <= MAX_HELD_OUTPUT_BYTES:
+            self._room.set()
+
     # ------------------------------------------------------------------------- calls
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -321,6 +344,7 @@ class Client:
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[request_id] = send
+        self._room.set()  # its reply may sit behind held output: read on until it comes
         message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
         try:
             await ws.send_message(json.dumps(message))
