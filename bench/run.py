@@ -59,15 +59,19 @@ class Sizes:
     stream_sessions: int
     stream_bytes: int
     spawn_tries: int
+    memory_sessions: int
+    memory_bytes: int
     connections: int = 10
 
 
 FULL = Sizes(lines_bytes=100_000_000, small_lines=3_000_000, binary_bytes=256 * MIB,
              firehose_s=30.0, firehose_rate=10 * MB, control_tries=200, short_sessions=500,
-             stream_sessions=50, stream_bytes=10_000_000, spawn_tries=300)
+             stream_sessions=50, stream_bytes=10_000_000, spawn_tries=300,
+             memory_sessions=500, memory_bytes=20_000_000)
 QUICK = Sizes(lines_bytes=20_000_000, small_lines=300_000, binary_bytes=32 * MIB,
               firehose_s=5.0, firehose_rate=10 * MB, control_tries=30, short_sessions=100,
-              stream_sessions=10, stream_bytes=2_000_000, spawn_tries=40)
+              stream_sessions=10, stream_bytes=2_000_000, spawn_tries=40,
+              memory_sessions=50, memory_bytes=2_000_000)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -206,8 +210,9 @@ class Peer:
 
 
 @contextmanager
-def running_server(peer: Peer, argv: list[str] | None = None,
-                   binary: bool = False) -> Iterator[tuple[str | None, int | None]]:
+def running_server(peer: Peer, argv: list[str] | None = None, binary: bool = False,
+                   env_extra: dict[str, str] | None = None,
+                   ) -> Iterator[tuple[str | None, int | None]]:
     """Start a fresh server for one measurement; yield (url, pid). Pipe: (None, None)."""
     if peer.kind == "pipe":
         yield None, None
@@ -217,6 +222,7 @@ def running_server(peer: Peer, argv: list[str] | None = None,
     env = dict(os.environ)
     if peer.kind == "ccx":
         env.update(SERVER_ENV)
+        env.update(env_extra or {})
         if peer.pythonpath:
             env["PYTHONPATH"] = peer.pythonpath
         command = [sys.executable, "-c", "import sys; from ccx.cli import main; "
@@ -406,6 +412,125 @@ def workload_concurrency(peers: list[Peer], sizes: Sizes, lines: Path) -> list[d
     return rows
 
 
+class DiskSampler:
+    """Sums the sizes of the files under a directory every 0.5 s in a thread (the spool)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def size(self) -> int:
+        from ccx.spool import tree_bytes
+
+        return tree_bytes(str(self.path))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.size())
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> DiskSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _memory_step(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one `bench.memory` client process; its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, "-m", "bench.memory", mode,
+                        json.dumps({**spec, "out": out.name})], cwd=ROOT, check=True,
+                       timeout=3600)
+        return json.loads(Path(out.name).read_text())  # type: ignore[no-any-return]
+
+
+def _wait_throttled(url: str, count: int) -> float:
+    """Poll `sessions` until the sessions' output stops growing (every child is throttled
+    or done); return the total stdout bytes read by then."""
+    from bench.memory import Conn
+
+    conn = Conn(url)
+    last = -1
+    while True:
+        request_id = conn.call("sessions", {})
+        reply = None
+        while reply is None:
+            reply = next((m for m in conn.pull() if m.get("id") == request_id), None)
+        infos = reply["result"]["sessions"]
+        total = sum(i["stdout_bytes"] for i in infos)
+        if len(infos) >= count and total == last and all(i["stdout_bytes"] for i in infos):
+            conn.ws.close()
+            return float(total)
+        last = total
+        time.sleep(2.0)
+
+
+def workload_memory(peer: Peer, sizes: Sizes, lines: Path) -> dict[str, Any]:
+    """`memory_sessions` sessions each write `memory_bytes` of stream-json lines with no
+    reader (detached, lingering): each holds its unsent budget and is throttled; then each
+    is attached (since_seq -1) and read to its end. Server RSS, spool size, bytes lost."""
+    with lines.open("rb") as source:
+        head = source.read(sizes.memory_bytes)
+    line_count = head.count(b"\n")
+    expected = len(head[: head.rindex(b"\n") + 1])
+    delay = 3 + sizes.memory_sessions // 100  # every session started before any writes
+    argv = ["sh", "-c", f"sleep {delay}; exec head -n {line_count} {lines}"]
+    state = Path(tempfile.mkdtemp(prefix="memory-state-", dir=DATA))
+    os.chmod(state, 0o700)
+    spool = state / "spool"
+    try:
+        with running_server(peer, env_extra={"CCX_STATE_DIR": str(state)}) as (url, pid), \
+                RssSampler(pid) as rss, DiskSampler(spool) as disk:
+            assert url is not None
+            t0 = time.monotonic()
+            started = _memory_step("start", {"url": url, "argv": argv,
+                                             "count": sizes.memory_sessions,
+                                             "connections": sizes.connections})
+            ids = started["session_ids"]
+            held_total = _wait_throttled(url, len(ids))
+            t1 = time.monotonic()
+            rss_detached, disk_detached = rss.peak, max(disk.peak, disk.size())
+            shares = [ids[i::sizes.connections] for i in range(sizes.connections)]
+            with tempfile.TemporaryDirectory() as tmp:
+                processes = []
+                for index, share in enumerate(shares):
+                    spec = {"url": url, "session_ids": share, "out": f"{tmp}/{index}.json"}
+                    processes.append(subprocess.Popen(
+                        [sys.executable, "-m", "bench.memory", "read", json.dumps(spec)],
+                        cwd=ROOT))
+                for process in processes:
+                    if process.wait(timeout=3600) != 0:
+                        raise RuntimeError(f"memory reader failed: {process.returncode}")
+                tallies: dict[str, Any] = {}
+                for index in range(len(shares)):
+                    tallies.update(json.loads(Path(f"{tmp}/{index}.json").read_text())
+                                   ["sessions"])
+            t2 = time.monotonic()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    received = sum(t["bytes"] for t in tallies.values())
+    failures = [sid for sid, t in tallies.items()
+                if t["error"] or t["gaps"] or t["bytes"] != expected
+                or (t["completed"] or {}).get("exit_code") != 0]
+    row = {"peer": peer.name, "sessions": len(ids), "refused": len(started["errors"]),
+           "bytes_per_session": expected, "held_while_detached": held_total,
+           "rss_start": rss.start, "rss_peak_detached": rss_detached, "rss_peak": rss.peak,
+           "spool_peak": max(disk.peak, disk_detached), "received": received,
+           "bytes_lost": len(ids) * expected - received, "failures": len(failures),
+           "detached_s": t1 - t0, "read_back_s": t2 - t1,
+           "read_back_mb_s": received / (t2 - t1) / MB,
+           "failure_examples": [tallies[sid] for sid in failures[:3]]}
+    print(f"  memory {peer.name}: {len(ids)} sessions, RSS peak {rss.peak / MIB:.0f} MiB, "
+          f"spool peak {row['spool_peak'] / MIB:.0f} MiB, lost {row['bytes_lost']}, "
+          f"failures {len(failures)}", file=sys.stderr)
+    return row
+
+
 def workload_spawn(peers: list[Peer], sizes: Sizes) -> list[dict[str, Any]]:
     rows = []
     for peer in [*peers, Peer("subprocess.run", "subprocess")]:
@@ -566,6 +691,18 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     if short:
         add(f"{short['sessions']} concurrent sessions, no failure", float(short["failures"]),
             1, "failures", False)
+    streaming = next((r for r in results.get("concurrency") or []
+                      if r["case"] == "streaming" and r["peer"] == "ccx"), None)
+    if streaming and streaming["rss_peak"]:
+        add(f"{streaming['sessions']} streams with live readers: peak RSS ≤ 150 MiB",
+            streaming["rss_peak"] / MIB, 150, "MiB", False)
+    memory = results.get("memory")
+    if memory:
+        add(f"{memory['sessions']} detached sessions read back: peak RSS ≤ 1 GiB",
+            memory["rss_peak"] / MIB, 1024, "MiB", False)
+        add(f"{memory['sessions']} detached sessions read back: zero bytes lost",
+            1.0 if memory["bytes_lost"] == 0 and not memory["failures"] else 0.0, 1.0, "",
+            True, "every session's output exact, seqs without a gap")
     return out
 
 
@@ -659,6 +796,20 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row['sessions']} | {fmt(row['exit_s'], 2)} | "
                          f"{row['groups_left']} | {row['reader_completions']} / "
                          f"{row['reader_sessions']} | {codes} |")
+    memory = results.get("memory")
+    if memory:
+        lines += ["", f"### Memory: {memory['sessions']} sessions × "
+                  f"{fmt(memory['bytes_per_session'] / MB)} MB written with no reader "
+                  "(detached), then each read back by attaching", "",
+                  "| peer | sessions | server RSS start → peak while detached → peak (MiB) | "
+                  "held while detached (MB) | spool peak on disk (MiB) | read back (MB/s) | "
+                  "bytes lost | failures |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {memory['peer']} | {memory['sessions']} | {fmt(memory['rss_start'] / MIB, 0)} "
+            f"→ {fmt(memory['rss_peak_detached'] / MIB, 0)} → "
+            f"{fmt(memory['rss_peak'] / MIB, 0)} | {fmt(memory['held_while_detached'] / MB, 0)}"
+            f" | {fmt(memory['spool_peak'] / MIB, 0)} | {fmt(memory['read_back_mb_s'])} | "
+            f"{memory['bytes_lost']} | {memory['failures']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -717,7 +868,7 @@ def plot(rows: list[dict[str, Any]], path: Path, sizes: Sizes) -> None:
 
 
 WORKLOADS = ("client_alone", "lines", "small_lines", "binary", "firehose", "control_latency",
-             "concurrency", "spawn", "shutdown")
+             "concurrency", "spawn", "shutdown", "memory")
 SHUTDOWN_SIZES = {"full": (10, 100, 1000), "quick": (10, 100)}
 SHUTDOWN_RUNS = 3  # each size, each on a fresh server: the spread matters on a busy machine
 
@@ -798,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
         results["spawn"] = workload_spawn(peers, sizes)
     if "shutdown" in only:
         results["shutdown"] = workload_shutdown(results["mode"])
+    if "memory" in only:  # this checkout only: ccx-before holds it all in memory
+        results["memory"] = workload_memory(ccx_peers[0], sizes, inputs["lines"])
     results["goals"] = goals(results)
     results["runtime_s"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

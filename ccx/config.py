@@ -213,6 +213,10 @@ class Settings:
     state_dir: str = setting(attrs.Factory(default_state_dir), str,
         "directory of the crash record (live process groups), so the next start kills what a "
         "SIGKILLed server left running; empty = off")
+    spool_dir: str = setting("", str,
+        "directory where sessions hold their output (unsent, and recently sent for replay) "
+        "on disk; empty = <state_dir>/spool (the default state dir if that is off); 'memory' "
+        "= hold it in RAM")
     log_level: str = setting("info", _log_level, "debug, info, warning, error")
     log_format: str = setting("json", _log_format, "json or console")
 
@@ -252,6 +256,13 @@ class Settings:
             object.__setattr__(self, "token", read_token_file(self.token_file))
         if self.allowed_commands is not None and not self.allowed_commands:
             raise ConfigError("CCX_ALLOWED_COMMANDS: set but empty; unset it to allow any")
+
+    @property
+    def spool_base(self) -> str | None:
+        """Where held output is spooled (`ccx.spool`), or None to hold it in memory."""
+        if self.spool_dir == "memory":
+            return None
+        return self.spool_dir or os.path.join(self.state_dir or default_state_dir(), "spool")
 
     @property
     def is_loopback(self) -> bool:

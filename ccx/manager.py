@@ -52,6 +52,7 @@ from ccx.protocol import (
     notification,
 )
 from ccx.session import Session, SessionOptions
+from ccx.spool import SpoolDir
 from ccx.state import GroupRecord, StateFile
 from ccx.watch import Watcher
 
@@ -123,6 +124,7 @@ class SessionManager:
     draining: bool = False  # PROTOCOL.md 10: execute refused with -32007 meanwhile
     _drain_deadline: trio.CancelScope | None = None  # a pending drain timeout
     state: StateFile = attrs.field(factory=lambda: StateFile(""))  # the crash record
+    spool: SpoolDir | None = None  # held output on disk (ccx.spool); None: in memory
     started_total: int = 0
     spawn_failures_total: int = 0
     metrics: Metrics = attrs.field(factory=Metrics)
@@ -138,6 +140,10 @@ class SessionManager:
         """Host session tasks until cancelled; cancelling it still empties every group."""
         self.state = StateFile.open(self.settings.state_dir, node=self.settings.node_name,
                                     incarnation=self.incarnation)
+        base = self.settings.spool_base
+        if base is not None:
+            self.spool = SpoolDir.open(base, node=self.settings.node_name,
+                                       incarnation=self.incarnation)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -149,6 +155,8 @@ class SessionManager:
         finally:  # every group is empty now (each session ran its shielded kill path)...
             if not any(s.stop_step is StopStep.OUTLIVED for s in self._sessions.values()):
                 self.state.remove()  # ...unless one outlived SIGKILL: the record keeps it
+            if self.spool is not None:
+                self.spool.close()
 
     def _record(self) -> None:
         """Rewrite the crash record: every group that may still have members, including
@@ -429,7 +437,7 @@ class SessionManager:
                 replay_bytes=self.settings.replay_bytes,
             )
             session = Session(session_id, group, options, owner, on_done=self._on_done,
-                              held=self.held)
+                              held=self.held, spool=self.spool)
             # Shutdown (or a drain) may have begun while the process was starting: it
             # cancelled only the sessions it saw; the nursery may even be closed by now.
             if not self._accepting or self.draining:

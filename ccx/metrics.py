@@ -62,6 +62,10 @@ class _StateCollector(Collector):
                                 "Bytes of input frames read from clients and not yet written "
                                 "to children, all connections (CCX_MAX_INPUT_BYTES each).",
                                 value=state.input_pending)
+        yield GaugeMetricFamily("ccx_spool_bytes",
+                                "Bytes of held output in spool files on disk (CCX_SPOOL_DIR), "
+                                "all sessions and SSE streams; not counted in ccx_held_bytes.",
+                                value=state.spool_bytes)
 
 
 class ServerState:
@@ -69,7 +73,8 @@ class ServerState:
 
     def __init__(self, statuses: list[str], connections: Sized, started_total: int,
                  spawn_failures_total: int, output_bytes: dict[str, int], *,
-                 held_bytes: int = 0, held_limit: int = 0, input_pending: int = 0) -> None:
+                 held_bytes: int = 0, held_limit: int = 0, input_pending: int = 0,
+                 spool_bytes: int = 0) -> None:
         self.statuses = statuses
         self.connections = len(connections)
         self.started_total = started_total
@@ -78,6 +83,7 @@ class ServerState:
         self.held_bytes = held_bytes
         self.held_limit = held_limit
         self.input_pending = input_pending
+        self.spool_bytes = spool_bytes
 
 
 class Metrics:
@@ -104,12 +110,13 @@ class Metrics:
 def _self_check() -> None:
     metrics = Metrics()
     metrics.watch(lambda: ServerState(["running", "exited", "exited"], {1, 2}, 3, 1,
-                                      {"stdout": 10, "stderr": 2}, held_bytes=7))
+                                      {"stdout": 10, "stderr": 2}, held_bytes=7,
+                                      spool_bytes=9))
     metrics.observe_control("PAUSE", 0.002)
     text = metrics.render().decode()
     for line in ('ccx_sessions{status="exited"} 2.0', 'ccx_sessions{status="paused"} 0.0',
                  "ccx_connections 2.0", "ccx_sessions_started_total 3.0",
-                 "ccx_spawn_failures_total 1.0", "ccx_held_bytes 7.0",
+                 "ccx_spawn_failures_total 1.0", "ccx_held_bytes 7.0", "ccx_spool_bytes 9.0",
                  'ccx_output_bytes_total{stream="stdout"} 10.0',
                  'ccx_control_latency_seconds_bucket{le="0.0025",type="PAUSE"} 1.0'):
         assert line in text.splitlines(), (line, text)

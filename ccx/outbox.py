@@ -21,18 +21,27 @@ section 6). When it is full, sent output kept for replay is forgotten first, old
 sessions with unsent output wait (`wait_for_room`) and new sessions are refused. Unsent
 output is never dropped. Every update is O(1) per frame; a reclaim frees down to a low-water
 mark, so its cost (a heap over the outboxes that hold sent output) is amortized.
-Pure data, no I/O, no trio. Docs: ../shared/PROTOCOL.md sections 6 and 8.
+`Outbox` is pure data, no I/O, no trio. `SpoolOutbox` (issue 18) keeps the same contract
+with output frames on disk (`ccx.spool`): memory per session is then an index of 16 bytes a
+frame, the control notifications and a small cache of frames just queued; only those are
+charged to `HeldBudget` (spooled output does not count, PROTOCOL.md section 6). A spool that
+cannot be written (disk full) makes `put` wait and retry: the collector stops taking from
+the channel and the child blocks, as with a slow client; nothing is dropped.
+Docs: ../shared/PROTOCOL.md sections 6 and 8.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import heapq
 from collections.abc import Callable, Iterable
 
 import attrs
+import trio
 
 from ccx.protocol import ReplayUnavailable
+from ccx.spool import Spool
 
 
 @attrs.frozen
@@ -121,20 +130,14 @@ class HeldBudget:
         return before - self.held_bytes
 
 
-@attrs.define(eq=False)
-class Outbox:
+class _Budgets:
+    """What both outboxes share: the room check, the charge of kept bytes to `held`, the
+    -32006 check. Their attrs fields provide the attributes."""
+
     budget_bytes: int
-    held: HeldBudget | None = None  # the server-wide budget; None: this outbox alone
-    pending: collections.deque[Held] = attrs.field(factory=collections.deque)
-    pending_bytes: int = 0
-    sent: collections.deque[Held] = attrs.field(factory=collections.deque)
-    sent_stamps: collections.deque[int] = attrs.field(factory=collections.deque)
-    sent_bytes: int = 0
-    next_seq: int = 0
-    frame_bytes: int = 0  # bytes of every frame held (pending and sent): what `held` counts
-    # Every held output (sent, then pending) in seq order: contiguous seqs, so `output(seq)`
-    # is an index. The same `Held` objects as in the two queues: it costs a pointer each.
-    outputs: collections.deque[Held] = attrs.field(factory=collections.deque)
+    held: HeldBudget | None
+    pending_bytes: int
+    frame_bytes: int
 
     @property
     def has_room(self) -> bool:
@@ -150,6 +153,34 @@ class Outbox:
         self.frame_bytes -= size
         if self.held is not None:
             self.held.credit(size)
+
+    @property
+    def first_seq(self) -> int:
+        raise NotImplementedError
+
+    def check_replay(self, since_seq: int) -> None:
+        """Raise -32006 if output after *since_seq* is no longer held (-1: never raises)."""
+        first = self.first_seq
+        if since_seq >= 0 and since_seq + 1 < first:
+            raise ReplayUnavailable(
+                f"output after seq {since_seq} is no longer held; oldest held is {first}",
+                {"first_seq": first})
+
+
+@attrs.define(eq=False)
+class Outbox(_Budgets):
+    budget_bytes: int
+    held: HeldBudget | None = None  # the server-wide budget; None: this outbox alone
+    pending: collections.deque[Held] = attrs.field(factory=collections.deque)
+    pending_bytes: int = 0
+    sent: collections.deque[Held] = attrs.field(factory=collections.deque)
+    sent_stamps: collections.deque[int] = attrs.field(factory=collections.deque)
+    sent_bytes: int = 0
+    next_seq: int = 0
+    frame_bytes: int = 0  # bytes of every frame held (pending and sent): what `held` counts
+    # Every held output (sent, then pending) in seq order: contiguous seqs, so `output(seq)`
+    # is an index. The same `Held` objects as in the two queues: it costs a pointer each.
+    outputs: collections.deque[Held] = attrs.field(factory=collections.deque)
 
     def push(self, held: Held) -> None:
         if held.seq is not None and (not self.outputs or held.seq > self.last_seq):
@@ -231,13 +262,6 @@ class Outbox:
             return self.outputs[seq - first]
         return None
 
-    def check_replay(self, since_seq: int) -> None:
-        """Raise -32006 if output after *since_seq* is no longer held (-1: never raises)."""
-        if since_seq >= 0 and since_seq + 1 < self.first_seq:
-            raise ReplayUnavailable(
-                f"output after seq {since_seq} is no longer held; oldest held is "
-                f"{self.first_seq}", {"first_seq": self.first_seq})
-
     def rewind(self, since_seq: int, tail: Iterable[Held]) -> None:
         """Queue, for a new owner: every held output with seq > *since_seq*, then *tail*.
 
@@ -261,6 +285,233 @@ class Outbox:
                 self.push(held)
         for held in tail:
             self.push(held)
+
+    async def put(self, held: Held) -> None:
+        """`push`, as the session's collector calls it (the spooled outbox may wait here)."""
+        self.push(held)
+
+
+SPOOL_RETRY_S = 1.0  # a spool write that failed (disk full...) is tried again this often
+CACHE_BYTES = 256 * 1024  # frames just queued kept in memory, for a reader keeping up
+
+
+def _compact(values: array.array[int], skip: int) -> tuple[array.array[int], int]:
+    """Drop the first *skip* entries once they are many (amortized O(1) per entry)."""
+    if skip > 1024 and skip * 2 > len(values):
+        del values[:skip]
+        return values, 0
+    return values, skip
+
+
+@attrs.define(eq=False)
+class SpoolOutbox(_Budgets):
+    """`Outbox`'s contract (same methods, same budgets, PROTOCOL.md section 8), with output
+    frames on disk (`ccx.spool.Spool`) and only an index in memory.
+
+    Output seqs are contiguous: seq `first + i` is at `offsets[i]` in the spool, its length
+    up to the next offset (or the spool's end), `raws[i]` the raw bytes it carries. Output
+    `[first, cursor)` has been delivered (kept for replay), `[cursor, end)` not yet. Control
+    notifications (started, paused, resumed, completed) stay in memory, each queued before
+    the output seq that followed it. Memory per session: 16 bytes per held frame (two
+    `array('q')` entries), the controls, and up to `CACHE_BYTES` of frames just queued
+    (contiguous from the delivery point: what a reader that keeps up reads next, without a
+    `pread`). Only those in-memory bytes are charged to the `HeldBudget` (PROTOCOL.md
+    section 6: spooled output does not count), so this outbox never holds replay in memory
+    for it to reclaim.
+    """
+
+    budget_bytes: int
+    held: HeldBudget | None
+    spool: Spool
+    first: int = 0  # oldest held output seq
+    cursor: int = 0  # next output seq to deliver
+    end: int = 0  # the seq the next output will carry (== next_seq)
+    offsets: array.array[int] = attrs.field(factory=lambda: array.array("q"))
+    raws: array.array[int] = attrs.field(factory=lambda: array.array("q"))
+    _skip: int = 0  # entries of offsets/raws before `first`, not yet compacted away
+    pending_bytes: int = 0
+    sent_bytes: int = 0
+    frame_bytes: int = 0  # bytes kept in memory: controls and cache (what `held` counts)
+    controls: collections.deque[tuple[int, Held]] = attrs.field(factory=collections.deque)
+    cache: collections.deque[bytes] = attrs.field(factory=collections.deque)
+    cache_first: int = 0  # seq of cache[0]
+    cache_bytes: int = 0
+
+    @property
+    def next_seq(self) -> int:
+        return self.end
+
+    def take_seq(self) -> int:
+        """The seq of the output being queued: it is taken by `put` (retried as is)."""
+        return self.end
+
+    def push(self, held: Held) -> None:
+        """Queue *held*; `OSError` (nothing queued) if an output cannot be spooled."""
+        if held.seq is None:
+            self.controls.append((self.end, held))
+            self._charge(len(held.frame))
+            if held.method == "process.completed":
+                self.spool.seal()  # no output follows it
+            return
+        assert held.seq == self.end, (held.seq, self.end)
+        offset = self.spool.append(held.frame)
+        self.offsets.append(offset)
+        self.raws.append(held.size)
+        self.pending_bytes += held.size
+        self.end += 1
+        if self.cache_bytes + len(held.frame) <= CACHE_BYTES and (
+                (not self.cache and held.seq == self.cursor)
+                or (self.cache and held.seq == self.cache_first + len(self.cache))):
+            if not self.cache:
+                self.cache_first = held.seq
+            self.cache.append(held.frame)
+            self.cache_bytes += len(held.frame)
+            self._charge(len(held.frame))
+
+    async def put(self, held: Held) -> None:
+        """`push`, waiting (the collector stops reading: the child blocks) while the spool
+        cannot be written; the failure is logged once by the spool directory."""
+        while True:
+            try:
+                self.push(held)
+                return
+            except OSError:
+                if self.spool.closed:
+                    return  # the session is forgotten: nobody can read it any more
+                await trio.sleep(SPOOL_RETRY_S)
+
+    def _index(self, seq: int) -> int:
+        return self._skip + seq - self.first
+
+    def _frame(self, seq: int) -> bytes:
+        if self.cache and self.cache_first <= seq < self.cache_first + len(self.cache):
+            return self.cache[seq - self.cache_first]
+        i = self._index(seq)
+        offset = self.offsets[i]
+        stop = self.offsets[i + 1] if seq + 1 < self.end else self.spool.end
+        return self.spool.read(offset, stop - offset)
+
+    def _output_held(self, seq: int) -> Held:
+        return Held("process.output", self._frame(seq), seq, self.raws[self._index(seq)])
+
+    def head(self) -> Held | None:
+        if self.controls and self.controls[0][0] <= self.cursor:
+            return self.controls[0][1]
+        if self.cursor < self.end:
+            return self._output_held(self.cursor)
+        return None
+
+    def delivered(self) -> Held:
+        """The head went out: controls are let go, output is kept among the recently sent."""
+        if self.controls and self.controls[0][0] <= self.cursor:
+            held = self.controls.popleft()[1]
+            self._credit(len(held.frame))
+            return held
+        seq = self.cursor
+        size = self.raws[self._index(seq)]
+        self.cursor += 1
+        self.pending_bytes -= size
+        self.sent_bytes += size
+        while self.cache and self.cache_first <= seq:
+            frame = self.cache.popleft()
+            self.cache_first += 1
+            self.cache_bytes -= len(frame)
+            self._credit(len(frame))
+        while self.sent_bytes > self.budget_bytes and self.cursor - self.first > 1:
+            self.forget_oldest_sent()
+        if self.cursor == self.end and self.spool.sealed:
+            self.spool.idle()  # an ended session that holds nothing unsent keeps no fd
+        return Held("process.output", b"", seq, size)
+
+    def forget_oldest_sent(self) -> None:
+        self.sent_bytes -= self.raws[self._skip]
+        self.first += 1
+        self._skip += 1
+        self.spool.release_before(
+            self.offsets[self._skip] if self.first < self.end else self.spool.end)
+        self.offsets, _ = _compact(self.offsets, self._skip)
+        self.raws, self._skip = _compact(self.raws, self._skip)
+
+    def forget_sent(self) -> int:
+        freed = self.sent_bytes
+        while self.cursor > self.first:
+            self.forget_oldest_sent()
+        return freed
+
+    def clear(self) -> None:
+        """Let go of everything held (the session is forgotten): the spool is deleted."""
+        self.spool.close()
+        self.controls.clear()
+        self.cache.clear()
+        self.cache_bytes = 0
+        self.offsets, self.raws, self._skip = array.array("q"), array.array("q"), 0
+        self.first = self.cursor = self.end
+        self.pending_bytes = self.sent_bytes = 0
+        self._credit(self.frame_bytes)
+
+    @property
+    def first_seq(self) -> int:
+        return self.first
+
+    @property
+    def last_seq(self) -> int:
+        return self.end - 1 if self.end > self.first else -1
+
+    def output(self, seq: int) -> Held | None:
+        if self.first <= seq < self.end:
+            return self._output_held(seq)
+        return None
+
+    def rewind(self, since_seq: int, tail: Iterable[Held]) -> None:
+        """Queue, for a new owner: every held output with seq > *since_seq*, then *tail*
+        (queued control notifications are dropped, as in `Outbox.rewind`)."""
+        for _, held in self.controls:
+            self._credit(len(held.frame))
+        self.controls.clear()
+        self.cursor = min(max(since_seq + 1, self.first), self.end)
+        start, split = self._skip, self._index(self.cursor)
+        self.sent_bytes = sum(self.raws[start:split])
+        self.pending_bytes = sum(self.raws[split:])
+        while self.sent_bytes > self.budget_bytes and self.cursor - self.first > 1:
+            self.forget_oldest_sent()
+        for held in tail:
+            self.push(held)
+
+
+def _check_spooled() -> None:
+    """The same contract from disk: budgets, eviction, rewind, -32006, files deleted."""
+    import os
+    import tempfile
+
+    from ccx.spool import SpoolDir
+
+    with tempfile.TemporaryDirectory() as base:
+        os.chmod(base, 0o700)
+        directory = SpoolDir.open(base, node=None, incarnation="check")
+        assert directory is not None
+        budget = HeldBudget(limit_bytes=1 << 20)
+        box = SpoolOutbox(10, budget, directory.spool("s", 10))
+        box.spool.segment_bytes = 8  # a new segment every two frames
+        box.push(Held("process.started", b"{}"))
+        for n in range(4):
+            box.push(Held("process.output", b"%d234" % n, box.take_seq()))
+        assert not box.has_room and box.head() == Held("process.started", b"{}")
+        for _ in range(4):
+            box.delivered()  # started, then seqs 0, 1, 2: seq 0 is evicted
+        assert (box.first_seq, box.sent_bytes, box.pending_bytes) == (1, 8, 4)
+        assert box.output(1) == Held("process.output", b"1234", 1, 4) and box.output(0) is None
+        try:
+            box.check_replay(-1)
+            box.check_replay(0)
+        except ReplayUnavailable as exc:
+            raise AssertionError("seq 1 is held: a replay after 0 works") from exc
+        box.rewind(1, [Held("process.completed", b"{}")])
+        assert [box.head(), box.delivered()][0] == Held("process.output", b"2234", 2, 4)
+        assert box.delivered().seq == 3 and box.head() == Held("process.completed", b"{}")
+        assert box.first_seq == 2 and len(box.spool.starts) == 1, box.spool.starts
+        box.clear()
+        assert budget.held_bytes == 0 and os.listdir(directory.path) == ["lock"]
+        directory.close()
 
 
 if __name__ == "__main__":
@@ -305,4 +556,6 @@ if __name__ == "__main__":
     first.clear()
     second.clear()
     assert budget.held_bytes == 0
+    _check_spooled()
     print("ccx.outbox: PASS")
+

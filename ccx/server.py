@@ -267,7 +267,8 @@ class Server:
                            self.manager.started_total, self.manager.spawn_failures_total,
                            self.manager.output_bytes(), held_bytes=self.manager.held.held_bytes,
                            held_limit=self.manager.held.limit_bytes,
-                           input_pending=sum(c.input.pending_bytes for c in self.connections))
+                           input_pending=sum(c.input.pending_bytes for c in self.connections),
+                           spool_bytes=self.manager.spool.disk_bytes if self.manager.spool else 0)
 
 
 async def _cancel_on(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:

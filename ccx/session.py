@@ -18,9 +18,13 @@ write(2). Notifications are encoded once, by the collector, to the UTF-8 JSON th
 the wire; the outbox holds those bytes, and its budgets count the raw output bytes they carry
 (PROTOCOL.md section 8).
 
-Memory per session: two `replay_bytes` budgets of raw output (unsent, recently sent), held
-encoded (up to six times larger for text of control characters), plus the channel
-(`CHANNEL_CHUNKS` x `CHUNK_BYTES`); nothing is dropped. Server-wide, the encoded bytes of
+Memory per session: with a `spool` (the server's `ccx.spool.SpoolDir`, the default), the
+two `replay_bytes` budgets of raw output (unsent, recently sent) are on disk
+(`SpoolOutbox`): memory holds an index, control notifications and up to
+`outbox.CACHE_BYTES` of frames just queued, plus the channel (`CHANNEL_CHUNKS` x
+`CHUNK_BYTES`); a spool that cannot be written makes the collector wait (the child blocks).
+Without one, the budgets are held encoded in memory (up to six times larger for text of
+control characters). Nothing is dropped either way. Server-wide, the encoded bytes of
 every session count against one `HeldBudget` (CCX_MAX_HELD_BYTES): while it is full (after
 sent output was forgotten), a session with unsent output also stops taking from the channel,
 until bytes are let go anywhere (`HeldBudget.wait_for_room` wakes it: no polling). A session
@@ -53,7 +57,7 @@ import trio
 
 from ccx.descendants import Tracker, signal_procs, still_alive
 from ccx.log import get_logger
-from ccx.outbox import Held, HeldBudget, Outbox
+from ccx.outbox import Held, HeldBudget, Outbox, SpoolOutbox
 from ccx.owner import Owner as Owner  # re-exported: ccx.api and older imports
 from ccx.owner import OwnerGone as OwnerGone
 from ccx.process import (
@@ -66,6 +70,7 @@ from ccx.process import (
     stop_group,
 )
 from ccx.protocol import InvalidState, encode_utf8, notification
+from ccx.spool import SpoolDir
 from ccx.tree import pause_tree, refresh, resume_tree, stop_arrivals
 
 log = get_logger("ccx.session")
@@ -181,9 +186,10 @@ class Session:
     _control_overflow: collections.deque[str] = attrs.field(factory=collections.deque)
     _stdin_lock: trio.Lock = attrs.field(factory=trio.Lock)
     held: HeldBudget | None = None  # the server's CCX_MAX_HELD_BYTES; None: no such limit
+    spool: SpoolDir | None = None  # where held output goes (ccx.spool); None: in memory
     _grace: Grace = attrs.field(init=False)  # SIGTERM to SIGKILL; shortened while it runs
     _client_cancelled_at: float | None = None  # trio time of the first CANCEL by a client
-    _outbox: Outbox = attrs.field(init=False)
+    _outbox: Outbox | SpoolOutbox = attrs.field(init=False)
     tracker: Tracker = attrs.field(init=False)  # descendants, escaped ones included
     _gate_open: bool = False  # closed until the execute/attach response is on its way
     _owner_broken: bool = False  # the owner's connection failed; wait for release or attach
@@ -206,7 +212,9 @@ class Session:
     _receive: trio.MemoryReceiveChannel[tuple[str, bytes] | str] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._outbox = Outbox(self.options.replay_bytes, self.held)
+        budget = self.options.replay_bytes
+        self._outbox = Outbox(budget, self.held) if self.spool is None else \
+            SpoolOutbox(budget, self.held, self.spool.spool(self.id, budget))
         self._grace = Grace(self.options.kill_grace)
         self.tracker = Tracker(self.id, self.group.pgid, self.group.whole_session)
         self._send, self._receive = trio.open_memory_channel[tuple[str, bytes] | str](
@@ -790,7 +798,7 @@ class Session:
             params["data"] = text
         seq = params["seq"] = self._outbox.take_seq()
         frame = encode_utf8(notification("process.output", params))  # once; held as sent
-        self._outbox.push(Held("process.output", frame, seq, raw_bytes=len(data)))
+        await self._outbox.put(Held("process.output", frame, seq, raw_bytes=len(data)))
         self._poke()
 
     def _completion_params(self) -> dict[str, object]:

@@ -37,7 +37,7 @@ from ccx.config import Settings
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import SUPPORTED_VERSIONS, McpEndpoint
-from ccx.outbox import Outbox
+from ccx.outbox import Outbox, SpoolOutbox
 from ccx.owner import OwnerGone
 from ccx.protocol import (
     Invalid,
@@ -93,8 +93,10 @@ class HttpSession:
 
     def new_stream(self, prefix: str) -> EventStream:
         self._forget_finished()
-        stream = EventStream(f"{prefix}{next(self._numbers)}",
-                             Outbox(self.manager.settings.replay_bytes))
+        stream_id = f"{prefix}{next(self._numbers)}"
+        budget, spool = self.manager.settings.replay_bytes, self.manager.spool
+        stream = EventStream(stream_id, Outbox(budget) if spool is None else
+                             SpoolOutbox(budget, None, spool.spool(f"sse-{stream_id}", budget)))
         self.streams[stream.id] = stream
         return stream
 
@@ -109,6 +111,7 @@ class HttpSession:
                 break
             held -= old.outbox.sent_bytes
             del self.streams[old.id]
+            old.forget()
 
     @property
     def busy(self) -> bool:
@@ -119,7 +122,7 @@ class HttpSession:
     def close(self) -> None:
         self.endpoint.close()  # cancels its processes, detaches those with linger
         for stream in self.streams.values():
-            stream.close()
+            stream.forget()
 
 
 @attrs.define(eq=False)

@@ -7,7 +7,8 @@ of them are unsent: back-pressure), a writer for the current HTTP response.
 Outputs: SSE event bytes `id: <stream>:<seq>` + `data: <json>`, written by one follower at a
 time (a newer follower takes over); `resume_after(seq)` re-queues what came after *seq*.
 The held events are an `Outbox` (the same structure that replays `process.output` over
-WebSocket, PROTOCOL.md section 8).
+WebSocket, PROTOCOL.md section 8), on disk (`SpoolOutbox`) when the server spools output;
+`forget()` deletes them.
 Docs: https://html.spec.whatwg.org/multipage/server-sent-events.html
       https://modelcontextprotocol.io/specification/2025-11-25/basic/transports#resumability-and-redelivery
 """
@@ -20,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from ccx.outbox import Held, Outbox
+from ccx.outbox import Held, Outbox, SpoolOutbox
 from ccx.owner import OwnerGone
 from ccx.protocol import ReplayUnavailable, encode_utf8
 
@@ -30,7 +31,7 @@ class EventStream:
     """The events of one SSE stream, held for replay; one follower writes them at a time."""
 
     id: str
-    outbox: Outbox
+    outbox: Outbox | SpoolOutbox  # spooled to disk when the server has a spool (ccx.spool)
     done: bool = False  # nothing more will be pushed
     closed: bool = False  # the session ended: pushers fail
     _changed: trio.Event = attrs.field(factory=trio.Event)
@@ -50,11 +51,13 @@ class EventStream:
             await self._changed.wait()
         if self.closed:
             raise OwnerGone(self.id)
-        self.outbox.push(Held("event", frame, self.outbox.take_seq()))
+        await self.outbox.put(Held("event", frame, self.outbox.take_seq()))
         self._notify()
 
     def finish(self) -> None:
         self.done = True
+        if isinstance(self.outbox, SpoolOutbox):
+            self.outbox.spool.seal()  # nothing more is appended: no descriptor kept for it
         self._notify()
 
     def close(self) -> None:
@@ -62,6 +65,11 @@ class EventStream:
         if self._follower is not None:
             self._follower.cancel()
         self._notify()
+
+    def forget(self) -> None:
+        """The stream is no longer kept for resumption: close it, let go of its events."""
+        self.close()
+        self.outbox.clear()
 
     @property
     def finished(self) -> bool:

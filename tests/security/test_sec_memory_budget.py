@@ -36,7 +36,7 @@ def writes(size: int, *, delay: float = 0.0) -> list[str]:
 
 async def test_held_count_is_exact_and_returns_to_zero(start_server: Any,
                                                        connect: Connect) -> None:
-    server = await start_server(retention=1.0, replay_bytes=64 * KIB)
+    server = await start_server(retention=1.0, replay_bytes=64 * KIB, spool_dir="memory")
     client = await connect(server)
     out, _, completed = await client.run(writes(300 * KIB), encoding="base64")
     assert out == b"w" * 300 * KIB and completed["status"] == "exited"
@@ -70,7 +70,7 @@ async def test_a_reading_client_is_not_starved_by_one_that_does_not_read(
         start_server: Any, connect: Connect) -> None:
     """One detached session fills the server's budget with unsent output; another client's
     session, read as it comes, still runs to its end; new executes wait for room."""
-    server = await start_server(max_held_bytes=256 * KIB)
+    server = await start_server(max_held_bytes=256 * KIB, spool_dir="memory")
     reader = await connect(server)
     size = 2 * 1024 * KIB
     steady = await reader.execute(writes(size, delay=1.0), encoding="base64")

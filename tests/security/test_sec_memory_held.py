@@ -26,6 +26,8 @@ from conftest import http_get, py
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "reliability"))
 from relhelp import RawWs, Serve, rss_kib
 
+from ccx.outbox import CACHE_BYTES
+
 MIB = 1024 * 1024
 REPLAY_BYTES = 8 * MIB  # the CCX_REPLAY_BYTES default: unsent output one session may hold
 ESCAPED = 6  # "\x01" is held as "\u0001"
@@ -131,7 +133,7 @@ async def test_held_output_is_capped_server_wide(tmp_path: Path) -> None:
     """Many sessions at once, within CCX_MAX_SESSIONS: CCX_MAX_HELD_BYTES bounds what they
     hold together; the rest are throttled, new executes get -32003, and reading frees them."""
     held_limit = 64 * MIB
-    server = Serve(tmp_path, CCX_MAX_HELD_BYTES=str(held_limit))
+    server = Serve(tmp_path, CCX_MAX_HELD_BYTES=str(held_limit), CCX_SPOOL_DIR="memory")
     try:
         watcher = await RawWs.connect(server.port)
         await trio.sleep(0.5)
@@ -177,3 +179,41 @@ async def test_held_output_is_capped_server_wide(tmp_path: Path) -> None:
                 await trio.sleep(0.2)
     finally:
         server.stop()
+
+
+async def test_spooled_output_costs_disk_not_memory(tmp_path: Path) -> None:
+    """The same attack with output spooled to disk (the default, issue 18): twelve sessions
+    each hold 8 MiB of unsent \\x01 (48 MiB escaped) and all run to their end; the server's
+    memory barely moves, the held gauge counts only what stays in memory, the spool holds
+    the rest, and every byte comes back."""
+    server = Serve(tmp_path, CCX_MAX_SESSIONS="16")
+    try:
+        watcher = await RawWs.connect(server.port)
+        await trio.sleep(0.5)
+        baseline = rss_kib(server.proc.pid)
+        attacker = await RawWs.connect(server.port)
+        ids = []
+        for _ in range(12):
+            reply = await attacker.request("execute", {"command": LATE_CONTROL_CHARS,
+                                                       "linger": 600})
+            ids.append(reply["result"]["session_id"])
+        await attacker.aclose()
+        infos = await settle(watcher, ids)
+        assert all(i["status"] == "exited" for i in infos.values()), infos
+        grown = (rss_kib(server.proc.pid) - baseline) * 1024
+        held = await held_gauge(server.port)
+        spooled = sum(f.stat().st_size for f in (tmp_path / "spool").rglob("*") if f.is_file())
+        print(f"\nRSS +{grown / MIB:.0f} MiB, held {held / MIB:.1f} MiB, "
+              f"spool {spooled / MIB:.0f} MiB")
+        # Per session: its channel (8 x 64 KiB) and the frames cached for a reader.
+        assert grown <= len(ids) * (8 * 64 * 1024 + CACHE_BYTES) + SLACK, \
+            f"RSS grew {grown / MIB:.0f} MiB"
+        assert 0 <= held <= len(ids) * CACHE_BYTES
+        assert spooled >= len(ids) * REPLAY_BYTES * ESCAPED, spooled
+        for chosen in ids[:2]:
+            data, completed = await read_all(watcher, chosen)
+            assert data == b"\x01" * REPLAY_BYTES and completed["status"] == "exited"
+    finally:
+        server.stop()
+    assert not (tmp_path / "spool").exists() or not any((tmp_path / "spool").iterdir()), \
+        "a clean stop leaves no spool behind"
