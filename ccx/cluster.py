@@ -35,7 +35,6 @@ from typing import Any
 
 import attrs
 import trio
-import trio_websocket
 
 from ccx.client import Client, ConnectionLost, ServerError, node_of
 from ccx.config import Settings
@@ -222,8 +221,8 @@ class Cluster:
             with trio.fail_after(DIAL_TIMEOUT_S):
                 await self._nursery.start(_own, client)
                 info = await client.call("server.info")
-        except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
-                ConnectionLost, ServerError, trio.TooSlowError) as exc:
+        except Exception as exc:  # OSError, HandshakeError, TooSlowError, ServerError...
+            # (trio raises a dial's failure wrapped in an ExceptionGroup)
             await client.aclose()
             raise Unreachable(f"{url}: {exc!r}") from None
         conn = Conn(client, info.get("node"), info.get("incarnation"), url)
