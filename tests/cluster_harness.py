@@ -29,6 +29,7 @@ import trio_websocket
 from conftest import RawClient
 
 CCX = str(Path(sys.executable).with_name("ccx"))
+ROUTING_CFG = Path(__file__).resolve().parent.parent / "deploy" / "routing" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy")
 UNSHARE = shutil.which("unshare")
 START_TIMEOUT_S = 30.0
@@ -132,16 +133,35 @@ class Node:
             self.proc.wait(timeout=10)
 
 
-class Balancer:
-    """HAProxy in front of the nodes: round-robin, health check on /ready."""
+def routing_rules(names: list[str]) -> str:
+    """The `?node=` routing lines of deploy/routing/haproxy.cfg (acl, force-persist,
+    use-server), for the servers in *names*: the tests run the shipped rules."""
+    lines = []
+    for line in ROUTING_CFG.read_text().splitlines():
+        words = line.split()
+        if not words or words[0] not in ("acl", "force-persist", "use-server"):
+            continue
+        if words[0] == "use-server" and words[1] not in names:
+            continue
+        lines.append(line)
+    assert any(line.split()[0] == "use-server" for line in lines), ROUTING_CFG
+    return "\n".join(lines)
 
-    def __init__(self, nodes: list[Node], base: Path) -> None:
+
+class Balancer:
+    """HAProxy in front of the nodes: round-robin, health check on /ready; *routed*: plus the
+    `?node=` rules of deploy/routing/haproxy.cfg."""
+
+    def __init__(self, nodes: list[Node], base: Path, routed: bool = False) -> None:
         self.nodes = nodes
         self.port = free_ports(1)[0]
-        self.socket_path = str(base / "haproxy.sock")
-        self.config = base / "haproxy.cfg"
-        self.log_path = base / "haproxy.log"
+        tag = "-routed" if routed else ""
+        self.socket_path = str(base / f"haproxy{tag}.sock")
+        self.config = base / f"haproxy{tag}.cfg"
+        self.log_path = base / f"haproxy{tag}.log"
         servers = "\n".join(f"    server {n.name} 127.0.0.1:{n.port}" for n in nodes)
+        if routed:
+            servers = routing_rules([n.name for n in nodes]) + "\n" + servers
         self.config.write_text(f"""\
 global
     maxconn 4096
@@ -256,9 +276,10 @@ class Fleet:
         for node in self.nodes.values():
             node.stop()
 
-    async def dial(self, nursery: trio.Nursery, port: int | None = None) -> RawClient:
+    async def dial(self, nursery: trio.Nursery, port: int | None = None,
+                   resource: str = "/ws") -> RawClient:
         ws = await trio_websocket.connect_websocket(
-            nursery, "127.0.0.1", port or self.lb.port, "/ws", use_ssl=False,
+            nursery, "127.0.0.1", port or self.lb.port, resource, use_ssl=False,
             max_message_size=64 * 1024 * 1024)
         return RawClient(ws)
 

@@ -23,8 +23,17 @@ from typing import Any
 
 import pytest
 import trio
-from cluster_harness import CCX, Fleet, need_haproxy, outputs_of, processes_with
+from cluster_harness import (
+    CCX,
+    Balancer,
+    Fleet,
+    need_haproxy,
+    outputs_of,
+    processes_with,
+)
 from conftest import PY, RawClient, py
+
+from ccx.client import Output, connect
 
 FIRST, SECOND = 300, 200  # lines the printer writes before and after its input
 
@@ -281,3 +290,70 @@ async def test_ccx_cli_works_through_any_node(fleet: Fleet, nursery: trio.Nurser
     assert attach.returncode == 0 and out == "hello\nbye\n", (out, err)
     cancel = await trio.to_thread.run_sync(cli, "cancel", "--url", fleet.lb.url, sid)
     assert cancel.returncode == 0 and "exited" in cancel.stdout, (cancel.stdout, cancel.stderr)
+
+
+@pytest.fixture(scope="module")
+def routed(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    """A second HAProxy over the same nodes, with deploy/routing/haproxy.cfg's `?node=` rules."""
+    balancer = Balancer(list(fleet.nodes.values()), tmp_path_factory.mktemp("routed"),
+                        routed=True)
+    try:
+        balancer.wait_states({n: "UP" for n in fleet.nodes})
+        yield balancer
+    finally:
+        balancer.stop()
+
+
+async def test_shipped_haproxy_rules_route_node_param_even_to_a_draining_node(
+        fleet: Fleet, routed: Balancer, nursery: trio.Nursery) -> None:
+    async def lands(node: str | None) -> str:
+        client = await fleet.dial(nursery, routed.port,
+                                  "/ws" if node is None else f"/ws?node={node}")
+        try:
+            return str((await client.result("server.info"))["node"])
+        finally:
+            await client.ws.aclose()
+
+    for name in fleet.nodes:
+        for _ in range(3):
+            assert await lands(name) == name
+    direct = await fleet.dial(nursery, fleet.nodes["ccx-1"].port)
+    await direct.result("drain")
+    try:
+        await routed.await_states({"ccx-1": "DOWN"})
+        for _ in range(3):
+            assert await lands("ccx-1") == "ccx-1"  # its own sessions' clients still get there
+            assert await lands(None) != "ccx-1"  # new connections do not
+    finally:
+        await direct.result("drain", undo=True)
+        await routed.await_states({"ccx-1": "UP"})
+
+
+async def test_lingering_client_comes_back_to_its_node_after_a_balancer_restart(
+        fleet: Fleet, routed: Balancer) -> None:
+    """The project's client re-dials `?node=<its session's node>`: through the shipped rules
+    it reaches that node again, and the output goes on with no gap and nothing twice."""
+    async with connect(f"ws://127.0.0.1:{routed.port}/ws") as client:
+        session = await client.execute(PRINTER, stdin=True, linger=60)
+        node = session.id.split(".")[0]
+        assert client.redial_url() == f"ws://127.0.0.1:{routed.port}/ws?node={node}"
+        outputs: list[Output] = []
+        events = session.events()
+        with trio.fail_after(30):
+            while sum(o.data.count(b"\n") for o in outputs) < FIRST:
+                event = await events.__anext__()
+                if isinstance(event, Output):
+                    outputs.append(event)
+        routed.stop()  # every connection through it drops
+        routed.start()
+        with trio.fail_after(30):
+            while client.reconnects < 1 or client.ws is None or client.ws.closed:
+                await trio.sleep(0.02)
+            assert (await client.server_info())["node"] == node
+            await session.send("go\n")
+            async for event in events:
+                if isinstance(event, Output):
+                    outputs.append(event)
+        assert session.result is not None and session.result.exit_code == 0
+    assert [o.seq for o in outputs] == list(range(len(outputs)))
+    assert b"".join(o.data for o in outputs) == EXPECTED.encode()

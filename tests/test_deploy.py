@@ -594,8 +594,9 @@ def test_kubernetes_manifests_match_the_api_schemas() -> None:
     kubernetes_validate = validator()
     found = list(manifests())
     kinds = {document["kind"] for _, document in found}
-    assert {"StatefulSet", "Service", "Secret", "Ingress", "PodDisruptionBudget",
+    assert {"StatefulSet", "Service", "Secret", "PodDisruptionBudget",
             "HorizontalPodAutoscaler"} <= kinds, kinds
+    assert "Ingress" not in kinds, "ingress-nginx is retired: deploy/routing/ instead"
     assert "Deployment" not in kinds, "pods have stable names: a StatefulSet"
     for version in kubernetes_versions(kubernetes_validate):
         for path, document in found:
@@ -712,19 +713,6 @@ def test_kubernetes_objects_point_at_each_other() -> None:
                                                     statefulset["metadata"]["name"])
         assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["behavior"]["scaleDown"]
     assert "replicas" not in statefulset["spec"], "the HPA owns the replica count"
-
-    ingress = only("Ingress")
-    annotations = ingress["metadata"]["annotations"]
-    for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
-        assert int(annotations[f"nginx.ingress.kubernetes.io/{timeout}"]) >= 3600
-    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-    assert "/metrics" not in {p["path"] for p in paths}, "metrics stay inside the cluster"
-    assert any(p["path"] == "/ws" for p in paths)
-    for path in paths:
-        backend = path["backend"]["service"]
-        assert backend["name"] in services
-        assert backend["port"]["name"] in {p["name"] for p in services[backend["name"]]["spec"][
-            "ports"]}
 
     (kustomization,) = load_yaml_documents(K8S / "kustomization.yaml")
     listed = set(kustomization["resources"])
