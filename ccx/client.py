@@ -244,6 +244,7 @@ class Client:
     # node forwarding for its own client: back-pressure end to end, `ccx.cluster`), and no
     # re-dial happens. Responses still answer `call()`.
     relay: Callable[[str], Awaitable[None]] | None = None
+    subprotocols: list[str] | None = None  # offered in the handshake (["mcp"]: an MCP peer)
     ended: trio.Event = attrs.field(factory=trio.Event)  # set once the connection is gone
 
     # ------------------------------------------------------------------------- connection
@@ -252,7 +253,8 @@ class Client:
                     url: str | None = None) -> trio_websocket.WebSocketConnection:
         headers = [(b"Authorization", f"Bearer {self.token}".encode())] if self.token else None
         return await trio_websocket.connect_websocket_url(
-            nursery, url or self.url, extra_headers=headers, max_message_size=MAX_MESSAGE_BYTES)
+            nursery, url or self.url, extra_headers=headers, subprotocols=self.subprotocols,
+            max_message_size=MAX_MESSAGE_BYTES)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the connection: dial, read, and re-dial while lingering sessions need it."""
@@ -385,6 +387,17 @@ class Client:
             error = reply["error"]
             raise ServerError(error.get("code", 0), error.get("message", ""), error.get("data"))
         return reply["result"]
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send a JSON-RPC notification (no answer)."""
+        ws = self.ws
+        if self.closed or ws is None:
+            raise ConnectionLost("connection is closed")
+        message = {"jsonrpc": "2.0", "method": method, "params": params or {}}
+        try:
+            await ws.send_message(json.dumps(message))
+        except trio_websocket.ConnectionClosed:
+            raise ConnectionLost(f"connection closed during {method}") from None
 
     def _register(self, session_id: str, pid: int, pgid: int, linger: float) -> RemoteSession:
         send, receive = trio.open_memory_channel[Event](math.inf)

@@ -158,6 +158,47 @@ class Cluster:
                     gate.set()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def forward_tool(self, target: Target, name: str, arguments: dict[str, Any],
+                           owner: Owner, version: str) -> dict[str, Any]:
+        """An MCP `tools/call` naming another node's session, made there over this MCP
+        connection's MCP link to that node (so `read_output` claims the session for the link,
+        and the link's closing releases it); the tool result as that node gave it."""
+        pooled = await self._conn(target.node, None)  # names the node and its incarnation
+        if pooled.incarnation != target.incarnation:
+            raise lost(target.node, "restarted")
+        links = self._links.setdefault(owner, {})
+        key = f"mcp {version} {pooled.url}"
+        conn = links.get(key)
+        try:
+            if conn is None or not conn.alive:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    conn = await self._dial_mcp(pooled, version)
+                links[key] = conn
+            return dict(await conn.client.call("tools/call", {"name": name,
+                                                              "arguments": arguments}))
+        except ServerError as exc:
+            raise PassedOn(exc.code, exc.message, exc.data) from None
+        except (Unreachable, ConnectionLost, trio.TooSlowError):
+            raise lost(target.node, "unreachable") from None
+
+    async def _dial_mcp(self, pooled: Conn, version: str) -> Conn:
+        assert self._nursery is not None
+
+        async def ignore(text: str) -> None:  # progress and log messages of the peer: none
+            return None                         # of ours (read_output reports none)
+
+        client = Client(pooled.url, self.settings.token, relay=ignore, subprotocols=["mcp"])
+        try:
+            await self._nursery.start(_own, client)
+            await client.call("initialize", {
+                "protocolVersion": version, "capabilities": {},
+                "clientInfo": {"name": f"ccx-node-{self.node}", "version": "1"}})
+            await client.notify("notifications/initialized")
+        except Exception as exc:  # OSError, HandshakeError, ServerError... (maybe grouped)
+            await client.aclose()
+            raise Unreachable(f"{pooled.url} (MCP): {exc!r}") from None
+        return Conn(client, pooled.node, pooled.incarnation, pooled.url)
+
     async def _conn(self, node: str, owner: Owner | None) -> Conn:
         """An open connection to *node*: the caller's link to it, or the pooled one."""
         try:

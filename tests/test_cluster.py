@@ -357,3 +357,43 @@ async def test_lingering_client_comes_back_to_its_node_after_a_balancer_restart(
         assert session.result is not None and session.result.exit_code == 0
     assert [o.seq for o in outputs] == list(range(len(outputs)))
     assert b"".join(o.data for o in outputs) == EXPECTED.encode()
+
+
+async def test_mcp_tools_with_a_session_id_run_on_its_node(fleet: Fleet) -> None:
+    """An MCP session started on ccx-0 is read and fed from ccx-1 (Streamable HTTP, the MCP
+    SDK's client): the tool calls run on ccx-0, through ccx-1's MCP link to it; an id of an
+    earlier ccx-0 is a tool error saying the session is lost."""
+    from mcp.client.streamable_http import streamable_http_client
+    from test_mcp import in_sdk, structured
+
+    def mcp_url(node: str) -> str:
+        return f"http://127.0.0.1:{fleet.nodes[node].port}/mcp"
+
+    command = py("import sys; print('one', flush=True); sys.stdin.readline(); print('two')")
+
+    async def start(session: Any) -> dict[str, Any]:
+        return structured(await session.call_tool("start", {
+            "command": command, "stdin": True, "linger": 60}))
+
+    started = await in_sdk(lambda: streamable_http_client(mcp_url("ccx-0")), start)
+    sid = started["session_id"]
+    assert sid.startswith("ccx-0.")
+
+    async def drive(session: Any) -> tuple[str, dict[str, Any], str]:
+        first = structured(await session.call_tool("read_output", {
+            "session_id": sid, "wait_s": 10}))
+        await session.call_tool("send_input", {"session_id": sid, "data": "go\n"})
+        text, offset = first["stdout"], first["next_stdout_offset"]
+        while True:
+            more = structured(await session.call_tool("read_output", {
+                "session_id": sid, "stdout_offset": offset, "wait_s": 10}))
+            text, offset = text + more["stdout"], more["next_stdout_offset"]
+            if more["eof"]:
+                break
+        lost = await session.call_tool("read_output", {"session_id": "ccx-0.000000.x"})
+        assert lost.isError
+        return text, more, lost.content[0].text
+
+    text, last, lost = await in_sdk(lambda: streamable_http_client(mcp_url("ccx-1")), drive)
+    assert text == "one\ntwo\n" and last["status"] == "exited"
+    assert "session lost" in lost and '"reason": "restarted"' in lost, lost
