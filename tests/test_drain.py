@@ -1,6 +1,6 @@
 """PROTOCOL.md 10, readiness and drain (in-process servers): `/ready`, the `drain` method,
 -32007 for `execute` while draining (MCP: an `isError` result naming the node), everything
-else still served, a drain timeout cancelling with `reason: "drain"`, `undo`; node-named
+else (control, input, status, watch, attach, MCP reads) still served, a drain timeout cancelling with `reason: "drain"`, `undo`; node-named
 ids with an incarnation. Signals to a real `ccx serve` are in tests/test_drain_signals.py.
 """
 
@@ -55,9 +55,17 @@ async def test_draining_node_refuses_execute_and_serves_the_rest(
         "status"] == "paused"
     assert (await client.result("control", {"session_id": sid, "type": "RESUME"}))[
         "status"] == "running"
+    watcher = await connect(server)  # watch (PROTOCOL.md 11) works while draining too
+    watched = await watcher.result("watch", {"session_id": sid})
+    assert watched["session_id"] == sid and watched["status"] == "running"
     other = await connect(server)
     attached = await other.result("attach", {"session_id": sid, "since_seq": 0})
     assert attached["session_id"] == sid
+    await other.result("input", {"session_id": sid, "data": "again\n"})
+    seen = ""
+    with trio.fail_after(10):  # the watcher sees the new owner's output
+        while "got again" not in seen:
+            seen += (await watcher.notification("process.output", sid))["data"]
 
     # MCP: reads work, execute and start are tool errors naming the node
     mcp = await connect(server, "/ws", subprotocols=["mcp"])
