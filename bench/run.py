@@ -561,6 +561,12 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             5, "ms", False)
         add("CANCEL p99 < 50 ms (until process.completed)",
             control["cancel_completed_s"]["p99"] * 1e3, 50, "ms", False)
+    cluster = results.get("cluster") or {}
+    if "attach" in cluster:
+        add(f"cluster: {cluster['attach']['sessions']} attaches by id through the balancer",
+            cluster["attach"]["success_rate"] * 100, 100, "%", True)
+        add("cluster: one forwarding hop ≥ 0.7× direct (lines)", cluster["hop"]["ratio"],
+            0.7, "×", True)
     short = next((r for r in results.get("concurrency") or []
                   if r["case"] == "short" and r["peer"] == "ccx"), None)
     if short:
@@ -659,6 +665,21 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row['sessions']} | {fmt(row['exit_s'], 2)} | "
                          f"{row['groups_left']} | {row['reader_completions']} / "
                          f"{row['reader_sessions']} | {codes} |")
+    cluster = results.get("cluster") or {}
+    if "attach" in cluster:
+        att, hop = cluster["attach"], cluster["hop"]
+        lines += ["", f"### Cluster: {cluster['nodes']} nodes behind HAProxy (round-robin, no "
+                  "routing rules)", "",
+                  "| measure | value |", "|---|---|",
+                  f"| sessions attached by id on fresh connections | {att['attached']} / "
+                  f"{att['sessions']} ({att['forwarded']} forwarded) |",
+                  f"| attach request p50 / p99 (ms) | {fmt(att['attach_p50_ms'])} / "
+                  f"{fmt(att['attach_p99_ms'])} |",
+                  f"| connect + attach p50 / p99 (ms) | {fmt(att['connect_attach_p50_ms'])} / "
+                  f"{fmt(att['connect_attach_p99_ms'])} |",
+                  f"| lines, direct (MB/s, each run) | {hop['direct_mb_s']} |",
+                  f"| lines, one forwarding hop (MB/s, each run) | {hop['hop_mb_s']} |",
+                  f"| hop / direct (best of each) | {fmt(hop['ratio'], 2)}× |"]
     return "\n".join(lines) + "\n"
 
 
@@ -717,7 +738,7 @@ def plot(rows: list[dict[str, Any]], path: Path, sizes: Sizes) -> None:
 
 
 WORKLOADS = ("client_alone", "lines", "small_lines", "binary", "firehose", "control_latency",
-             "concurrency", "spawn", "shutdown")
+             "concurrency", "spawn", "shutdown", "cluster")
 SHUTDOWN_SIZES = {"full": (10, 100, 1000), "quick": (10, 100)}
 SHUTDOWN_RUNS = 3  # each size, each on a fresh server: the spread matters on a busy machine
 
@@ -732,6 +753,16 @@ def workload_shutdown(mode: str) -> list[dict[str, Any]]:
             rows.append(json.loads(done.stdout.decode().splitlines()[-1]))
             print(f"shutdown {count}: {rows[-1]['exit_s']} s", file=sys.stderr)
     return rows
+
+
+def workload_cluster(mode: str) -> dict[str, Any]:
+    """4 nodes behind HAProxy (`bench/cluster.py`, its own process): attach by id, one hop."""
+    done = subprocess.run([sys.executable, "-m", "bench.cluster",
+                           *(["--quick"] if mode == "quick" else [])],
+                          cwd=ROOT, capture_output=True, timeout=1200, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.decode().splitlines()[-1])
+    print(f"cluster: {json.dumps(result)[:300]}", file=sys.stderr)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -798,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
         results["spawn"] = workload_spawn(peers, sizes)
     if "shutdown" in only:
         results["shutdown"] = workload_shutdown(results["mode"])
+    if "cluster" in only:
+        results["cluster"] = workload_cluster(results["mode"])
     results["goals"] = goals(results)
     results["runtime_s"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
