@@ -136,27 +136,25 @@ class Cluster:
             conn = await self._conn(target.node, owner if linked else None)
             if conn.incarnation != target.incarnation:
                 raise lost(target.node, "restarted")
-            if gate is not None:
+            if gate is not None and gate not in conn.gates:
                 conn.gates.append(gate)
             try:
                 with trio.fail_after(timeout):
                     return await conn.client.call(method, params)
             except ServerError as exc:
                 raise PassedOn(exc.code, exc.message, exc.data) from None
-            except ConnectionLost:
-                if attempt == 2 or method not in RETRYABLE:
-                    if method not in RETRYABLE:
-                        raise InternalError(f"connection to node {target.node} lost during "
-                                            f"{method}; it may or may not have been done",
-                                            {"node": target.node}) from None
-                    raise lost(target.node, "unreachable") from None
             except trio.TooSlowError:
                 await conn.client.aclose()
                 raise lost(target.node, "unreachable") from None
-            finally:
-                if gate is not None and gate in conn.gates and conn.client.closed:
-                    gate.set()
-        raise AssertionError("unreachable")  # pragma: no cover
+            except ConnectionLost:
+                if method not in RETRYABLE:
+                    raise InternalError(f"connection to node {target.node} lost during "
+                                        f"{method}; it may or may not have been done",
+                                        {"node": target.node}) from None
+                if attempt == 2:
+                    raise lost(target.node, "unreachable") from None
+                log.info("peer_connection_lost", node=target.node, method=method, retry=True)
+        raise AssertionError("not reached")  # pragma: no cover
 
     async def forward_tool(self, target: Target, name: str, arguments: dict[str, Any],
                            owner: Owner, version: str) -> dict[str, Any]:
