@@ -30,6 +30,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what we accept from a server, well above
 RECONNECT_FIRST_S = 0.05  # first re-dial delay after a dropped connection; doubles each try
 RECONNECT_MAX_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
+# One socket read takes up to this much (trio-websocket's default is 4 KiB: 16 trips through
+# its reader and wsproto per 64 KiB output chunk; a node relaying for another feels it most).
+RECEIVE_BYTES = 256 * 1024
 # How every server notification starts on the wire (compact JSON, `ccx.protocol.notification`):
 # a relaying client passes such frames on without parsing them.
 NOTIFICATION_PREFIX = '{"jsonrpc":"2.0","method":'
@@ -254,7 +257,7 @@ class Client:
         headers = [(b"Authorization", f"Bearer {self.token}".encode())] if self.token else None
         return await trio_websocket.connect_websocket_url(
             nursery, url or self.url, extra_headers=headers, subprotocols=self.subprotocols,
-            max_message_size=MAX_MESSAGE_BYTES)
+            max_message_size=MAX_MESSAGE_BYTES, receive_buffer_size=RECEIVE_BYTES)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the connection: dial, read, and re-dial while lingering sessions need it."""
