@@ -679,7 +679,8 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{fmt(att['connect_attach_p99_ms'])} |",
                   f"| lines, direct (MB/s, each run) | {hop['direct_mb_s']} |",
                   f"| lines, one forwarding hop (MB/s, each run) | {hop['hop_mb_s']} |",
-                  f"| hop / direct (best of each) | {fmt(hop['ratio'], 2)}× |"]
+                  f"| hop / direct (median of pairs) | {fmt(hop['ratio'], 2)}× "
+                  f"(load average {fmt(hop.get('load_average'), 1)}) |"]
     return "\n".join(lines) + "\n"
 
 
