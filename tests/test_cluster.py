@@ -397,3 +397,23 @@ async def test_mcp_tools_with_a_session_id_run_on_its_node(fleet: Fleet) -> None
     text, last, lost = await in_sdk(lambda: streamable_http_client(mcp_url("ccx-1")), drive)
     assert text == "one\ntwo\n" and last["status"] == "exited"
     assert "session lost" in lost and '"reason": "restarted"' in lost, lost
+
+
+async def test_shipped_haproxy_rules_keep_an_mcp_http_session_on_its_node(
+        routed: Balancer) -> None:
+    """MCP over Streamable HTTP through the balancer: every request after `initialize` carries
+    `Mcp-Session-Id` (`<node>.<incarnation>.<hex>`) and the shipped rules send it to that
+    node, where the MCP session lives (round-robin alone would scatter the requests)."""
+    from mcp.client.streamable_http import streamable_http_client
+    from test_mcp import in_sdk, structured
+
+    async def work(session: Any) -> list[str]:
+        nodes = []
+        for _ in range(6):  # more requests than nodes: round-robin would change node
+            started = structured(await session.call_tool("start", {"command": ["true"]}))
+            nodes.append(started["session_id"].split(".")[0])
+        return nodes
+
+    nodes = await in_sdk(lambda: streamable_http_client(f"http://127.0.0.1:{routed.port}/mcp"),
+                         work)
+    assert len(set(nodes)) == 1, nodes
