@@ -746,7 +746,8 @@ def test_haproxy_routing_config_is_valid_and_routes_every_node() -> None:
 
 def test_nginx_and_gateway_routing_examples_route_on_node() -> None:
     nginx = (ROUTING / "nginx.conf").read_text()
-    assert "map $arg_node $ccx_backend" in nginx and "proxy_pass http://$ccx_backend" in nginx
+    assert "$arg_node" in nginx and "map $http_mcp_session_id" in nginx
+    assert "proxy_pass http://$ccx_backend" in nginx
     assert "ccx-pods" in nginx and "Upgrade $http_upgrade" in nginx
     documents = load_yaml_documents(ROUTING / "gateway.yaml")
     (route,) = [d for d in documents if d["kind"] == "HTTPRoute"]
