@@ -417,3 +417,26 @@ async def test_shipped_haproxy_rules_keep_an_mcp_http_session_on_its_node(
     nodes = await in_sdk(lambda: streamable_http_client(f"http://127.0.0.1:{routed.port}/mcp"),
                          work)
     assert len(set(nodes)) == 1, nodes
+
+
+async def test_forwarded_attach_owns_the_session_as_on_its_node(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """Section 8 through a hop: a forwarded attach takes the session over; another attach
+    moves it away (`process.detached` comes through); closing the forwarding client's
+    connection lets the owning node apply linger 0, i.e. cancel."""
+    starter = await fleet.dial(nursery, fleet.nodes["ccx-0"].port)
+    sid = (await starter.result("execute", command=["sleep", "1000"]))["session_id"]
+    first = await fleet.dial(nursery, fleet.nodes["ccx-1"].port)
+    await first.result("attach", session_id=sid)
+    with trio.fail_after(15):
+        await starter.notification("process.detached", sid)
+    second = await fleet.dial(nursery, fleet.nodes["ccx-2"].port)
+    await second.result("attach", session_id=sid)
+    with trio.fail_after(15):
+        await first.notification("process.detached", sid)
+    assert (await starter.result("status", session_id=sid))["status"] == "running"
+    await second.ws.aclose()  # ccx-2's link to ccx-0 closes: no linger, so cancelled
+    with trio.fail_after(15):
+        while (await starter.result("status", session_id=sid))["status"] == "running":
+            await trio.sleep(0.05)
+    assert (await starter.result("status", session_id=sid))["status"] == "cancelled"
