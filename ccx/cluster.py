@@ -45,7 +45,7 @@ from ccx.protocol import InternalError, PassedOn, SessionLost
 log = get_logger("ccx.cluster")
 
 DIAL_TIMEOUT_S = 2.0  # dial + server.info of a peer; beyond it the peer is unreachable
-CALL_TIMEOUT_S = 4.5  # a forwarded request (but input) answers within 5 s, or -32008
+CALL_TIMEOUT_S = 4.0  # a forwarded request (but input) answers within 5 s, or -32008
 SCOPE_TIMEOUT_S = 1.5  # `sessions {"scope": "cluster"}`: how long peers get to answer
 LINKED = frozenset({"attach", "watch", "unwatch", "input"})  # go over the caller's link
 RETRYABLE = frozenset({"status", "control", "resize", "attach", "watch", "unwatch",
@@ -144,7 +144,7 @@ class Cluster:
             except ServerError as exc:
                 raise PassedOn(exc.code, exc.message, exc.data) from None
             except trio.TooSlowError:
-                await conn.client.aclose()
+                self._drop(conn)
                 raise lost(target.node, "unreachable") from None
             except ConnectionLost:
                 if method not in RETRYABLE:
@@ -193,7 +193,7 @@ class Cluster:
                 "clientInfo": {"name": f"ccx-node-{self.node}", "version": "1"}})
             await client.notify("notifications/initialized")
         except Exception as exc:  # OSError, HandshakeError, ServerError... (maybe grouped)
-            await client.aclose()
+            self._nursery.start_soon(client.aclose)  # not waited for: a hung peer
             raise Unreachable(f"{pooled.url} (MCP): {exc!r}") from None
         return Conn(client, pooled.node, pooled.incarnation, pooled.url)
 
@@ -242,7 +242,8 @@ class Cluster:
                     relay_to: Owner | None = None) -> Conn:
         """Open a connection to *url*, ask its name and incarnation; `Unreachable` if it does
         not answer in time or is not *node*."""
-        assert self._nursery is not None
+        nursery = self._nursery
+        assert nursery is not None
         conn: Conn | None = None
 
         async def relay(text: str) -> None:
@@ -252,25 +253,37 @@ class Cluster:
                 conn.gates = [g for g in conn.gates if not g.is_set()]
             try:
                 await relay_to.send_frame(text.encode("utf-8", "surrogatepass"))
-            except OwnerGone:
-                await client.aclose()
+            except OwnerGone:  # the client is gone: so is what it owned through this link
+                nursery.start_soon(client.aclose)
 
         client = Client(url, self.settings.token, relay=relay if relay_to is not None else None)
         try:
             with trio.fail_after(DIAL_TIMEOUT_S):
-                await self._nursery.start(_own, client)
+                await nursery.start(_own, client)
                 info = await client.call("server.info")
         except Exception as exc:  # OSError, HandshakeError, TooSlowError, ServerError...
             # (trio raises a dial's failure wrapped in an ExceptionGroup)
-            await client.aclose()
+            nursery.start_soon(client.aclose)  # not waited for: a hung peer
             raise Unreachable(f"{url}: {exc!r}") from None
         conn = Conn(client, info.get("node"), info.get("incarnation"), url)
         if node is not None and conn.node != node:
-            await client.aclose()
+            nursery.start_soon(client.aclose)  # not waited for: a hung peer
             raise Unreachable(f"{url} answers as node {conn.node!r}, not {node!r}")
         log.info("peer_connected", url=url, node=conn.node, incarnation=conn.incarnation,
                  link=relay_to is not None)
         return conn
+
+    def _drop(self, conn: Conn) -> None:
+        """Forget a connection whose peer does not answer, and close it in the background
+        (a close handshake with a hung peer takes the client's whole close timeout)."""
+        if self._pooled.get(conn.url) is conn:
+            del self._pooled[conn.url]
+        for links in self._links.values():
+            for key, link in list(links.items()):
+                if link is conn:
+                    del links[key]
+        assert self._nursery is not None
+        self._nursery.start_soon(conn.client.aclose)
 
     def release(self, owner: Owner) -> None:
         """*owner*'s connection closed: close its links, so each owning node applies linger

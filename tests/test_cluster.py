@@ -14,6 +14,7 @@ without it).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -440,3 +441,29 @@ async def test_forwarded_attach_owns_the_session_as_on_its_node(
         while (await starter.result("status", session_id=sid))["status"] == "running":
             await trio.sleep(0.05)
     assert (await starter.result("status", session_id=sid))["status"] == "cancelled"
+
+
+async def test_a_hung_node_is_reported_in_time(fleet: Fleet, nursery: trio.Nursery) -> None:
+    """A node that stops answering (SIGSTOP: its sockets stay open, nothing is refused):
+    the fleet view answers within 2 s naming it, requests for its sessions get -32008 within
+    5 s, and once it runs again everything is as before."""
+    on = await fleet.through_balancer(nursery)
+    hung = "ccx-2"
+    sid = (await on[hung].result("execute", command=["sleep", "1000"],
+                                 linger=60))["session_id"]
+    await on["ccx-0"].result("status", session_id=sid)  # ccx-0's pooled connection is open
+    os.kill(fleet.nodes[hung].pid, signal.SIGSTOP)
+    try:
+        with trio.fail_after(2):
+            listed = await on["ccx-1"].result("sessions", scope="cluster")
+        assert listed["unreachable"] == [hung], listed
+        for name in ("ccx-0", "ccx-1"):
+            with trio.fail_after(5):
+                error = await on[name].error("status", session_id=sid)
+            assert error["code"] == -32008, error
+            assert error["data"] == {"node": hung, "reason": "unreachable"}, error
+    finally:
+        os.kill(fleet.nodes[hung].pid, signal.SIGCONT)
+    assert (await on["ccx-0"].result("status", session_id=sid))["status"] == "running"
+    await on["ccx-0"].result("control", session_id=sid, type="CANCEL")
+    await fleet.lb.await_states({n: "UP" for n in fleet.nodes})
