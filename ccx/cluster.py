@@ -23,6 +23,9 @@ shared token, two kinds (docs/protocol-notes.md, "Forwarding"):
   the forwarding node holds at most one frame per link. Notifications of sessions of different
   clients never share a link, so one client's slowness never holds up another's output, and
   one client's unread `input` never blocks another's requests.
+- *MCP links*: as links, but MCP connections (`tools/call` of a tool whose `session_id` names
+  another node is made there, so `read_output` claims the session for the link).
+A peer that stops answering is dropped (closed in the background) and reported lost.
 Docs: ../shared/PROTOCOL.md section 10; https://trio.readthedocs.io/en/stable/reference-core.html
       https://docs.python.org/3/library/socket.html#socket.getaddrinfo
 """
