@@ -36,12 +36,14 @@ START_TIMEOUT_S = 30.0
 
 
 def need_haproxy() -> None:
-    """Skip, saying why, when the balancer or PID namespaces are not available here."""
+    """Skip the whole calling module, in one line saying why, when the balancer or PID
+    namespaces are not available here (call it at module level)."""
     if HAPROXY is None:
         pytest.skip("haproxy not installed (run .ci/haproxy: apt-get install haproxy); "
-                    "the multi-node tests need a real balancer")
+                    "the multi-node tests need a real balancer", allow_module_level=True)
     if UNSHARE is None or os.geteuid() != 0:
-        pytest.skip("the multi-node tests need root and unshare(1) for PID namespaces")
+        pytest.skip("the multi-node tests need root and unshare(1) for PID namespaces",
+                    allow_module_level=True)
 
 
 def free_ports(count: int) -> list[int]:

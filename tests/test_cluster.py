@@ -36,6 +36,8 @@ from conftest import PY, RawClient, py
 
 from ccx.client import Output, connect
 
+need_haproxy()
+
 FIRST, SECOND = 300, 200  # lines the printer writes before and after its input
 
 
@@ -56,7 +58,6 @@ PRINTER = py(
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    need_haproxy()
     fleet = Fleet(tmp_path_factory.mktemp("fleet"), 3, CCX_REPLAY_BYTES=str(256 * 1024))
     try:
         yield fleet
@@ -67,7 +68,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 @pytest.fixture
 def own_fleet(tmp_path: Path) -> Iterator[Fleet]:
     """A fleet this test may break (kill -9 a node)."""
-    need_haproxy()
     fleet = Fleet(tmp_path, 3)
     try:
         yield fleet
