@@ -38,6 +38,7 @@ from bench.wsclient import WsClient
 
 NODES = 4
 ATTACH_WORKERS = 32
+SEQUENTIAL = 100  # attaches measured one at a time after the concurrent pass
 LINE = b"0123456789" * 9 + b"abcdefghi\n"  # 100 bytes
 
 
@@ -139,13 +140,24 @@ async def attach_all(ports: dict[str, int], lb_port: int, count: int) -> dict[st
     async with trio.open_nursery() as nursery:
         for _ in range(ATTACH_WORKERS):
             nursery.start_soon(worker)
-    return {"sessions": count, "attached": len(request_s),
+    wall_s = time.perf_counter() - started
+    concurrent_request_s, concurrent_total_s = request_s[:], total_s[:]
+    # Then one at a time (a latency without queueing), a sample of SEQUENTIAL of them.
+    request_s.clear()
+    total_s.clear()
+    queue.extend(ids[:SEQUENTIAL])
+    await worker()
+    alone = {"attach_alone_p50_ms": _percentile(request_s, 0.5) * 1000,
+             "attach_alone_p99_ms": _percentile(request_s, 0.99) * 1000,
+             "connect_attach_alone_p50_ms": _percentile(total_s, 0.5) * 1000}
+    request_s[:], total_s[:] = concurrent_request_s, concurrent_total_s
+    return {**alone, "sessions": count, "attached": len(request_s),
             "success_rate": len(request_s) / count, "forwarded": forwarded,
             "attach_p50_ms": _percentile(request_s, 0.5) * 1000,
             "attach_p99_ms": _percentile(request_s, 0.99) * 1000,
             "connect_attach_p50_ms": _percentile(total_s, 0.5) * 1000,
             "connect_attach_p99_ms": _percentile(total_s, 0.99) * 1000,
-            "wall_s": time.perf_counter() - started, "failures": failures[:5]}
+            "wall_s": wall_s, "failures": failures[:5]}
 
 
 def _call(client: WsClient, method: str, params: dict[str, Any],

@@ -677,6 +677,9 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{fmt(att['attach_p99_ms'])} |",
                   f"| connect + attach p50 / p99 (ms) | {fmt(att['connect_attach_p50_ms'])} / "
                   f"{fmt(att['connect_attach_p99_ms'])} |",
+                  f"| one at a time: attach p50 / p99, connect + attach p50 (ms) | "
+                  f"{fmt(att.get('attach_alone_p50_ms'))} / {fmt(att.get('attach_alone_p99_ms'))}"
+                  f", {fmt(att.get('connect_attach_alone_p50_ms'))} |",
                   f"| lines, direct (MB/s, each run) | {hop['direct_mb_s']} |",
                   f"| lines, one forwarding hop (MB/s, each run) | {hop['hop_mb_s']} |",
                   f"| hop / direct (median of pairs) | {fmt(hop['ratio'], 2)}× "
