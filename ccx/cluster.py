@@ -49,6 +49,7 @@ log = get_logger("ccx.cluster")
 
 DIAL_TIMEOUT_S = 2.0  # dial + server.info of a peer; beyond it the peer is unreachable
 CALL_TIMEOUT_S = 4.0  # a forwarded request (but input) answers within 5 s, or -32008
+MAX_TOOL_WAIT_S = 600.0  # the longest wait_s read_output honours (ccx.mcp_tools.MAX_WAIT_S)
 SCOPE_TIMEOUT_S = 1.5  # `sessions {"scope": "cluster"}`: how long peers get to answer
 LINKED = frozenset({"attach", "watch", "unwatch", "input"})  # go over the caller's link
 RETRYABLE = frozenset({"status", "control", "resize", "attach", "watch", "unwatch",
@@ -170,16 +171,27 @@ class Cluster:
         links = self._links.setdefault(owner, {})
         key = f"mcp {version} {pooled.url}"
         conn = links.get(key)
+        # As for native requests, but `read_output` may wait `wait_s` by design and
+        # `send_input` waits for the child to read.
+        wait = arguments.get("wait_s") if name == "read_output" else 0
+        timeout = math.inf if name == "send_input" else CALL_TIMEOUT_S + (
+            min(float(wait), MAX_TOOL_WAIT_S) if isinstance(wait, int | float) and wait > 0
+            else 0.0)
         try:
             if conn is None or not conn.alive:
                 with trio.fail_after(DIAL_TIMEOUT_S):
                     conn = await self._dial_mcp(pooled, version)
                 links[key] = conn
-            return dict(await conn.client.call("tools/call", {"name": name,
-                                                              "arguments": arguments}))
+            with trio.fail_after(timeout):
+                return dict(await conn.client.call("tools/call", {"name": name,
+                                                                  "arguments": arguments}))
         except ServerError as exc:
             raise PassedOn(exc.code, exc.message, exc.data) from None
-        except (Unreachable, ConnectionLost, trio.TooSlowError):
+        except trio.TooSlowError:
+            if conn is not None:
+                self._drop(conn)
+            raise lost(target.node, "unreachable") from None
+        except (Unreachable, ConnectionLost):
             raise lost(target.node, "unreachable") from None
 
     async def _dial_mcp(self, pooled: Conn, version: str) -> Conn:
