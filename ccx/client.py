@@ -36,6 +36,10 @@ RECEIVE_BYTES = 256 * 1024
 # How every server notification starts on the wire (compact JSON, `ccx.protocol.notification`):
 # a relaying client passes such frames on without parsing them.
 NOTIFICATION_PREFIX = '{"jsonrpc":"2.0","method":'
+# Output a connection holds for its callers (delivered to a `RemoteSession`, not yet read
+# from `events()`): above it, the client stops reading the connection, so the server's send
+# blocks and the child is throttled (PROTOCOL.md 8), unless a call waits for its reply.
+MAX_HELD_OUTPUT_BYTES = 4 * 1024 * 1024
 
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a node name: a DNS label
@@ -149,8 +153,10 @@ def _event(method: str, params: dict[str, Any]) -> Event | None:
 class RemoteSession:
     """A session this client started (or attached to): its events in order, its controls.
 
-    Events are buffered without bound until read, so a caller may await `pause()` inside
-    its `async for` loop without deadlocking the connection; read them to keep memory flat.
+    Events wait here until read. While more than `MAX_HELD_OUTPUT_BYTES` of output waits
+    (over all sessions of the connection), the client stops reading the connection, so the
+    server and then the child are throttled; a call (`pause()` inside the `async for` loop,
+    say) still gets its reply: the client reads on while a call waits for one.
     With `linger` > 0 the session survives a dropped connection: the client re-dials,
     attaches with the last seq it saw, and `events()` goes on without a gap or duplicate.
     """
@@ -179,6 +185,8 @@ class RemoteSession:
             self.taken = True
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(event)
+            if isinstance(event, Output):  # held until events() reads it
+                self.client._hold(len(event.data))
         if isinstance(event, Detached):
             self._send.close()
 
@@ -194,6 +202,8 @@ class RemoteSession:
             except trio.EndOfChannel:
                 raise ConnectionLost(f"connection closed before session {self.id} completed")\
                     from None
+            if isinstance(event, Output):
+                self.client._release(len(event.data))
             yield event
             if isinstance(event, Completed | Detached):
                 return
@@ -240,6 +250,8 @@ class Client:
     _waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = attrs.field(factory=dict)
     _sessions: dict[str, RemoteSession] = attrs.field(factory=dict)
     _early: dict[str, list[Event]] = attrs.field(factory=dict)
+    _held: int = 0  # output bytes in sessions' channels, not yet read (MAX_HELD_OUTPUT_BYTES)
+    _room: trio.Event = attrs.field(factory=trio.Event)  # set when reading may go on
     _closing: bool = False
     closed: bool = False
     reconnects: int = 0
@@ -342,6 +354,9 @@ class Client:
     async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
         try:
             while True:
+                while self._held > MAX_HELD_OUTPUT_BYTES and not self._waiting:
+                    self._room = trio.Event()
+                    await self._room.wait()  # back-pressure: leave the rest in the socket
                 text = await ws.get_message()
                 if self.relay is not None and isinstance(text, str) \
                         and text.startswith(NOTIFICATION_PREFIX):
@@ -368,6 +383,14 @@ class Client:
         if channel is not None:
             channel.send_nowait(message)
 
+    def _hold(self, size: int) -> None:
+        self._held += size
+
+    def _release(self, size: int) -> None:
+        self._held -= size
+        if self._held <= MAX_HELD_OUTPUT_BYTES:
+            self._room.set()
+
     # ------------------------------------------------------------------------- calls
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -378,6 +401,7 @@ class Client:
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[request_id] = send
+        self._room.set()  # its reply may sit behind held output: read on until it comes
         message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
         try:
             await ws.send_message(json.dumps(message))

@@ -248,3 +248,58 @@ def test_drain_wait_timeout_undo_and_ps_node_column() -> None:
         if runner.poll() is None:
             runner.kill()
         stop_serve(server)
+
+
+
+
+ENDLESS = "import sys\nwhile True: sys.stdout.buffer.write(b'y' * 65536)"
+STALL_BOUND = 64 << 20  # held by the server (8 MiB), both socket buffers, the client (4 MiB)
+
+
+def _run_into_a_stalled_pipe(server: ServeProcess) -> tuple[subprocess.Popen[bytes], str]:
+    """`ccx run` of an endless writer, its stdout a pipe nobody reads; return it and the
+    session id once the child stands still (ccx's own count stops moving below the bound)."""
+    runner = subprocess.Popen([CCX, "run", "--", PY, "-c", ENDLESS], env=server.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    rows: list[bytes] = []
+    while len(rows) < 2:  # the header and its session
+        assert time.monotonic() < deadline and runner.poll() is None
+        rows = ccx(server, "ps").stdout.splitlines()
+    sid = rows[1].split()[0].decode()
+    seen = -1
+    while True:  # until the child stands still (nobody reads: it must, soon)
+        assert time.monotonic() < deadline, f"still growing: {seen} bytes"
+        status = json.loads(ccx(server, "status", "--json", sid).stdout)
+        assert status["status"] == "running", status
+        assert status["stdout_bytes"] < STALL_BOUND, status
+        if status["stdout_bytes"] == seen:
+            return runner, sid
+        seen = status["stdout_bytes"]
+        time.sleep(1.0)  # a second of no progress at all, between two ccx reads
+
+
+def test_run_into_a_stalled_pipe_throttles_the_child(serve: ServeProcess) -> None:
+    # `ccx run ... | consumer` where the consumer stops reading: the client must stop reading
+    # the connection (bounded buffering), so the server's send blocks and the child is
+    # throttled, as with any slow client (PROTOCOL.md 8). A client that buffers everything
+    # lets the child run on and its own memory grow without bound.
+    runner, _ = _run_into_a_stalled_pipe(serve)
+    runner.kill()
+    runner.wait(timeout=15)
+
+
+def test_drain_wait_exits_1_when_a_session_is_still_busy_at_the_deadline(
+        serve: ServeProcess) -> None:
+    # An owner that stopped reading keeps its session busy after the drain timeout cancels
+    # it: its completion is still owed. `--wait` then gives up at T + kill grace + margin and
+    # says so (exit 1), as a preStop hook needs.
+    runner, _ = _run_into_a_stalled_pipe(serve)
+    try:
+        done = ccx(serve, "drain", "--wait", "--timeout", "0.5")
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert b"1 sessions still live at the deadline" in done.stderr, done.stderr
+        assert json.loads(done.stdout.splitlines()[0]) == {"draining": True, "sessions": 1}
+    finally:
+        runner.kill()
+        runner.wait(timeout=15)
