@@ -120,7 +120,9 @@ async def test_sessions_of_every_node_are_served_by_every_node(
             outputs, done = await _completed(on[name], sid)
             _check_stream(outputs)
             assert done["status"] == "exited" and done["exit_code"] == 0
-        # The watcher saw the pause where it happened; the owner node's answer is passed on.
+        assert await on[watcher].result("unwatch", session_id=sid) == {
+            "session_id": sid, "watching": False}
+        # An ended session's state error, as the owner node said it, is passed on.
         error = await on[attacher].error("control", session_id=sid, type="PAUSE")
         assert error["code"] == -32004 and error["data"]["status"] == "exited"
 
