@@ -686,6 +686,12 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             5, "ms", False)
         add("CANCEL p99 < 50 ms (until process.completed)",
             control["cancel_completed_s"]["p99"] * 1e3, 50, "ms", False)
+    cluster = results.get("cluster") or {}
+    if "attach" in cluster:
+        add(f"cluster: {cluster['attach']['sessions']} attaches by id through the balancer",
+            cluster["attach"]["success_rate"] * 100, 100, "%", True)
+        add("cluster: one forwarding hop ≥ 0.7× direct (lines)", cluster["hop"]["ratio"],
+            0.7, "×", True)
     short = next((r for r in results.get("concurrency") or []
                   if r["case"] == "short" and r["peer"] == "ccx"), None)
     if short:
@@ -810,6 +816,25 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fmt(memory['rss_peak'] / MIB, 0)} | {fmt(memory['held_while_detached'] / MB, 0)}"
             f" | {fmt(memory['spool_peak'] / MIB, 0)} | {fmt(memory['read_back_mb_s'])} | "
             f"{memory['bytes_lost']} | {memory['failures']} |")
+    cluster = results.get("cluster") or {}
+    if "attach" in cluster:
+        att, hop = cluster["attach"], cluster["hop"]
+        lines += ["", f"### Cluster: {cluster['nodes']} nodes behind HAProxy (round-robin, no "
+                  "routing rules)", "",
+                  "| measure | value |", "|---|---|",
+                  f"| sessions attached by id on fresh connections | {att['attached']} / "
+                  f"{att['sessions']} ({att['forwarded']} forwarded) |",
+                  f"| attach request p50 / p99 (ms) | {fmt(att['attach_p50_ms'])} / "
+                  f"{fmt(att['attach_p99_ms'])} |",
+                  f"| connect + attach p50 / p99 (ms) | {fmt(att['connect_attach_p50_ms'])} / "
+                  f"{fmt(att['connect_attach_p99_ms'])} |",
+                  f"| one at a time: attach p50 / p99, connect + attach p50 (ms) | "
+                  f"{fmt(att.get('attach_alone_p50_ms'))} / {fmt(att.get('attach_alone_p99_ms'))}"
+                  f", {fmt(att.get('connect_attach_alone_p50_ms'))} |",
+                  f"| lines, direct (MB/s, each run) | {hop['direct_mb_s']} |",
+                  f"| lines, one forwarding hop (MB/s, each run) | {hop['hop_mb_s']} |",
+                  f"| hop / direct (median of pairs) | {fmt(hop['ratio'], 2)}× "
+                  f"(load average {fmt(hop.get('load_average'), 1)}) |"]
     return "\n".join(lines) + "\n"
 
 
@@ -868,7 +893,7 @@ def plot(rows: list[dict[str, Any]], path: Path, sizes: Sizes) -> None:
 
 
 WORKLOADS = ("client_alone", "lines", "small_lines", "binary", "firehose", "control_latency",
-             "concurrency", "spawn", "shutdown", "memory")
+             "concurrency", "spawn", "shutdown", "memory", "cluster")
 SHUTDOWN_SIZES = {"full": (10, 100, 1000), "quick": (10, 100)}
 SHUTDOWN_RUNS = 3  # each size, each on a fresh server: the spread matters on a busy machine
 
@@ -883,6 +908,16 @@ def workload_shutdown(mode: str) -> list[dict[str, Any]]:
             rows.append(json.loads(done.stdout.decode().splitlines()[-1]))
             print(f"shutdown {count}: {rows[-1]['exit_s']} s", file=sys.stderr)
     return rows
+
+
+def workload_cluster(mode: str) -> dict[str, Any]:
+    """4 nodes behind HAProxy (`bench/cluster.py`, its own process): attach by id, one hop."""
+    done = subprocess.run([sys.executable, "-m", "bench.cluster",
+                           *(["--quick"] if mode == "quick" else [])],
+                          cwd=ROOT, capture_output=True, timeout=1200, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.decode().splitlines()[-1])
+    print(f"cluster: {json.dumps(result)[:300]}", file=sys.stderr)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -951,6 +986,8 @@ def main(argv: list[str] | None = None) -> int:
         results["shutdown"] = workload_shutdown(results["mode"])
     if "memory" in only:  # this checkout only: ccx-before holds it all in memory
         results["memory"] = workload_memory(ccx_peers[0], sizes, inputs["lines"])
+    if "cluster" in only:
+        results["cluster"] = workload_cluster(results["mode"])
     results["goals"] = goals(results)
     results["runtime_s"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

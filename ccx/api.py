@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 import structlog
+import trio
 
 from ccx import __version__
 from ccx.log import get_logger
@@ -75,6 +76,25 @@ async def execute(call: Call) -> dict[str, object]:
             "pgid": session.group.pgid}
 
 
+async def _forwarded(call: Call, method: str, *, relays: bool = False) -> dict[str, object] | None:
+    """PROTOCOL.md 10: if the params name a session of another node, the owning node's
+    answer to this very request (its error passed on as it is; -32008 if it is lost); None
+    to serve it here. *relays* (attach, watch): the session's notifications that follow on
+    the caller's link wait until this request's response is sent."""
+    params = call.params if isinstance(call.params, dict) else None
+    if params is None:
+        return None
+    target = call.manager.cluster.route(params.get("session_id"))
+    if target is None:
+        return None
+    gate = None
+    if relays and call.owner is not None:
+        gate = trio.Event()
+        call.after_response.append(gate.set)
+    result = await call.manager.cluster.forward(target, method, params, call.owner, gate)
+    return dict(result)
+
+
 def _target(call: Call, session_id: str | None) -> Session:
     if session_id is not None:
         return call.manager.get(session_id)
@@ -88,6 +108,8 @@ def _target(call: Call, session_id: str | None) -> Session:
 
 
 async def control(call: Call) -> dict[str, object]:
+    if (forwarded := await _forwarded(call, "control")) is not None:
+        return forwarded
     params = structure_params(call.params, ControlParams)
     session = _target(call, params.session_id)
     started = time.perf_counter()
@@ -102,6 +124,8 @@ async def control(call: Call) -> dict[str, object]:
 
 
 async def input_(call: Call) -> dict[str, object]:
+    if (forwarded := await _forwarded(call, "input")) is not None:
+        return forwarded
     params = structure_params(call.params, InputParams)
     session = call.manager.get(params.session_id)
     if params.encoding == "base64":
@@ -119,6 +143,8 @@ async def input_(call: Call) -> dict[str, object]:
 
 
 async def resize(call: Call) -> dict[str, object]:
+    if (forwarded := await _forwarded(call, "resize")) is not None:
+        return forwarded
     params = structure_params(call.params, ResizeParams)
     session = call.manager.get(params.session_id)
     return {"session_id": session.id, **session.resize(params.cols, params.rows)}
@@ -126,10 +152,15 @@ async def resize(call: Call) -> dict[str, object]:
 
 async def sessions(call: Call) -> dict[str, object]:
     params = structure_params(call.params, SessionsParams)
-    return {"sessions": [attrs.asdict(s.info()) for s in call.manager.all(params.tag)]}
+    infos = [attrs.asdict(s.info()) for s in call.manager.all(params.tag)]
+    if params.scope == "cluster":  # PROTOCOL.md 10: every node reached, and who was not
+        return await call.manager.cluster.sessions(infos, params.tag)
+    return {"sessions": infos}
 
 
 async def attach(call: Call) -> dict[str, object]:
+    if (forwarded := await _forwarded(call, "attach", relays=True)) is not None:
+        return forwarded
     params = structure_params(call.params, AttachParams)
     if call.owner is None:
         raise InvalidState("attach needs a connection to deliver to")
@@ -141,6 +172,8 @@ async def attach(call: Call) -> dict[str, object]:
 
 async def watch(call: Call) -> dict[str, object]:
     """PROTOCOL.md section 11: as `attach`, but the session stays where it is."""
+    if (forwarded := await _forwarded(call, "watch", relays=True)) is not None:
+        return forwarded
     params = structure_params(call.params, AttachParams)
     if call.owner is None:
         raise InvalidState("watch needs a connection to deliver to")
@@ -151,6 +184,8 @@ async def watch(call: Call) -> dict[str, object]:
 
 
 async def unwatch(call: Call) -> dict[str, object]:
+    if (forwarded := await _forwarded(call, "unwatch")) is not None:
+        return forwarded
     params = structure_params(call.params, SessionParams)
     if call.owner is not None:
         call.manager.unwatch(params.session_id, call.owner)
@@ -158,6 +193,8 @@ async def unwatch(call: Call) -> dict[str, object]:
 
 
 async def status(call: Call) -> dict[str, object]:
+    if (forwarded := await _forwarded(call, "status")) is not None:
+        return forwarded
     params = structure_params(call.params, SessionParams)
     return attrs.asdict(call.manager.get(params.session_id).info())
 
@@ -178,6 +215,8 @@ async def server_info(call: Call) -> dict[str, object]:
     settings = call.manager.settings
     capabilities = ["execute", "control", "input", "stdin", "base64", "batch", "timeout",
                     "linger", "attach", "replay", "pty", "resize", "drain", "watch"]
+    if settings.node_name is not None:
+        capabilities.append("cluster")  # PROTOCOL.md 10: forwarding, scope "cluster"
     if settings.allow_shell:
         capabilities.append("shell")
     return {
@@ -230,7 +269,8 @@ def error_reply(request_id: RequestId, exc: Exception) -> tuple[dict[str, object
     """The response for a request that raised *exc*, and its log outcome: an `RpcError` as
     itself, anything else as -32603 with its traceback logged. Call it in the except block."""
     if isinstance(exc, RpcError):
-        return error_response(request_id, exc), f"error {exc.code}"
+        reply = error_response(request_id, exc)
+        return reply, f"error {exc.to_json()['code']}"
     log.exception("request_crashed")
     return error_response(request_id, InternalError(f"Internal error: {exc!r}")), "error -32603"
 

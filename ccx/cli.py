@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(ps)
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.add_argument("--tag", help="only sessions with this tag")
+    ps.add_argument("--all", action="store_true",
+                    help="every node's sessions (PROTOCOL.md 10, scope cluster), and which "
+                    "nodes did not answer")
 
     drain = commands.add_parser(
         "drain", help="stop the node taking new sessions (PROTOCOL.md 10)",
@@ -402,13 +405,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _ps(args: argparse.Namespace, params: dict[str, Any]) -> tuple[str | None, Any]:
-    """The server's node name (None without CCX_NODE_NAME) and its sessions, one connection."""
+    """The server's node name (None without CCX_NODE_NAME) and its sessions (with --all the
+    whole result of scope cluster: sessions and unreachable), one connection."""
     from ccx.client import connect
 
     async def go() -> tuple[str | None, Any]:
         async with connect(args.url, args.token) as client:
             info = await client.call("server.info", {})
-            return info.get("node"), (await client.call("sessions", params))["sessions"]
+            result = await client.call("sessions", params)
+            return info.get("node"), result if args.all else result["sessions"]
 
     return trio.run(go)
 
@@ -493,20 +498,28 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "ps":
-            params = {"tag": args.tag} if args.tag is not None else {}
-            node, sessions = _ps(args, params)
+            params: dict[str, Any] = {"tag": args.tag} if args.tag is not None else {}
+            if args.all:
+                params["scope"] = "cluster"
+            node, result = _ps(args, params)
             if args.json:
-                print(json.dumps(sessions, indent=2))
+                print(json.dumps(result, indent=2))
                 return 0
+            sessions = result["sessions"] if args.all else result
+            nodes = [s.get("node") or node or "" for s in sessions] if args.all \
+                else [node or "" for _ in sessions]
+            node_width = max([len(n) for n in [node or "", *nodes]])
             width = max([32, *(len(s["session_id"]) for s in sessions)])
-            node_head = f"{'NODE':{len(node)}}  " if node else ""
+            node_head = f"{'NODE':{max(node_width, 4)}}  " if node_width else ""
             print(f"{node_head}{'ID':{width}}  {'STATUS':10} {'PID':>7} {'AGE':>5} {'OUT':>6}"
                   "  COMMAND")
-            for s in sessions:
+            for s, on in zip(sessions, nodes, strict=True):
                 out = _bytes(s["stdout_bytes"] + s["stderr_bytes"])
-                node_cell = f"{node}  " if node else ""
+                node_cell = f"{on:{max(node_width, 4)}}  " if node_width else ""
                 print(f"{node_cell}{s['session_id']:{width}}  {s['status']:10} {s['pid']:>7} "
                       f"{_age(s['started_at']):>5} {out:>6}  {' '.join(s['command'])}")
+            for down in result.get("unreachable", []) if args.all else []:
+                print(f"{down}: unreachable (its sessions are not listed)")
         elif args.command == "status":
             info = _client_call(args, "status", {"session_id": args.session_id})
             if args.json:

@@ -15,7 +15,10 @@ import contextlib
 import itertools
 import json
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+import os
+import re
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,10 +30,19 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what we accept from a server, well above
 RECONNECT_FIRST_S = 0.05  # first re-dial delay after a dropped connection; doubles each try
 RECONNECT_MAX_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
+# One socket read takes up to this much (trio-websocket's default is 4 KiB: 16 trips through
+# its reader and wsproto per 64 KiB output chunk; a node relaying for another feels it most).
+RECEIVE_BYTES = 256 * 1024
+# How every server notification starts on the wire (compact JSON, `ccx.protocol.notification`):
+# a relaying client passes such frames on without parsing them.
+NOTIFICATION_PREFIX = '{"jsonrpc":"2.0","method":'
 # Output a connection holds for its callers (delivered to a `RemoteSession`, not yet read
 # from `events()`): above it, the client stops reading the connection, so the server's send
 # blocks and the child is throttled (PROTOCOL.md 8), unless a call waits for its reply.
 MAX_HELD_OUTPUT_BYTES = 4 * 1024 * 1024
+
+
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a node name: a DNS label
 
 
 class ServerError(Exception):
@@ -45,6 +57,24 @@ class ServerError(Exception):
 
 class ConnectionLost(Exception):
     """The connection closed before the answer (or the session's completion) arrived."""
+
+
+def node_of(session_id: str) -> str | None:
+    """The node named by a session id `<node>.<incarnation>.<rest>` (PROTOCOL.md 10), or
+    None for an id without that prefix."""
+    parts = session_id.split(".", 2)
+    if len(parts) == 3 and all(parts) and _LABEL.fullmatch(parts[0]):
+        return parts[0]
+    return None
+
+
+def with_node(url: str, node: str) -> str:
+    """*url* with its query parameter `node` set to *node* (others kept)."""
+    split = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(split.query, keep_blank_values=True)
+             if k != "node"]
+    query.append(("node", node))
+    return urllib.parse.urlunsplit(split._replace(query=urllib.parse.urlencode(query)))
 
 
 @attrs.frozen
@@ -226,13 +256,21 @@ class Client:
     _closing: bool = False
     closed: bool = False
     reconnects: int = 0
+    # Set: every notification's text goes to it, awaited before the next frame is read (a
+    # node forwarding for its own client: back-pressure end to end, `ccx.cluster`), and no
+    # re-dial happens. Responses still answer `call()`.
+    relay: Callable[[str], Awaitable[None]] | None = None
+    subprotocols: list[str] | None = None  # offered in the handshake (["mcp"]: an MCP peer)
+    ended: trio.Event = attrs.field(factory=trio.Event)  # set once the connection is gone
 
     # ------------------------------------------------------------------------- connection
 
-    async def _dial(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+    async def _dial(self, nursery: trio.Nursery,
+                    url: str | None = None) -> trio_websocket.WebSocketConnection:
         headers = [(b"Authorization", f"Bearer {self.token}".encode())] if self.token else None
         return await trio_websocket.connect_websocket_url(
-            nursery, self.url, extra_headers=headers, max_message_size=MAX_MESSAGE_BYTES)
+            nursery, url or self.url, extra_headers=headers, subprotocols=self.subprotocols,
+            max_message_size=MAX_MESSAGE_BYTES, receive_buffer_size=RECEIVE_BYTES)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the connection: dial, read, and re-dial while lingering sessions need it."""
@@ -258,10 +296,11 @@ class Client:
                     # now would leave aclose() waiting), but not forever.
                     nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
                 self._fail_waiting()
-                if self._closing or not self._lingering():
+                if self._closing or self.relay is not None or not self._lingering():
                     return
         finally:
             self.closed = True
+            self.ended.set()
             self._fail_waiting()
             for session in self._sessions.values():
                 session._send.close()
@@ -270,13 +309,26 @@ class Client:
         return [s for s in self._sessions.values()
                 if s.linger > 0 and s.result is None and not s.taken]
 
+    def redial_url(self) -> str:
+        """Where to dial again for the lingering sessions (PROTOCOL.md 10): their node, named
+        in their ids, through `CCX_PEER_URL` when this client's environment sets it (a client
+        inside the cluster), else the entry URL with `?node=<node>` for a proxy that routes
+        on it (ccx ignores the parameter). Without a node name: the entry URL."""
+        nodes = [n for n in (node_of(s.id) for s in self._lingering()) if n is not None]
+        if not nodes:
+            return self.url
+        template = os.environ.get("CCX_PEER_URL")
+        if template and "{node}" in template:
+            return template.replace("{node}", nodes[0])
+        return with_node(self.url, nodes[0])
+
     async def _redial(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection | None:
         """Re-dial with exponential backoff for as long as the longest linger lasts."""
         deadline = trio.current_time() + max(s.linger for s in self._lingering())
         delay = RECONNECT_FIRST_S
         while trio.current_time() < deadline and not self._closing:
             try:
-                return await self._dial(nursery)
+                return await self._dial(nursery, self.redial_url())
             except (OSError, trio_websocket.HandshakeError):
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
@@ -306,7 +358,12 @@ class Client:
                 while self._held > MAX_HELD_OUTPUT_BYTES and not self._waiting:
                     self._room = trio.Event()
                     await self._room.wait()  # back-pressure: leave the rest in the socket
-                message = json.loads(await ws.get_message())
+                text = await ws.get_message()
+                if self.relay is not None and isinstance(text, str) \
+                        and text.startswith(NOTIFICATION_PREFIX):
+                    await self.relay(text)  # waits while the relay's reader is slow
+                    continue
+                message = json.loads(text)
                 for item in message if isinstance(message, list) else [message]:
                     self._dispatch(item)
         except trio_websocket.ConnectionClosed:
@@ -358,6 +415,17 @@ class Client:
             error = reply["error"]
             raise ServerError(error.get("code", 0), error.get("message", ""), error.get("data"))
         return reply["result"]
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send a JSON-RPC notification (no answer)."""
+        ws = self.ws
+        if self.closed or ws is None:
+            raise ConnectionLost("connection is closed")
+        message = {"jsonrpc": "2.0", "method": method, "params": params or {}}
+        try:
+            await ws.send_message(json.dumps(message))
+        except trio_websocket.ConnectionClosed:
+            raise ConnectionLost(f"connection closed during {method}") from None
 
     def _register(self, session_id: str, pid: int, pgid: int, linger: float) -> RemoteSession:
         send, receive = trio.open_memory_channel[Event](math.inf)

@@ -74,6 +74,42 @@ def _log_format(text: str) -> str:
     return fmt
 
 
+# CCX_PEERS parsed: the static map's (name, url) pairs, and dns:HOST:PORT as (HOST, PORT).
+Peers = tuple[tuple[tuple[str, str], ...], tuple[str, int] | None]
+
+
+def _peers(text: str) -> Peers | None:
+    """CCX_PEERS: `name=ws://host:port/ws,...`, or `dns:HOST:PORT`."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith("dns:"):
+        host, _, port = text[4:].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected dns:HOST:PORT")
+        return (), (host.strip("[]"), int(port))
+    pairs = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        name, sep, url = (part.strip() for part in item.partition("="))
+        if not sep or not NODE_NAME.fullmatch(name):
+            raise ValueError(f"expected name=ws://host:port/ws, got {item!r}")
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"{name}: the URL must start with ws:// or wss://")
+        pairs.append((name, url))
+    return tuple(pairs), None
+
+
+def _peer_url(text: str) -> str | None:
+    """CCX_PEER_URL: a ws:// or wss:// URL with `{node}` in it."""
+    text = text.strip()
+    if not text:
+        return None
+    if "{node}" not in text or not text.startswith(("ws://", "wss://")):
+        raise ValueError("expected a ws:// URL with {node} in it, e.g. "
+                         "ws://{node}.ccx-pods:8003/ws")
+    return text
+
+
 def setting(default: Any, parse: Callable[[str], Any], help_line: str) -> Any:
     """A `Settings` field that is also the variable `CCX_<NAME>` and the flag `--<name>`:
     its default, its parser (variable text to value) and its help line, written once."""
@@ -193,6 +229,13 @@ class Settings:
     node_name: str | None = setting(None, _optional_str,
         "this node's name, a DNS label (e.g. the pod name): session ids become "
         "<node>.<incarnation>.<rest> (PROTOCOL.md 10)")
+    peers: tuple[tuple[tuple[str, str], ...], tuple[str, int] | None] | None = setting(
+        None, _peers,
+        "the other nodes (PROTOCOL.md 10): name=ws://host:port/ws,... (may list this node), "
+        "or dns:HOST:PORT (every address of HOST is a node, asked its name)")
+    peer_url: str | None = setting(None, _peer_url,
+        "a URL with {node} reaching a node CCX_PEERS does not map, e.g. "
+        "ws://{node}.ccx-pods:8003/ws")
     drain_timeout: float = setting(0.0, float,
         "seconds SIGTERM lets sessions run on (draining: no new ones) before cancelling "
         "the rest and shutting down; 0 = cancel at once")
@@ -248,6 +291,9 @@ class Settings:
             raise ConfigError(f"CCX_NODE_NAME: {self.node_name!r} is not a DNS label (1-63 "
                               "characters of a-z, 0-9 and '-', starting and ending with a "
                               "letter or digit)")
+        if (self.peers or self.peer_url) and self.node_name is None:
+            raise ConfigError("CCX_PEERS and CCX_PEER_URL need CCX_NODE_NAME: ids must name "
+                              "their node for requests to be forwarded")
         if self.head_timeout <= 0:
             raise ConfigError("CCX_HEAD_TIMEOUT: must be positive")
         if self.token_file is not None:

@@ -32,6 +32,7 @@ import attrs
 import structlog
 import trio
 
+from ccx.cluster import Cluster
 from ccx.config import Settings
 from ccx.descendants import SESSION_ENV, adopted_by_session
 from ccx.log import get_logger
@@ -135,6 +136,10 @@ class SessionManager:
     held: HeldBudget = attrs.field(
         default=attrs.Factory(lambda self: HeldBudget(self.settings.max_held_bytes),
                               takes_self=True))
+    # the other nodes and the connections to them (PROTOCOL.md 10; ccx.cluster)
+    cluster: Cluster = attrs.field(
+        default=attrs.Factory(lambda self: Cluster(self.settings, self.incarnation),
+                              takes_self=True))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host session tasks until cancelled; cancelling it still empties every group."""
@@ -147,6 +152,7 @@ class SessionManager:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.cluster.run)
                 if self.settings.track_interval > 0:
                     nursery.start_soon(self._track_descendants)
                 nursery.start_soon(self._sweep_expired)
@@ -497,6 +503,7 @@ class SessionManager:
         """The owner's connection closed: end its watches (PROTOCOL.md 11), detach its
         sessions; cancel those without linger (PROTOCOL.md 5); start the linger clock of the
         others."""
+        self.cluster.release(owner)  # its links to other nodes close: the same, there
         for watched in self._sessions.values():
             watcher = watched.watchers.pop(owner, None)
             if watcher is not None:

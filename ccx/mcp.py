@@ -378,8 +378,16 @@ class McpEndpoint:
             raise InvalidParams(f"Unknown tool: {name}", {"tools": list(TOOLS)})
         meta = params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
-        call = ToolCall(self, params.get("arguments") or {}, token)
+        arguments = params.get("arguments") or {}
+        call = ToolCall(self, arguments, token)
         try:
+            # PROTOCOL.md 10: a tool naming another node's session runs there (ccx.cluster)
+            target = self.manager.cluster.route(arguments.get("session_id")) \
+                if isinstance(arguments, dict) else None
+            if target is not None:
+                assert self.protocol_version is not None
+                return await self.manager.cluster.forward_tool(
+                    target, tool.name, arguments, self, self.protocol_version)
             result = await tool.run(call)
         except RpcError as exc:  # not allowed, not found, spawn failed...: a tool failure
             text = exc.message if exc.data is None else f"{exc.message} {json.dumps(exc.data)}"

@@ -98,6 +98,29 @@ class NodeDraining(RpcError):
     code = -32007
 
 
+class SessionLost(RpcError):
+    """The session's node cannot be reached or has restarted (PROTOCOL.md 10);
+    `data: {"node", "reason": "unreachable" | "restarted"}`. Never -32002 for such an id."""
+
+    code = -32008
+
+
+class PassedOn(RpcError):
+    """An error the owning node answered to a forwarded request (PROTOCOL.md 10): passed on
+    as it is, whatever its code (-32002 included)."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        super().__init__(message)
+        self.passed_code = code
+        self.passed_data = data
+
+    def to_json(self) -> dict[str, object]:
+        error: dict[str, object] = {"code": self.passed_code, "message": self.message}
+        if self.passed_data is not None:
+            error["data"] = self.passed_data
+        return error
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing frames.
 
@@ -304,6 +327,7 @@ class DrainParams:
 @attrs.frozen
 class SessionsParams:
     tag: str | None = None
+    scope: Literal["node", "cluster"] = "node"  # PROTOCOL.md 10: "cluster" asks every node
 
 
 @attrs.frozen

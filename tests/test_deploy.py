@@ -595,8 +595,9 @@ def test_kubernetes_manifests_match_the_api_schemas() -> None:
     kubernetes_validate = validator()
     found = list(manifests())
     kinds = {document["kind"] for _, document in found}
-    assert {"StatefulSet", "Service", "Secret", "Ingress", "PodDisruptionBudget",
+    assert {"StatefulSet", "Service", "Secret", "PodDisruptionBudget",
             "HorizontalPodAutoscaler"} <= kinds, kinds
+    assert "Ingress" not in kinds, "ingress-nginx is retired: deploy/routing/ instead"
     assert "Deployment" not in kinds, "pods have stable names: a StatefulSet"
     for version in kubernetes_versions(kubernetes_validate):
         for path, document in found:
@@ -714,24 +715,53 @@ def test_kubernetes_objects_point_at_each_other() -> None:
         assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["behavior"]["scaleDown"]
     assert "replicas" not in statefulset["spec"], "the HPA owns the replica count"
 
-    ingress = only("Ingress")
-    annotations = ingress["metadata"]["annotations"]
-    for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
-        assert int(annotations[f"nginx.ingress.kubernetes.io/{timeout}"]) >= 3600
-    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-    assert "/metrics" not in {p["path"] for p in paths}, "metrics stay inside the cluster"
-    assert any(p["path"] == "/ws" for p in paths)
-    for path in paths:
-        backend = path["backend"]["service"]
-        assert backend["name"] in services
-        assert backend["port"]["name"] in {p["name"] for p in services[backend["name"]]["spec"][
-            "ports"]}
-
     (kustomization,) = load_yaml_documents(K8S / "kustomization.yaml")
     listed = set(kustomization["resources"])
     assert all((K8S / name).is_file() for name in listed)
     top_level = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == top_level - {"secret.example.yaml"}, "the Secret stays out of git-applied"
+
+
+# -------------------------------------------------------------------------------- routing
+
+
+ROUTING = DEPLOY / "routing"
+
+
+def test_haproxy_routing_config_is_valid_and_routes_every_node() -> None:
+    """deploy/routing/haproxy.cfg passes `haproxy -c`, checks /ready, and has a use-server
+    rule for every server it lists (tests/test_cluster.py runs these rules for real)."""
+    text = (ROUTING / "haproxy.cfg").read_text()
+    servers = re.findall(r"^\s+server (\S+) ", text, re.M)
+    rules = re.findall(r"use-server (\S+) if \{ url_param\(node\) -m str (\S+) \}", text)
+    assert all(server == node for server, node in rules), rules
+    assert servers and set(servers) == {server for server, _ in rules}, text
+    assert "uri /ready" in text and "force-persist" in text and "balance roundrobin" in text
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy not installed (run .ci/haproxy): `haproxy -c` not run")
+    check = subprocess.run([haproxy, "-c", "-f", str(ROUTING / "haproxy.cfg")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_nginx_and_gateway_routing_examples_route_on_node() -> None:
+    nginx = (ROUTING / "nginx.conf").read_text()
+    assert "$arg_node" in nginx and "map $http_mcp_session_id" in nginx
+    assert "proxy_pass http://$ccx_backend" in nginx
+    assert "ccx-pods" in nginx and "Upgrade $http_upgrade" in nginx
+    documents = load_yaml_documents(ROUTING / "gateway.yaml")
+    (route,) = [d for d in documents if d["kind"] == "HTTPRoute"]
+    services = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Service"}
+    for rule in route["spec"]["rules"]:
+        (backend,) = rule["backendRefs"]
+        params = [q for m in rule["matches"] for q in m.get("queryParams", [])]
+        if params:  # ?node=<pod> goes to that pod's own Service
+            assert {q["value"] for q in params} == {backend["name"]}
+            assert services[backend["name"]]["spec"]["selector"] == {
+                "statefulset.kubernetes.io/pod-name": backend["name"]}
+        else:  # the rest: the ready pods
+            assert backend["name"] == "ccx"
 
 
 # -------------------------------------------------------------------------------------- docs
@@ -748,7 +778,8 @@ def test_readme_and_docs_describe_the_deployment() -> None:
         assert (ROOT / path).exists() or path in ignored, f"README names a missing {path}"
 
     guide = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
-    for topic in ("Many replicas", "Rolling updates", "ccx-pods", "OnDelete", "/ready",
+    for topic in ("Many nodes", "deploy/routing", "ingress-nginx is retired", "ccx ps --all",
+                  "Rolling updates", "ccx-pods", "OnDelete", "/ready",
                   "ccx drain --wait", "terminationGracePeriodSeconds", "sessionAffinity",
                   "attach", "publishNotReadyAddresses", "volumeClaimTemplates"):
         assert topic.lower() in guide.lower(), f"docs/deploy.md says nothing about {topic!r}"

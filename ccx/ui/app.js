@@ -117,7 +117,9 @@ function renderList() {
 async function refreshList() {
   if (!app.rpc.open) return;
   try {
-    const result = await app.rpc.request('sessions');
+    // Many nodes (PROTOCOL.md 10): every node's sessions; opening one is forwarded to its node.
+    const fleet = app.serverInfo?.capabilities?.includes('cluster');
+    const result = await app.rpc.request('sessions', fleet ? { scope: 'cluster' } : {});
     app.sessions = result.sessions.sort((a, b) => b.started_at.localeCompare(a.started_at));
     renderList();
   } catch { /* reconnecting */ }
