@@ -376,8 +376,7 @@ class SessionManager:
 
     def _check_limits(self, owner: Owner | None) -> None:
         if self.draining:
-            raise NodeDraining(f"node draining: {self.settings.node_name or 'this server'} "
-                               "takes no new sessions", {"node": self.settings.node_name})
+            raise NodeDraining("node draining", {"node": self.settings.node_name})
         if not self._accepting:
             raise LimitReached("server is shutting down")
         live = self.counted()
@@ -401,6 +400,8 @@ class SessionManager:
 
         The session sends nothing until `Session.announce()` (after the execute response).
         """
+        if self.draining:  # before any other check: a draining node answers -32007 alone
+            self._check_limits(owner)
         if params.timeout is not None and params.timeout <= 0:
             raise InvalidParams("Invalid params: timeout must be positive")
         if params.kill_grace is not None and params.kill_grace < 0:

@@ -42,6 +42,11 @@ async def test_draining_node_refuses_execute_and_serves_the_rest(
     assert status == 200  # liveness is not readiness
     error = await client.error("execute", {"command": ["true"]})
     assert error["code"] == -32007 and error["data"] == {"node": "ccx-0"}, error
+    assert error["message"] == "node draining", error  # PROTOCOL.md 10's words
+    # -32007 comes before any other check (a router may re-route on it)
+    for params in ({"command": ["no-such-binary-xyz"]}, {"command": ["true"], "timeout": -1}):
+        error = await client.error("execute", params)
+        assert error["code"] == -32007, (params, error)
     info = await client.result("server.info")
     assert info["draining"] is True and info["node"] == "ccx-0"
 
