@@ -502,22 +502,24 @@ async def test_podman_stop_cancels_sessions(image: str, containers: Containers) 
     """`podman stop`: ccx cancels every session (each client gets process.completed with
     status "cancelled"), exits 0 within kill grace + 2 s, and no process is left.
 
-    What `ccx run` exits with on such a cancellation is the child's own ending: 143 for a
-    command that SIGTERM ends, 0 for one that handles SIGTERM and exits 0, 137 for one that
-    needed SIGKILL. Only the completion's status tells a cancellation apart.
+    What `ccx run` exits with on such a cancellation (README): 128+N of the signal that ended
+    the job, 143 for a command that SIGTERM ends, 137 for one that needed SIGKILL, and 143 too
+    for one that handles SIGTERM and exits 0 (a cancelled job never reports success); each
+    says on stderr that the session was cancelled, with reason "shutdown".
     """
     box = containers.start(image, env={"CCX_KILL_GRACE": str(KILL_GRACE_S)})
     env = {**os.environ, "CCX_TOKEN": box.token}
-    commands = {
-        143: "echo ready; exec sleep 600",
-        0: "trap 'exit 0' TERM; echo ready; while :; do sleep 0.1; done",
-        137: "trap '' TERM; echo ready; while :; do sleep 0.1; done",
-    }
-    runs = {code: subprocess.Popen([CCX, "run", "--url", box.url, "--", "sh", "-c", script],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-            for code, script in commands.items()}
+    commands = [
+        (143, "echo ready; exec sleep 600"),
+        (143, "trap 'exit 0' TERM; echo ready; while :; do sleep 0.1; done"),
+        (137, "trap '' TERM; echo ready; while :; do sleep 0.1; done"),
+    ]
+    runs = [(code, script, subprocess.Popen([CCX, "run", "--url", box.url, "--", "sh", "-c",
+                                             script], stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, env=env))
+            for code, script in commands]
     try:
-        for run in runs.values():
+        for _, _, run in runs:
             assert run.stdout is not None
             line = await trio.to_thread.run_sync(run.stdout.readline)
             assert line == b"ready\n", (line, run.stderr.read() if run.stderr else "")
@@ -536,14 +538,15 @@ async def test_podman_stop_cancels_sessions(image: str, containers: Containers) 
         assert stop.returncode == 0, stop.stderr
         assert box.state()["State"]["ExitCode"] == 0
         assert elapsed < 30, f"podman stop took {elapsed:.1f} s: it had to SIGKILL"
-        for code, run in runs.items():
+        for code, script, run in runs:
             returncode = await trio.to_thread.run_sync(lambda run=run: run.wait(30))
-            assert returncode == code, (commands[code], returncode,
-                                        run.stderr.read() if run.stderr else "")
+            err = run.stderr.read() if run.stderr else b""
+            assert returncode == code, (script, returncode, err)
+            assert b"was cancelled (reason: shutdown)" in err, (script, err)
         left = [pid for pid, started_at in before.items() if start_time(pid) == started_at]
         assert len(before) >= 6 and not left, f"still on the host after the stop: {left}"
     finally:
-        for run in runs.values():
+        for _, _, run in runs:
             if run.poll() is None:
                 run.kill()
                 run.wait()
