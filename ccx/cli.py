@@ -264,8 +264,11 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
                 await session.send(data, eof=not data)
                 if not data:
                     return
-        except (ServerError, OSError):
-            return  # the child closed its stdin or ended: nothing more to forward
+        except (ServerError, ConnectionLost, OSError):
+            # The child closed its stdin or ended, or the connection closed (a shutdown that
+            # cut an `input` call short): nothing more to forward. The session's completion
+            # (or the output loop's own ConnectionLost) decides the exit code.
+            return
 
     async def watch_interrupts(cancel_scope: trio.CancelScope) -> None:
         nonlocal interrupted

@@ -324,3 +324,63 @@ def test_drain_wait_exits_1_when_a_session_is_still_busy_at_the_deadline(
     finally:
         runner.kill()
         runner.wait(timeout=15)
+
+
+async def test_run_whose_stdin_eof_is_cut_by_the_shutdown_reports_the_cancel() -> None:
+    """Regression (seen as exit 69 in test_deploy under load): `ccx run` forwards its stdin;
+    a server that shuts down while the EOF's `input` call is unanswered sends the session's
+    output and completion, then closes with 1001. The lost `input` call must not turn that
+    into "cannot reach" (69): the completion decides (143 and the one status line). A
+    scripted server over a real socket holds `input` unanswered; `ccx run`'s stdout (a pipe
+    read only after the close) holds its output loop, as a loaded machine does by chance."""
+    import base64
+
+    import trio
+    import trio_websocket
+
+    output = bytes(range(256)) * 1024  # 256 KiB: more than a pipe holds
+    closed = trio.Event()
+
+    async def scripted(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        execute = json.loads(await ws.get_message())
+        assert execute["method"] == "execute" and execute["params"]["stdin"] is True, execute
+        await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": execute["id"], "result": {
+            "session_id": "s1", "pid": 4242, "pgid": 4242}}))
+        eof = json.loads(await ws.get_message())
+        assert eof["method"] == "input" and eof["params"]["eof"] is True, eof
+        for seq, start in enumerate(range(0, len(output), 64 * 1024)):
+            chunk = base64.b64encode(output[start:start + 64 * 1024]).decode()
+            await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": "process.output",
+                                              "params": {"session_id": "s1", "seq": seq,
+                                                         "stream": "stdout", "data": chunk,
+                                                         "encoding": "base64"}}))
+        await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": "process.completed",
+                                          "params": {"session_id": "s1", "status": "cancelled",
+                                                     "exit_code": None, "signal": "SIGTERM",
+                                                     "duration_s": 0.1, "stdout_bytes": 0,
+                                                     "stderr_bytes": 0, "reason": "shutdown"}}))
+        await ws.aclose(1001, "server shutting down")  # returns once the client answered
+        closed.set()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, scripted,
+                                     "127.0.0.1", 0, None)
+        env = {**os.environ, "CCX_URL": f"ws://127.0.0.1:{server.port}/ws"}
+        with trio.fail_after(30):  # a hang guard
+            process = await trio.lowlevel.open_process(
+                [CCX, "run", "--", "sleep", "60"], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert process.stdout is not None and process.stderr is not None
+            await closed.wait()
+            received = bytearray()
+            while chunk := await process.stdout.receive_some():
+                received += chunk
+            stderr = bytearray()
+            while chunk := await process.stderr.receive_some():
+                stderr += chunk
+            code = await process.wait()
+        nursery.cancel_scope.cancel()
+    assert code == 128 + signal.SIGTERM, (code, stderr.decode())
+    assert bytes(received) == output
+    assert stderr.decode() == "ccx: session s1 was cancelled (reason: shutdown); it ended by SIGTERM\n"
