@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -471,12 +472,15 @@ def test_entry_command_serves_and_stops_cleanly(
         assert pwd.returncode == 0 and pwd.stdout.strip() == str(workspace), pwd
 
         # A running session when SIGTERM arrives (docker stop, a Kubernetes rollout).
+        # ccx's own state, not /proc: the client printed the session's first output, so it
+        # holds the execute response (a process seen in /proc may still be waiting for it,
+        # and a shutdown then rightly closes the connection before answering).
         sleeper = ["sleep", "60"]
-        job = started([str(VENV_BIN / "ccx"), "run", "--", *sleeper], client_env, workspace)
-        deadline = time.monotonic() + 10
-        while not pids_running_in(workspace, sleeper):
-            assert time.monotonic() < deadline, "the session did not start"
-            time.sleep(0.05)
+        job = started([str(VENV_BIN / "ccx"), "run", "--", "sh", "-c",
+                       f"echo started; exec {' '.join(sleeper)}"], client_env, workspace)
+        assert job.stdout is not None
+        ready, _, _ = select.select([job.stdout], [], [], 15)  # a hang guard
+        assert ready and job.stdout.readline() == b"started\n", "the session did not start"
         assert json.loads(get(port, "/health")[1])["sessions"] == 1
 
         kill_grace = float(env.get("CCX_KILL_GRACE", DEFAULT_KILL_GRACE_S))
