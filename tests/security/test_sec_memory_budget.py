@@ -9,6 +9,7 @@ session and MCP buffer says it keeps.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -30,12 +31,14 @@ def accounted(server: Server) -> int:
         b.held_bytes(stream) for b in manager.mcp_buffers.values() for stream in STREAMS)
 
 
-def writes(size: int, *, delay: float = 0.0) -> list[str]:
-    return py(f"import sys, time; time.sleep({delay}); sys.stdout.buffer.write(b'w' * {size})")
+def writes(size: int, *, go: Path | None = None) -> list[str]:
+    """A child writing *size* bytes of b"w", once the file *go* exists (the test's cue)."""
+    wait = f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n" if go else ""
+    return py(f"import os, sys, time\n{wait}sys.stdout.buffer.write(b'w' * {size})\n")
 
 
-async def test_held_count_is_exact_and_returns_to_zero(start_server: Any,
-                                                       connect: Connect) -> None:
+async def test_held_count_is_exact_and_returns_to_zero(start_server: Any, connect: Connect,
+                                                       tmp_path: Path) -> None:
     server = await start_server(retention=1.0, replay_bytes=64 * KIB, spool_dir="memory")
     client = await connect(server)
     out, _, completed = await client.run(writes(300 * KIB), encoding="base64")
@@ -43,8 +46,10 @@ async def test_held_count_is_exact_and_returns_to_zero(start_server: Any,
     assert 0 < server.manager.held.held_bytes == accounted(server)  # replay kept
     # Detached with unsent output, then attached again from the start (a rewind).
     gone = await connect(server)
-    sid = (await gone.execute(writes(100 * KIB, delay=0.5), linger=30))["session_id"]
+    sid = (await gone.execute(writes(100 * KIB, go=tmp_path / "go"), linger=30))["session_id"]
     await gone.ws.aclose()
+    await wait_for(lambda: server.manager.find(sid).owner is None)  # type: ignore[union-attr]
+    (tmp_path / "go").touch()  # written once detached: all of it unsent, all of it held
     await wait_for(lambda: server.manager.find(sid) is not None
                    and server.manager.find(sid).state.value == "exited")  # type: ignore[union-attr]
     assert server.manager.held.held_bytes == accounted(server)
@@ -67,17 +72,23 @@ async def test_held_count_is_exact_and_returns_to_zero(start_server: Any,
 
 
 async def test_a_reading_client_is_not_starved_by_one_that_does_not_read(
-        start_server: Any, connect: Connect) -> None:
+        start_server: Any, connect: Connect, tmp_path: Path) -> None:
     """One detached session fills the server's budget with unsent output; another client's
     session, read as it comes, still runs to its end; new executes wait for room."""
     server = await start_server(max_held_bytes=256 * KIB, spool_dir="memory")
     reader = await connect(server)
     size = 2 * 1024 * KIB
-    steady = await reader.execute(writes(size, delay=1.0), encoding="base64")
+    # Each child writes on the test's cue: the hog once its client is gone (so none of its
+    # output was sent: a sent frame is replay, which a full budget forgets, and the attach
+    # below would miss it), the steady one once the hog has filled the budget.
+    steady = await reader.execute(writes(size, go=tmp_path / "steady"), encoding="base64")
     hog_client = await connect(server)
-    hog = (await hog_client.execute(writes(size), linger=30))["session_id"]
+    hog = (await hog_client.execute(writes(size, go=tmp_path / "hog"), linger=30))["session_id"]
     await hog_client.ws.aclose()
+    await wait_for(lambda: server.manager.find(hog).owner is None)  # type: ignore[union-attr]
+    (tmp_path / "hog").touch()
     await wait_for(lambda: server.manager.held.full)
+    (tmp_path / "steady").touch()
     outputs, completed = await reader.run_to_completion(steady["session_id"])
     assert join(outputs, "stdout") == b"w" * size and completed["status"] == "exited"
     hog_info = await reader.result("status", {"session_id": hog})
