@@ -108,11 +108,14 @@ async def test_daemon_killed_when_session_is_cancelled(client: RawClient, daemon
 
 async def test_daemon_killed_when_leader_exits_by_itself(client: RawClient,
                                                          daemons: Any) -> None:
-    """The leader exits 0 at once; its daemon keeps stdout open. The session still ends
-    (the group is empty), and the daemon goes with it."""
-    started = await client.execute(daemonizer(after="", keep_stdout=True))
+    """The leader exits 0 (once the test has seen the daemon: ccx may kill it at once); its
+    daemon keeps stdout open. The session still ends (the group is empty), and the daemon
+    goes with it."""
+    started = await client.execute(daemonizer(after="import sys; sys.stdin.readline()",
+                                              keep_stdout=True), stdin=True)
     sid = started["session_id"]
     pid, start = await daemon_pid(client, sid, daemons)
+    await client.result("input", session_id=sid, data="exit\n")
     with trio.fail_after(15):
         _, completed = await client.run_to_completion(sid)
     assert completed["status"] == "exited" and completed["exit_code"] == 0, completed
