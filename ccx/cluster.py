@@ -41,9 +41,9 @@ import trio
 
 from ccx.client import Client, ConnectionLost, ServerError, node_of
 from ccx.config import Settings
+from ccx.errors import InternalError, PassedOn, SessionLost
 from ccx.log import get_logger
 from ccx.owner import Owner, OwnerGone
-from ccx.protocol import InternalError, PassedOn, SessionLost
 
 log = get_logger("ccx.cluster")
 
