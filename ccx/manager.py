@@ -43,6 +43,7 @@ from ccx.errors import (
     SessionNotFound,
     SpawnFailed,
 )
+from ccx.events import Detached
 from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
@@ -51,7 +52,6 @@ from ccx.owner import Owner, OwnerGone
 from ccx.params import ExecuteParams
 from ccx.process import Group, StopStep, resolve_executable, spawn, stop_group
 from ccx.procfs import shared_snapshot
-from ccx.protocol import notification
 from ccx.session import Session, SessionOptions
 from ccx.spool import SpoolDir
 from ccx.state import GroupRecord, StateFile
@@ -209,7 +209,7 @@ class SessionManager:
     def _holds_unread(self, session: Session) -> bool:
         """Output no client has received: in the outbox, or in an MCP buffer, unread."""
         buffer = self.mcp_buffers.get(session.id)
-        return session.holds_unsent or (buffer is not None and buffer.holds_unread)
+        return session.output.holds_unsent or (buffer is not None and buffer.holds_unread)
 
     def owned_by(self, owner: Owner) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner is owner and not s.done]
@@ -255,14 +255,14 @@ class SessionManager:
         newest first: without it 1000 ended sessions could hold 1000 x CCX_REPLAY_BYTES."""
         budget = self.settings.ended_replay_bytes
         ended = sorted((s for s in self._sessions.values()
-                        if s.ended_at is not None and not s.running and s.replay_bytes_held),
+                        if s.ended_at is not None and not s.running and s.output.replay_bytes_held),
                        key=lambda s: s.ended_at or 0.0, reverse=True)
         for session in ended:
-            held = session.replay_bytes_held
+            held = session.output.replay_bytes_held
             if held <= budget:
                 budget -= held
             else:
-                session.forget_replay()
+                session.output.forget_replay()
                 log.debug("replay_forgotten", session_id=session.id, bytes=held)
 
     @property
@@ -443,8 +443,8 @@ class SessionManager:
                 tag=params.tag,
                 replay_bytes=self.settings.replay_bytes,
             )
-            session = Session(session_id, group, options, owner, on_done=self._on_done,
-                              held=self.held, spool=self.spool)
+            session = Session.create(session_id, group, options, owner, on_done=self._on_done,
+                                     held=self.held, spool=self.spool)
             # Shutdown (or a drain) may have begun while the process was starting: it
             # cancelled only the sessions it saw; the nursery may even be closed by now.
             if not self._accepting or self.draining:
@@ -506,7 +506,7 @@ class SessionManager:
         others."""
         self.cluster.release(owner)  # its links to other nodes close: the same, there
         for watched in self._sessions.values():
-            watcher = watched.watchers.pop(owner, None)
+            watcher = watched.output.watchers.pop(owner, None)
             if watcher is not None:
                 watcher.stop()
         self._notify()  # a drain or shutdown waiting for this owner's sessions looks again
@@ -531,14 +531,12 @@ class SessionManager:
         The caller must `announce()` the session once the attach result is sent.
         """
         session = self.get(session_id)
-        session.check_replay(since_seq)
+        session.output.check_replay(since_seq)
         previous = session.owner
         session.attach(owner, since_seq)
         assert self._nursery is not None
         if previous is not None and previous is not owner:
             self._nursery.start_soon(self._tell_detached, previous, session.id)
-        if not session.delivering:  # its task ended with output held: deliver it now
-            self._nursery.start_soon(session.deliver)
         log.info("attached", session_id=session.id, since_seq=since_seq,
                  next_seq=session.next_seq)
         return session
@@ -550,27 +548,28 @@ class SessionManager:
         The caller sets `watcher.gate` once the watch result is sent.
         """
         session = self.get(session_id)
-        session.check_replay(since_seq)
-        previous = session.watchers.get(owner)
+        session.output.check_replay(since_seq)
+        watchers = session.output.watchers
+        previous = watchers.get(owner)
         limit = self.settings.max_watchers
-        if previous is None and len(session.watchers) >= limit:
+        if previous is None and len(watchers) >= limit:
             raise LimitReached(f"watcher limit reached ({limit} per session)",
                                {"limit": limit, "scope": "watchers"})
         if previous is not None:
             previous.stop()
         watcher = Watcher.open(session, owner, since_seq)
-        session.watchers[owner] = watcher
+        watchers[owner] = watcher
         assert self._nursery is not None
         self._nursery.start_soon(watcher.run)
         log.info("watching", session_id=session.id, since_seq=since_seq,
-                 next_seq=session.next_seq, watchers=len(session.watchers))
+                 next_seq=session.next_seq, watchers=len(watchers))
         return session, watcher
 
     def unwatch(self, session_id: str, owner: Owner) -> None:
         """End *owner*'s watch of the session, if any (idempotent; an unknown or forgotten
         session is simply not watched)."""
         session = self._sessions.get(session_id)
-        watcher = None if session is None else session.watchers.pop(owner, None)
+        watcher = None if session is None else session.output.watchers.pop(owner, None)
         if watcher is not None:
             watcher.stop()
 
@@ -578,8 +577,7 @@ class SessionManager:
     async def _tell_detached(previous: Owner, session_id: str) -> None:
         with trio.move_on_after(DETACH_NOTICE_TIMEOUT_S):
             try:
-                await previous.send_message(notification("process.detached",
-                                                         {"session_id": session_id}))
+                await previous.send_event(Detached(session_id))
             except OwnerGone:
                 pass
 
