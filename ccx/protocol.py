@@ -182,7 +182,7 @@ def event_params(event: Event) -> dict[str, object]:
             params["encoding"] = "base64"
         params["seq"] = event.seq
         return params
-    params = attrs.asdict(event, recurse=False)
+    params = msgspec.structs.asdict(event)
     if isinstance(event, Completed) and event.reason is None:
         del params["reason"]  # only a session the node ended says why
     return params
