@@ -1,4 +1,4 @@
-"""The session registry: policy (allow-list, env policy, shell, limits), spawning, lookup,
+"""The session registry: limits, spawning (after `ccx.launch`'s policy), lookup, drain,
 shutdown of all (and the SIGKILL of all on a second signal).
 
 Inputs: `Settings`, validated `ExecuteParams`, and the `Owner` (connection) asking.
@@ -21,12 +21,10 @@ Docs: https://trio.readthedocs.io/en/stable/reference-core.html#nurseries-and-sp
 from __future__ import annotations
 
 import collections
-import os
 import secrets
-import shlex
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import attrs
 import structlog
@@ -39,18 +37,18 @@ from ccx.errors import (
     InvalidParams,
     LimitReached,
     NodeDraining,
-    NotAllowed,
     SessionNotFound,
     SpawnFailed,
 )
 from ccx.events import Detached
+from ccx.launch import LaunchPolicy
 from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
 from ccx.outbox import HeldBudget
 from ccx.owner import Owner, OwnerGone
 from ccx.params import ExecuteParams
-from ccx.process import Group, StopStep, resolve_executable, spawn, stop_group
+from ccx.process import Group, StopStep, spawn, stop_group
 from ccx.procfs import shared_snapshot
 from ccx.session import Session, SessionOptions
 from ccx.spool import SpoolDir
@@ -59,19 +57,10 @@ from ccx.watch import Watcher
 
 log = get_logger("ccx.manager")
 
-SHELL = "/bin/sh"
 MAX_ENDED_KEPT = 1000  # ended sessions remembered at most, whatever CCX_RETENTION says
 SWEEP_MIN_S = 0.1  # retention sweeps: at least this far apart...
 SWEEP_MAX_S = 60.0  # ...and at most this far (an expired session lingers this long at worst)
-HIDDEN_FROM_CHILDREN = ("CCX_TOKEN", "CCX_TOKEN_FILE")  # where the token is: not theirs
 DETACH_NOTICE_TIMEOUT_S = 10.0  # how long we try to tell a connection it lost a session
-PTY_TERM = "xterm-256color"  # TERM of a PTY session unless execute's env sets one
-# With an allow-list, `env` keys that make an allowed program run other code (PROTOCOL.md 2):
-# the loader's (LD_*, DYLD_*), the shells' (BASH_FUNC_*, BASH_ENV, ENV, ...), interpreters'
-# start-up hooks and git's config injection. Refused unless named in CCX_ALLOWED_ENV.
-CODE_LOADING_ENV = frozenset({"PATH", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4",
-                              "GCONV_PATH", "RUBYOPT", "NODE_OPTIONS", "JAVA_TOOL_OPTIONS"})
-CODE_LOADING_ENV_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "PYTHON", "PERL5", "GIT_")
 
 
 def new_incarnation() -> str:
@@ -84,32 +73,11 @@ def new_incarnation() -> str:
     return f"{digits or '0'}{secrets.token_hex(3)}"
 
 
-def _normalize(path: str) -> str:
-    """Resolve symlinked directories (/bin -> /usr/bin) but not the file itself.
-
-    Following a symlinked file would let a multi-call binary (busybox) pass for any of its
-    names, so the file name is kept as written. The result is both what the allow-list
-    judges and what is exec'd: a directory symlink flipped after the check cannot change it.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(os.path.realpath(directory), name)
-
-
 async def _close_pipes(group: Group) -> None:
     with trio.CancelScope(shield=True):
         for stream in (group.process.stdin, group.process.stdout, group.process.stderr):
             if stream is not None:
                 await stream.aclose()
-
-
-@attrs.frozen
-class Launch:
-    """What execute resolved: the argv, the executable that will run, cwd and environment."""
-
-    argv: list[str]
-    executable: str
-    cwd: str | None
-    env: dict[str, str]
 
 
 @attrs.define(eq=False)
@@ -136,6 +104,9 @@ class SessionManager:
     held: HeldBudget = attrs.field(
         default=attrs.Factory(lambda self: HeldBudget(self.settings.max_held_bytes),
                               takes_self=True))
+    # the allow-list, env policy and shell rule that turn execute params into a Launch
+    policy: LaunchPolicy = attrs.field(
+        default=attrs.Factory(lambda self: LaunchPolicy(self.settings), takes_self=True))
     # the other nodes and the connections to them (PROTOCOL.md 10; ccx.cluster)
     cluster: Cluster = attrs.field(
         default=attrs.Factory(lambda self: Cluster(self.settings, self.incarnation),
@@ -299,81 +270,6 @@ class SessionManager:
 
     # ------------------------------------------------------------------------------ policy
 
-    def _allowed_paths(self) -> set[str]:
-        allowed: set[str] = set()
-        for entry in self.settings.allowed_commands or ():
-            if "/" in entry:
-                allowed.add(_normalize(entry))
-            else:
-                found = resolve_executable(entry, path=os.environ.get("PATH"), cwd=None)
-                if found:
-                    allowed.add(_normalize(found))
-        return allowed
-
-    def resolve(self, params: ExecuteParams) -> Launch:
-        """Turn execute params into a `Launch`, or raise the documented error."""
-        if params.shell:
-            if not self.settings.allow_shell:
-                raise NotAllowed("shell is not allowed on this server (CCX_ALLOW_SHELL=0)")
-            if not isinstance(params.command, str):
-                raise InvalidParams("Invalid params: shell=true needs command as a string")
-            argv = [SHELL, "-c", params.command]
-        elif isinstance(params.command, str):
-            try:
-                argv = shlex.split(params.command)
-            except ValueError as exc:
-                raise InvalidParams(f"Invalid params: command: {exc}") from None
-        else:
-            argv = list(params.command)
-        if not argv or not argv[0]:
-            raise InvalidParams("Invalid params: command is empty")
-        if any("\0" in part for part in argv):
-            raise InvalidParams("Invalid params: command contains a NUL byte")
-        if not all(_encodable(part) for part in argv) or (
-                params.cwd is not None and not _encodable(params.cwd)):
-            raise InvalidParams("Invalid params: command or cwd is not valid Unicode "
-                                "(a lone surrogate cannot become a file name or argument)")
-        cwd = params.cwd
-        if cwd is not None and not os.path.isdir(cwd):
-            raise InvalidParams(f"Invalid params: cwd does not exist: {cwd}", {"cwd": cwd})
-        self._check_env_policy(params.env)
-        env = self._child_env(params.env)
-        if params.pty is not None:  # the server's own TERM describes its terminal, not this one
-            env["TERM"] = params.env.get("TERM", PTY_TERM)
-        found = resolve_executable(argv[0], path=env.get("PATH"), cwd=cwd)
-        # Directory symlinks are resolved once, here; the path judged is the path exec'd.
-        executable = _normalize(found) if found is not None else None
-        if self.settings.allowed_commands is not None and (
-            executable is None or executable not in self._allowed_paths()
-        ):
-            raise NotAllowed(f"command not allowed: {argv[0]}",
-                             {"executable": executable or argv[0]})
-        if executable is None:
-            raise SpawnFailed(f"executable not found: {argv[0]}", {"executable": argv[0]})
-        return Launch(argv, executable, cwd, env)
-
-    def _check_env_policy(self, extra: Mapping[str, str]) -> None:
-        """With an allow-list, refuse `env` keys that make an allowed program run other code
-        (PROTOCOL.md 2), unless the operator listed them in CCX_ALLOWED_ENV."""
-        if self.settings.allowed_commands is None:
-            return
-        for key in extra:
-            if key in self.settings.allowed_env:
-                continue
-            if key in CODE_LOADING_ENV or key.startswith(CODE_LOADING_ENV_PREFIXES):
-                raise NotAllowed(f"env variable not allowed: {key} (it can make an allowed "
-                                 "program run other code; see CCX_ALLOWED_ENV)", {"env": key})
-
-    @staticmethod
-    def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in HIDDEN_FROM_CHILDREN}
-        for key, value in extra.items():
-            if (not key or "=" in key or "\0" in key or "\0" in value
-                    or not _encodable(key) or not _encodable(value)):
-                raise InvalidParams(f"Invalid params: env: bad variable {key!r}")
-            env[key] = value
-        return env
-
     def _check_limits(self, owner: Owner | None) -> None:
         if self.draining:
             raise NodeDraining("node draining", {"node": self.settings.node_name})
@@ -413,7 +309,7 @@ class SessionManager:
         if params.linger < 0:
             raise InvalidParams("Invalid params: linger must not be negative")
         try:
-            launch = self.resolve(params)
+            launch = self.policy.resolve(params)
         except SpawnFailed:  # no such executable or cwd: a spawn failure for operators too
             self.spawn_failures_total += 1
             raise
@@ -666,15 +562,6 @@ class SessionManager:
             log.warning("completions_undelivered", sessions=[s.id for s in self.live()])
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-
-
-def _encodable(text: str) -> bool:
-    """Whether *text* can reach the OS (a JSON string may hold a lone surrogate, \\ud800)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def _self_check() -> None:
