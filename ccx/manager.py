@@ -446,6 +446,9 @@ class SessionManager:
         session = self.get(session_id)
         session.output.check_replay(since_seq)
         watchers = session.output.watchers
+        for other, lagging in list(watchers.items()):
+            if lagging.lagged and other is not owner:  # its place is free at once; its task
+                del watchers[other]  # still sends process.lagged when its socket takes it
         previous = watchers.get(owner)
         limit = self.settings.max_watchers
         if previous is None and len(watchers) >= limit:

@@ -67,6 +67,10 @@ Item = tuple[str, bytes] | type[Paused] | type[Resumed]  # what the channel carr
 class Watch(Protocol):
     """A watcher of a session (`ccx.watch.Watcher`), as the output sees it."""
 
+    @property
+    def lagged(self) -> bool:
+        """It has fallen behind what is held: it ends after telling its connection so."""
+
     def stop(self) -> None:
         """End the watch: it sends nothing more."""
 

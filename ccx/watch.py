@@ -57,6 +57,12 @@ class Watcher:
                    replay_end=output.next_seq,
                    preface=[Paused(session.id)] if paused else [])
 
+    @property
+    def lagged(self) -> bool:
+        """The next output it owes is no longer held: all it can still send is
+        process.lagged (once its connection takes it)."""
+        return self.next_seq < self.session.output.first_seq
+
     def stop(self) -> None:
         """End the watch now (unwatch, replaced, connection closed, session forgotten)."""
         self.ended = True

@@ -246,3 +246,28 @@ async def test_lagged_watcher_does_not_slow_the_child(
     again = await watcher.result("watch", session_id=sid)  # and it may watch again
     assert again["next_seq"] == outputs[-1]["seq"] + 1
     await completion(watcher, sid)
+
+
+async def test_a_lagged_watcher_that_stopped_reading_gives_up_its_place(
+        start_server: Callable[..., Awaitable[Server]], connect: Connect) -> None:
+    """A watcher that reads nothing has lagged once the output it needs is evicted: its place
+    (CCX_MAX_WATCHERS) is free at once, not when its socket finally takes process.lagged."""
+    server = await start_server(replay_bytes=256 * 1024, max_watchers=1)
+    owner, stalled, other = [await connect(server) for _ in range(3)]
+    code = ("import sys\nsys.stdin.readline()\n"
+            "for i in range(384): sys.stdout.write(str(i % 10) * 65536)\n")
+    sid = (await owner.execute(py(code), stdin=True))["session_id"]
+    await stalled.result("watch", session_id=sid)  # then it reads nothing
+    await owner.result("input", session_id=sid, data="go\n")
+    _, done = await owner.run_to_completion(sid)
+    assert done["status"] == "exited"
+    watched = await other.result("watch", session_id=sid)  # the one place is free
+    assert watched["session_id"] == sid
+    assert (await completion(other, sid))["status"] == "exited"
+    lagged = None
+    with trio.fail_after(30):  # the stalled one still gets its notice when it reads
+        while lagged is None:
+            message = await stalled.receive()
+            if message.get("method") == "process.lagged":
+                lagged = message["params"]
+    assert lagged["session_id"] == sid
