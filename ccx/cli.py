@@ -9,6 +9,9 @@ drain, a shutdown) gets one status line on stderr and exits 128+N of the signal 
 (143, `EXIT_CANCELLED`, when it exited by itself after the cancel); `ccx drain --wait` exits 0
 once the node has no live session, 1 at its deadline (a Kubernetes preStop hook: PROTOCOL.md
 10, docs/deploy.md).
+Size (over 400 lines): one module per entry point is the rule (`ccx` and its subcommands:
+serve, run, attach, pause/resume/cancel, status, ps, drain, health, selftest, mcp), each a
+short function over `ccx.client`; splitting them would only scatter the argument parser.
 Docs: https://docs.python.org/3/library/argparse.html
       https://trio.readthedocs.io/en/stable/reference-io.html#signals
 """

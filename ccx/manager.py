@@ -15,6 +15,9 @@ then `execute` gets -32003 and sessions with unsent output are throttled. Sessio
 unsent output count against CCX_MAX_SESSIONS (and per connection) as running ones do, so
 sessions that end with output nobody read cannot pile up; at most MAX_ENDED_KEPT other ended
 sessions are remembered, and their replay is capped by CCX_ENDED_REPLAY_BYTES.
+Size (over 400 lines): the registry's life cycle (execute, attach, watch, release,
+retention, drain, shutdown) works on one map of sessions and one nursery; the launch policy
+is `ccx.launch`, each session's supervision `ccx.session`.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#nurseries-and-spawning
 """
 

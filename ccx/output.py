@@ -33,6 +33,8 @@ output has all been delivered may still queue one record, so a client that reads
 session moving. An ended session keeps its unsent output until it is read or forgotten
 (`clear()`, at the end of CCX_RETENTION); `holds_unsent` makes it count against the session
 limits meanwhile.
+Size (over 400 lines): reading, collecting and delivering share the outbox and its
+wake-ups (each step wakes the next when room or output appears); its self-check is long.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#using-channels-to-pass-values-between-tasks
       https://docs.python.org/3/library/codecs.html#codecs.getincrementaldecoder
 """

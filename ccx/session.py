@@ -10,6 +10,9 @@ the owner, pumps to deliverer, is `ccx.output.SessionOutput` (`session.output`),
 in this session's nursery: cancelling the session's scope still empties the group first.
 A PTY session has one pump, on the terminal's master (stream "pty", counted as stdout); the
 master reports EIO once no process holds the slave: that is its EOF.
+Size (over 400 lines): the state table, the control requests and the one exit path stay
+together (each control request checks the state table and may start the exit path, which
+decides the final state); what moves bytes is in `ccx.output`, the policy in `ccx.launch`.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#cancellation-and-timeouts
       https://trio.readthedocs.io/en/stable/reference-core.html#trio.CancelScope.shield
 """
