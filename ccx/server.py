@@ -96,9 +96,11 @@ class Server:
         self._stopping.set()
 
     def terminate(self) -> None:
-        """What SIGTERM does: drain for CCX_DRAIN_TIMEOUT seconds, then shut down."""
+        """What SIGTERM does: drain for CCX_DRAIN_TIMEOUT seconds, then shut down. The node
+        is draining from here on whatever the timeout (0 included: `execute` gets -32007
+        during the shutdown too), and the drain cannot be undone (PROTOCOL.md 10)."""
+        self.manager.drain(for_good=True)
         if self.settings.drain_timeout > 0:
-            self.manager.drain()
             self._drain_first.set()
         else:
             self.stop()

@@ -190,6 +190,70 @@ async def test_second_signal_cuts_the_drain_short(
         _kill([long["pgid"]])
 
 
+IGNORES_TERM = py("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "print('ready', flush=True); time.sleep(1000)")
+
+
+async def test_sigterm_without_drain_timeout_still_marks_the_node_draining(
+        serve: Callable[..., Serve], nursery: trio.Nursery) -> None:
+    """Regression: with CCX_DRAIN_TIMEOUT=0, SIGTERM went straight to the shutdown without
+    draining: `execute` during it got -32003 "server is shutting down" and the node said
+    `draining: false`. A node that is going away is draining (PROTOCOL.md 10): -32007, and
+    its drain cannot be undone."""
+    # The session ignores SIGTERM: the shutdown waits CCX_KILL_GRACE for it, meanwhile the
+    # connection is still served (it is closed with 1001 only after the sessions).
+    server = serve(CCX_NODE_NAME="ccx-0", CCX_KILL_GRACE="30")
+    client = await server.connect(nursery)
+    stubborn = await _start(client, IGNORES_TERM)
+    try:
+        server.signal(signal.SIGTERM)
+        await server.event("shutting_down")
+        error = await client.error("execute", {"command": ["true"]})
+        assert error["code"] == -32007 and error["message"] == "node draining", error
+        assert error["data"] == {"node": "ccx-0"}, error
+        assert (await client.result("server.info"))["draining"] is True
+        assert (await client.result("drain"))["draining"] is True
+        refused = await client.error("drain", {"undo": True})
+        assert refused["code"] == -32007 and refused["data"]["stopping"] is True, refused
+        server.signal(signal.SIGTERM)  # a further signal during the shutdown SIGKILLs
+        with trio.fail_after(15):
+            done = await client.notification("process.completed", stubborn["session_id"])
+        assert done["status"] == "cancelled" and done["reason"] == "shutdown", done
+        assert await server.exited() == 0
+        assert not alive(stubborn["pid"])
+    finally:
+        _kill([stubborn["pgid"]])
+
+
+async def test_undo_during_the_sigterm_drain_is_refused(
+        serve: Callable[..., Serve], nursery: trio.Nursery) -> None:
+    """Regression: `drain {"undo": true}` during SIGTERM's drain made the node ready again
+    while it was stopping. It is refused (-32007, `data.stopping`); the node stays draining."""
+    server = serve(CCX_DRAIN_TIMEOUT="300", CCX_NODE_NAME="ccx-0")
+    client = await server.connect(nursery)
+    long = await _start(client, SLEEPS)
+    try:
+        server.signal(signal.SIGTERM)
+        await server.event("draining")
+        refused = await client.error("drain", {"undo": True})
+        assert refused["code"] == -32007, refused
+        assert refused["data"] == {"node": "ccx-0", "stopping": True}, refused
+        assert "stopping" in refused["message"], refused
+        status, _, body = await http_get(server.port, "/ready")
+        assert (status, json.loads(body)) == (503, {"ready": False, "reason": "draining"})
+        assert (await client.result("server.info"))["draining"] is True
+        assert (await client.error("execute", {"command": ["true"]}))["code"] == -32007
+        # a plain drain (what `ccx drain --wait` used to poll with) still answers
+        assert await client.result("drain") == {"draining": True, "sessions": 1}
+        server.signal(signal.SIGTERM)  # cut the drain short
+        with trio.fail_after(15):
+            done = await client.notification("process.completed", long["session_id"])
+        assert done["status"] == "cancelled" and done["reason"] == "shutdown", done
+        assert await server.exited() == 0
+    finally:
+        _kill([long["pgid"]])
+
+
 async def test_sigint_does_not_drain(
         serve: Callable[..., Serve], nursery: trio.Nursery) -> None:
     server = serve(CCX_DRAIN_TIMEOUT="300")
