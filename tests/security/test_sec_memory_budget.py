@@ -26,7 +26,7 @@ KIB = 1024
 def accounted(server: Server) -> int:
     """Bytes the sessions and MCP buffers say they hold: what `manager.held` must count."""
     manager = server.manager
-    return sum(s.held_bytes for s in manager.all()) + sum(
+    return sum(s.output.held_bytes for s in manager.all()) + sum(
         b.held_bytes(stream) for b in manager.mcp_buffers.values() for stream in STREAMS)
 
 
