@@ -7,8 +7,8 @@ Outputs: a running server (`ccx serve`), or a client action with a meaningful ex
 141 when the local stdout pipe closed); a session cancelled from elsewhere (`ccx cancel`, a
 drain, a shutdown) gets one status line on stderr and exits 128+N of the signal that ended it
 (143, `EXIT_CANCELLED`, when it exited by itself after the cancel); `ccx drain --wait` exits 0
-once the node has no live session, 1 at its deadline (a Kubernetes preStop hook: PROTOCOL.md
-10, docs/deploy.md).
+once the node has no live session, 1 at its deadline or once someone undid the drain (a
+Kubernetes preStop hook: PROTOCOL.md 10, docs/deploy.md).
 Size (over 400 lines): one module per entry point is the rule (`ccx` and its subcommands:
 serve, run, attach, pause/resume/cancel, status, ps, drain, health, selftest, mcp), each a
 short function over `ccx.client`; splitting them would only scatter the argument parser.
@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "drain", help="stop the node taking new sessions (PROTOCOL.md 10)",
         description="Make the node refuse execute (-32007) while the rest keeps working. "
         "--timeout T: the node cancels the sessions still live after T s. --wait: return "
-        "once no session is live (exit 0), or exit 1 after T + the node's kill grace + 2 s "
-        "(forever without --timeout). --undo: take new sessions again.")
+        "once no session is live (exit 0), or exit 1 after T + the node's kill grace "
+        "(CCX_KILL_GRACE) + 2 s (no deadline without --timeout) or when the drain is undone "
+        "meanwhile. --undo: take new sessions again.")
     _add_client_options(drain)
     drain.add_argument("--timeout", type=float, metavar="T",
                        help="seconds before the node cancels what is still running")
@@ -456,13 +457,21 @@ def cmd_drain(args: argparse.Namespace) -> int:
                 return 0
             deadline = float("inf")
             if args.timeout is not None:
+                # The node's own CCX_KILL_GRACE (server.info), the grace its drain timeout
+                # gives sessions that did not ask for another (docs/protocol-notes.md).
                 info = await client.call("server.info", {})
                 deadline = (trio.current_time() + args.timeout
                             + float(info["limits"]["kill_grace"]) + DRAIN_WAIT_MARGIN_S)
             with trio.move_on_at(deadline):
                 while result["sessions"]:
                     await trio.sleep(DRAIN_POLL_S)
-                    result = await client.call("drain", {})  # idempotent: the count
+                    # `drain {}` gives the count but drains again: ask first, read-only,
+                    # whether the node still drains, and stop if someone undid it.
+                    if not (await client.call("server.info", {}))["draining"]:
+                        print("ccx drain: the node is no longer draining (the drain was "
+                              "undone); stopped waiting", file=sys.stderr)
+                        return 1
+                    result = await client.call("drain", {})  # a no-op on a draining node
                 print(json.dumps(result), flush=True)
                 return 0
             print(f"ccx drain: {result['sessions']} sessions still live at the deadline",

@@ -95,6 +95,7 @@ class SessionManager:
     incarnation: str = attrs.field(factory=new_incarnation)  # new on every start
     draining: bool = False  # PROTOCOL.md 10: execute refused with -32007 meanwhile
     _drain_deadline: trio.CancelScope | None = None  # a pending drain timeout
+    _drain_for_good: bool = False  # SIGTERM's drain: the node is going away, no undo
     state: StateFile = attrs.field(factory=lambda: StateFile(""))  # the crash record
     spool: SpoolDir | None = None  # held output on disk (ccx.spool); None: in memory
     started_total: int = 0
@@ -492,11 +493,18 @@ class SessionManager:
 
     # ------------------------------------------------------------------------------ drain
 
-    def drain(self, *, timeout: float | None = None, undo: bool = False) -> dict[str, object]:
+    def drain(self, *, timeout: float | None = None, undo: bool = False,
+              for_good: bool = False) -> dict[str, object]:
         """Start (or with *undo* end) draining: execute is refused with -32007, the rest
         works. With *timeout*, the sessions still busy then are cancelled (`reason`
         "drain"); a later drain with a timeout replaces a pending one, *undo* calls it off.
+        *for_good*: the node is going away (SIGTERM); from then on *undo* is refused with
+        -32007, `data.stopping` true, and the node stays draining.
         """
+        if undo and self._drain_for_good:
+            raise NodeDraining("node draining: it is stopping (SIGTERM), the drain cannot be "
+                               "undone", {"node": self.settings.node_name, "stopping": True})
+        self._drain_for_good = self._drain_for_good or for_good
         if undo:
             self.draining = False
             self._call_off_drain_timeout()
