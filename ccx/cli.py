@@ -463,18 +463,19 @@ def cmd_drain(args: argparse.Namespace) -> int:
                 deadline = (trio.current_time() + args.timeout
                             + float(info["limits"]["kill_grace"]) + DRAIN_WAIT_MARGIN_S)
             with trio.move_on_at(deadline):
-                while result["sessions"]:
+                busy = result["sessions"]
+                while busy:
                     await trio.sleep(DRAIN_POLL_S)
-                    # `drain {}` gives the count but drains again: ask first, read-only,
-                    # whether the node still drains, and stop if someone undid it.
-                    if not (await client.call("server.info", {}))["draining"]:
+                    # Read-only (server.info), so a drain someone undid is not started again.
+                    info = await client.call("server.info", {})
+                    if not info["draining"]:
                         print("ccx drain: the node is no longer draining (the drain was "
                               "undone); stopped waiting", file=sys.stderr)
                         return 1
-                    result = await client.call("drain", {})  # a no-op on a draining node
-                print(json.dumps(result), flush=True)
+                    busy = info["busy"]
+                print(json.dumps({"draining": True, "sessions": busy}), flush=True)
                 return 0
-            print(f"ccx drain: {result['sessions']} sessions still live at the deadline",
+            print(f"ccx drain: {busy} sessions still live at the deadline",
                   file=sys.stderr)
             return 1
 
