@@ -256,7 +256,7 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
     the remote program; keystrokes and window changes are forwarded.
     """
     from ccx.client import Completed, ConnectionLost, Detached, Output, ServerError
-    from ccx.terminal import forward_keystrokes, forward_window_changes, raw_mode
+    from ccx.local_tty import forward_keystrokes, forward_window_changes, raw_mode
 
     interrupted = False
 
@@ -343,7 +343,7 @@ async def _run(args: argparse.Namespace) -> int:
     forward_stdin = not os.isatty(0) and not args.tty
     size = None
     if args.tty:
-        from ccx.terminal import window_size
+        from ccx.local_tty import window_size
 
         size = window_size()
         if "TERM" in os.environ:  # the remote terminal is ours: programs must know its kind
@@ -378,7 +378,7 @@ async def _attach(args: argparse.Namespace) -> int:
             return 1
         terminal = None
         if info.get("pty") and os.isatty(0) and info.get("status") in ("running", "paused"):
-            from ccx.terminal import window_size
+            from ccx.local_tty import window_size
 
             size = window_size()  # a PTY session takes this terminal over
             try:

@@ -35,6 +35,7 @@ import trio
 
 from ccx.cluster import Cluster
 from ccx.config import Settings
+from ccx.crash_record import GroupRecord, StateFile
 from ccx.descendants import SESSION_ENV, adopted_by_session
 from ccx.errors import (
     InvalidParams,
@@ -55,7 +56,6 @@ from ccx.process import Group, StopStep, spawn, stop_group
 from ccx.procfs import shared_snapshot
 from ccx.session import Session, SessionOptions
 from ccx.spool import SpoolDir
-from ccx.state import GroupRecord, StateFile
 from ccx.watch import Watcher
 
 log = get_logger("ccx.manager")

@@ -391,7 +391,7 @@ async def stop_group(group: Group, *, grace: float | Grace,
 
 async def stop_procs(procs: Sequence[Proc], *, grace: float) -> StopStep:
     """`stop_group`'s timeline for recorded processes that are not our children (what a
-    dead server left running, `ccx.state.recover`): each is signalled through a pidfd after
+    dead server left running, `ccx.crash_record.recover`): each is signalled through a pidfd after
     a (pid, start time) check, never a recycled pid.
 
     **Cancellation**: shielded, as `stop_group`; bounded by grace + AFTER_KILL_TIMEOUT_S.
