@@ -578,6 +578,7 @@ async def _self_check() -> None:
     from ccx.process import spawn
 
     events: list[Event] = []
+    first_output = trio.Event()
 
     class Collector:
         async def send_frame(self, frame: bytes) -> None:
@@ -585,6 +586,8 @@ async def _self_check() -> None:
 
         async def send_event(self, event: Event) -> None:
             events.append(event)
+            if isinstance(event, Output):
+                first_output.set()
 
     code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "print('ready', flush=True); time.sleep(60)")
@@ -595,8 +598,7 @@ async def _self_check() -> None:
         nursery.start_soon(session.run)
         session.announce()  # what the execute response's sending does
         with trio.fail_after(5):
-            while not any(isinstance(e, Output) for e in events):
-                await trio.sleep(0.01)
+            await first_output.wait()
         assert await session.pause() is State.PAUSED
         assert session.resume() is State.RUNNING
         session.cancel()
