@@ -84,13 +84,16 @@ TRANSITIONS: dict[State, dict[str, State]] = {
 
 @attrs.frozen
 class SessionOptions:
+    """One session's settings, resolved by the manager from `execute` params and `Settings`
+    (whose fields hold the server defaults: none are restated here)."""
+
+    kill_grace: float  # seconds between SIGTERM and SIGKILL
+    replay_bytes: int  # each of the unsent and the recently-sent budgets (PROTOCOL.md 8)
     encoding: str = "utf-8"  # or "base64"
     timeout: float | None = None
-    kill_grace: float = 5.0
     stdin: bool = False
     linger: float = 0.0  # seconds to keep running without an owner (PROTOCOL.md section 8)
     tag: str | None = None
-    replay_bytes: int = 8 * 1024 * 1024  # each of the unsent and the recently-sent budgets
 
 
 @attrs.frozen
@@ -593,7 +596,7 @@ async def _self_check() -> None:
             "print('ready', flush=True); time.sleep(60)")
     group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
                         env=os.environ, stdin=False)
-    session = Session.create("check", group, SessionOptions(kill_grace=0.2), Collector())
+    session = Session.create("check", group, SessionOptions(kill_grace=0.2, replay_bytes=1 << 20), Collector())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
         session.announce()  # what the execute response's sending does

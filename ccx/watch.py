@@ -144,7 +144,7 @@ async def _self_check() -> None:
     group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
                         env=dict(os.environ), stdin=True)
     owner, viewer = Collect(), Collect()
-    session = Session.create("self-check", group, SessionOptions(stdin=True), owner)
+    session = Session.create("self-check", group, SessionOptions(kill_grace=1.0, replay_bytes=1 << 20, stdin=True), owner)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
         session.announce()
