@@ -1,8 +1,8 @@
 """JSON-RPC 2.0 for ccx, sans-IO: frame text in, typed requests (or ready errors) out, JSON back.
 
 Inputs: the text of one WebSocket frame; result/error/notification values to encode.
-Outputs: `Frame` (requests in order, errors for the invalid ones, batch flag), the `RpcError`
-family with each error's code, typed params (attrs) structured and validated by one cattrs
+Outputs: `Frame` (requests in order, errors for the invalid ones, batch flag; the `RpcError`
+family lives in `ccx.errors`), typed params (attrs) structured and validated by one cattrs
 converter, and compact JSON encoders.
 Docs: https://www.jsonrpc.org/specification
       https://catt.rs/en/stable/validation.html
@@ -12,10 +12,11 @@ Docs: https://www.jsonrpc.org/specification
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import cattrs
@@ -23,102 +24,12 @@ import msgspec
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import format_exception
 
+from ccx.errors import InvalidParams, InvalidRequest, ParseError, RpcError
+from ccx.events import Completed, Event, Output
+from ccx.params import ControlParams, ControlType, Encoding, ExecuteParams, PtySize
+
 JSONRPC_VERSION = "2.0"
 RequestId = str | int | float | None
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors: handlers raise, the dispatcher answers with `code`, `message` and `data`.
-
-
-class RpcError(Exception):
-    """A JSON-RPC error with its code; anything else a handler raises becomes -32603."""
-
-    code: ClassVar[int] = -32603
-
-    def __init__(self, message: str, data: Mapping[str, object] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.data = data
-
-    def to_json(self) -> dict[str, object]:
-        error: dict[str, object] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            error["data"] = dict(self.data)
-        return error
-
-
-class ParseError(RpcError):
-    code = -32700
-
-
-class InvalidRequest(RpcError):
-    code = -32600
-
-
-class MethodNotFound(RpcError):
-    code = -32601
-
-
-class InvalidParams(RpcError):
-    code = -32602
-
-
-class InternalError(RpcError):
-    code = -32603
-
-
-class NotAllowed(RpcError):
-    code = -32001
-
-
-class SessionNotFound(RpcError):
-    code = -32002
-
-
-class LimitReached(RpcError):
-    code = -32003
-
-
-class InvalidState(RpcError):
-    code = -32004
-
-
-class SpawnFailed(RpcError):
-    code = -32005
-
-
-class ReplayUnavailable(RpcError):
-    code = -32006
-
-
-class NodeDraining(RpcError):
-    """execute on a draining node (PROTOCOL.md 10); `data: {"node"}`."""
-
-    code = -32007
-
-
-class SessionLost(RpcError):
-    """The session's node cannot be reached or has restarted (PROTOCOL.md 10);
-    `data: {"node", "reason": "unreachable" | "restarted"}`. Never -32002 for such an id."""
-
-    code = -32008
-
-
-class PassedOn(RpcError):
-    """An error the owning node answered to a forwarded request (PROTOCOL.md 10): passed on
-    as it is, whatever its code (-32002 included)."""
-
-    def __init__(self, code: int, message: str, data: object = None) -> None:
-        super().__init__(message)
-        self.passed_code = code
-        self.passed_data = data
-
-    def to_json(self) -> dict[str, object]:
-        error: dict[str, object] = {"code": self.passed_code, "message": self.message}
-        if self.passed_data is not None:
-            error["data"] = self.passed_data
-        return error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,92 +171,27 @@ def encode_utf8(message: Mapping[str, object] | list[dict[str, object]]) -> byte
     return _dumps_utf8(message)
 
 
-# ---------------------------------------------------------------------------------------------
-# Typed params. Unknown extra params are ignored (PROTOCOL.md section 2).
-
-Encoding = Literal["utf-8", "base64"]
-ControlType = Literal["PAUSE", "RESUME", "CANCEL"]
-
-
-MAX_WINDOW_CELLS = 0xFFFF  # the kernel's struct winsize holds unsigned shorts
-
-
-def _window_cells(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 1 <= value <= MAX_WINDOW_CELLS:
-        raise ValueError(f"{attribute.name} must be between 1 and {MAX_WINDOW_CELLS}")
-
-
-@attrs.frozen
-class PtySize:
-    """A terminal window size in character cells (PROTOCOL.md section 9)."""
-
-    cols: int = attrs.field(validator=_window_cells)
-    rows: int = attrs.field(validator=_window_cells)
+def event_params(event: Event) -> dict[str, object]:
+    """The `params` of *event*'s notification (PROTOCOL.md sections 3, 8, 11)."""
+    if isinstance(event, Output):
+        params: dict[str, object] = {"session_id": event.session_id, "stream": event.stream}
+        if event.text:
+            params["data"] = event.data.decode("utf-8")
+        else:
+            params["data"] = base64.b64encode(event.data).decode("ascii")
+            params["encoding"] = "base64"
+        params["seq"] = event.seq
+        return params
+    params = msgspec.structs.asdict(event)
+    if isinstance(event, Completed) and event.reason is None:
+        del params["reason"]  # only a session the node ended says why
+    return params
 
 
-@attrs.frozen
-class ExecuteParams:
-    command: str | list[str]
-    shell: bool = False
-    cwd: str | None = None
-    env: dict[str, str] = attrs.Factory(dict)
-    timeout: float | None = None
-    stdin: bool = False
-    encoding: Encoding = "utf-8"
-    kill_grace: float | None = None
-    linger: float = 0.0
-    tag: str | None = None
-    pty: PtySize | None = None
-
-
-@attrs.frozen
-class ControlParams:
-    type: ControlType
-    session_id: str | None = None
-
-
-@attrs.frozen
-class InputParams:
-    session_id: str
-    data: str
-    encoding: Encoding = "utf-8"
-    eof: bool = False
-
-
-@attrs.frozen
-class SessionParams:
-    session_id: str
-
-
-@attrs.frozen
-class DrainParams:
-    timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(
-        attrs.validators.ge(0)))
-    undo: bool = False
-
-
-@attrs.frozen
-class SessionsParams:
-    tag: str | None = None
-    scope: Literal["node", "cluster"] = "node"  # PROTOCOL.md 10: "cluster" asks every node
-
-
-@attrs.frozen
-class ResizeParams:
-    session_id: str
-    cols: int = attrs.field(validator=_window_cells)
-    rows: int = attrs.field(validator=_window_cells)
-
-
-@attrs.frozen
-class AttachParams:
-    session_id: str
-    since_seq: int = -1
-
-
-@attrs.frozen
-class NoParams:
-    pass
+def encode_event(event: Event) -> bytes:
+    """*event* as the UTF-8 JSON notification a WebSocket sink sends: encoded once, when
+    it goes to that sink (`ccx.events`: sessions hold compact records, not JSON)."""
+    return _dumps_utf8(notification(event.method, event_params(event)))
 
 
 def _strict(kind: type) -> Any:
@@ -450,4 +296,11 @@ if __name__ == "__main__":
     assert encode_utf8(message) == b'{"jsonrpc":"2.0","id":"\\ud800","result":["\\u00e9",1]}'
     batch = [notification("x", {"a": "é"}), response(1, None)]
     assert encode_utf8(batch) == encode(batch).encode()
+    output = Output("s", "stdout", 3, "é\n".encode(), True)
+    assert encode_event(output) == (b'{"jsonrpc":"2.0","method":"process.output","params":'
+                                    b'{"session_id":"s","stream":"stdout","data":"\xc3\xa9\\n",'
+                                    b'"seq":3}}'), encode_event(output)
+    raw = Output("s", "stderr", 4, b"\xff", False)
+    assert event_params(raw) == {"session_id": "s", "stream": "stderr", "data": "/w==",
+                                 "encoding": "base64", "seq": 4}
     print("ccx.protocol: PASS")
