@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -36,7 +37,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """`-m container` asks for tests/test_container.py (image builds): it reads CCX_CONTAINER
-    at import and otherwise skips as a whole, with one line."""
+    at import and otherwise skips as a whole, with one line.
+
+    SIGINT and SIGQUIT get their usual dispositions back if this run was started with them
+    ignored (`pytest &` in a script, nohup): the in-process servers' children would inherit
+    SIG_IGN, and a shell on a PTY then keeps it for its jobs, so ^C reaches nothing."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     if "container" in (config.getoption("markexpr") or ""):
         os.environ.setdefault("CCX_CONTAINER", "1")
 
