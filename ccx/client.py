@@ -121,9 +121,18 @@ class Completed:
 
 @attrs.frozen
 class Detached:
-    """Another connection attached to the session: this client gets nothing more of it."""
+    """Another connection attached to the session: this client gets nothing more of it. With
+    *reason* ("unreachable"): the session's *node*, reached through another node, was lost
+    (docs/protocol-notes.md, "Node loss"), not taken over."""
 
     session_id: str
+    node: str | None = None
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        if self.reason is not None:
+            return f"session {self.session_id} lost: node {self.node} is {self.reason}"
+        return f"session {self.session_id} was attached by another client"
 
 
 Event = Started | Output | Paused | Resumed | Completed | Detached
@@ -146,7 +155,7 @@ def _event(method: str, params: dict[str, Any]) -> Event | None:
     if method == "process.resumed":
         return Resumed(sid)
     if method == "process.detached":
-        return Detached(sid)
+        return Detached(sid, params.get("node"), params.get("reason"))
     return None
 
 
@@ -172,6 +181,7 @@ class RemoteSession:
     last_seq: int = -1
     result: Completed | None = None
     taken: bool = False  # another connection attached to it (`Detached` was delivered)
+    detached: Detached | None = None  # why, when it was
 
     def _deliver(self, event: Event) -> None:
         if isinstance(event, Output):
@@ -183,7 +193,7 @@ class RemoteSession:
                 return
             self.result = event
         elif isinstance(event, Detached):
-            self.taken = True
+            self.taken, self.detached = True, event
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(event)
             if isinstance(event, Output):  # held until events() reads it
@@ -218,7 +228,7 @@ class RemoteSession:
         async for _ in self.events():
             pass
         if self.result is None:
-            raise ConnectionLost(f"session {self.id} was attached by another connection")
+            raise ConnectionLost(str(self.detached or Detached(self.id)))
         return self.result
 
     async def pause(self) -> str:

@@ -469,3 +469,121 @@ async def test_a_hung_node_is_reported_in_time(fleet: Fleet, nursery: trio.Nurse
     assert (await on["ccx-0"].result("status", session_id=sid))["status"] == "running"
     await on["ccx-0"].result("control", session_id=sid, type="CANCEL")
     await fleet.lb.await_states({n: "UP" for n in fleet.nodes})
+
+
+async def test_a_client_relayed_through_a_node_is_told_when_the_owner_dies(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """kill -9 of the owning node: a client attached to one of its sessions, and watching
+    another, through a second node hears at once (`process.detached` with the -32008 data,
+    docs/protocol-notes.md "Node loss"), not only at its next request; the forwarding node
+    and the client's connection stay up. `ccx attach` through that node says so and exits 1.
+    """
+    fleet = Fleet(tmp_path, 2)
+    cli = None
+    try:
+        owner, relay = "ccx-1", "ccx-0"
+        starter = await fleet.dial(nursery, fleet.nodes[owner].port)
+        command = [PY, "-c", "import time; print('ready', flush=True); time.sleep(1000)"]
+        attached, watched, by_cli = [(await starter.result(
+            "execute", command=command, linger=60))["session_id"] for _ in range(3)]
+        cli = subprocess.Popen([CCX, "attach", "--url", fleet.nodes[relay].url, by_cli],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with trio.fail_after(15):  # attached once the session is no longer the starter's
+            await starter.notification("process.detached", by_cli)
+        client = await fleet.dial(nursery, fleet.nodes[relay].port)
+        assert (await client.result("attach", session_id=attached))["session_id"] == attached
+        assert (await client.result("watch", session_id=watched))["session_id"] == watched
+        for sid in (attached, watched):  # the relay works: each one's output came through
+            with trio.fail_after(15):
+                await client.notification("process.output", sid)
+        fleet.nodes[owner].kill9()
+        killed_at = time.monotonic()
+        told = {}
+        with trio.fail_after(30):  # hang guard; the bound is checked below
+            for sid in (attached, watched):
+                told[sid] = await client.notification("process.detached", sid)
+        assert time.monotonic() - killed_at < 5
+        for sid in (attached, watched):
+            assert told[sid] == {"session_id": sid, "node": owner, "reason": "unreachable"}
+        out, err = await trio.to_thread.run_sync(lambda: cli.communicate(timeout=30))
+        assert cli.returncode == 1 and out == "ready\n", (cli.returncode, out, err)
+        assert f"session {by_cli} lost: node {owner} is unreachable" in err, err
+        # The same connection goes on: its requests about them say lost, others are served.
+        error = await client.error("status", session_id=attached)
+        assert error["code"] == -32008 and error["data"]["reason"] == "unreachable", error
+        local = await client.result("execute", command=["echo", "still here"])
+        outputs, done = await _completed(client, local["session_id"])
+        assert "".join(o["data"] for o in outputs) == "still here\n" and done["exit_code"] == 0
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        fleet.close()
+
+
+async def test_forwarded_input_to_a_hung_node_answers_32008(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """The owning node stops (SIGSTOP: its sockets stay open, nothing answers): a forwarded
+    `input` gets -32008 `unreachable` within 5 s instead of waiting for ever; the attached
+    client is told its session is lost; once the node runs again, input goes through."""
+    hung, relay = "ccx-2", "ccx-0"
+    starter = await fleet.dial(nursery, fleet.nodes[hung].port)
+    sid = (await starter.result("execute", command=["cat"], stdin=True,
+                                linger=60))["session_id"]
+    client = await fleet.dial(nursery, fleet.nodes[relay].port)
+    await client.result("attach", session_id=sid)
+    assert (await client.result("input", session_id=sid, data="one\n"))["bytes"] == 4
+    with trio.fail_after(15):
+        assert (await client.notification("process.output", sid))["data"] == "one\n"
+    os.kill(fleet.nodes[hung].pid, signal.SIGSTOP)
+    try:
+        sent_at = time.monotonic()
+        with trio.fail_after(30):  # hang guard; the bound is checked below
+            error = await client.error("input", session_id=sid, data="two\n")
+        assert time.monotonic() - sent_at < 5
+        assert error["code"] == -32008, error
+        assert error["data"] == {"node": hung, "reason": "unreachable"}, error
+        with trio.fail_after(15):
+            told = await client.notification("process.detached", sid)
+        assert told == {"session_id": sid, "node": hung, "reason": "unreachable"}
+        assert (await client.result("ping"))["pong"] is True  # the forwarding node is fine
+    finally:
+        os.kill(fleet.nodes[hung].pid, signal.SIGCONT)
+    # Running again: attached anew (a new link), input and output go through. ("two" may
+    # or may not have been written: the node read it when it woke, or never.)
+    with trio.fail_after(30):
+        await client.result("attach", session_id=sid, since_seq=0)
+        assert (await client.result("input", session_id=sid, data="three\n"))["bytes"] == 6
+        text = ""
+        while not text.endswith("three\n"):
+            text += (await client.notification("process.output", sid))["data"]
+    assert text in ("three\n", "two\nthree\n"), text
+    await client.result("control", session_id=sid, type="CANCEL")
+    await fleet.lb.await_states({n: "UP" for n in fleet.nodes})
+
+
+async def test_forwarded_input_waits_for_a_child_that_does_not_read(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """The deadline is on the node, not on the child: a forwarded `input` waiting for a
+    paused child (a full pipe) longer than the node's deadline is still answered, with every
+    byte written, once the child reads again."""
+    owner, relay = "ccx-1", "ccx-2"
+    starter = await fleet.dial(nursery, fleet.nodes[owner].port)
+    counter = py("import sys; print(len(sys.stdin.buffer.read()), flush=True)")
+    sid = (await starter.result("execute", command=counter, stdin=True))["session_id"]
+    assert (await starter.result("control", session_id=sid, type="PAUSE"))[
+        "status"] == "paused"
+    client = await fleet.dial(nursery, fleet.nodes[relay].port)
+    size = 512 * 1024  # well past a pipe's 64 KiB: the write waits for the child
+    request = {"jsonrpc": "2.0", "id": "big", "method": "input",
+               "params": {"session_id": sid, "data": "x" * size, "eof": True}}
+    await client.send(request)
+    with trio.move_on_after(7):  # longer than a hung node gets (the 5 s of PROTOCOL.md 10)
+        reply = await client.response("big")
+        raise AssertionError(f"input answered while the child was paused: {reply}")
+    await starter.result("control", session_id=sid, type="RESUME")
+    with trio.fail_after(30):
+        reply = await client.response("big")
+    assert reply.get("result") == {"session_id": sid, "bytes": size}, reply
+    outputs, done = await _completed(starter, sid)
+    assert "".join(o["data"] for o in outputs) == f"{size}\n" and done["exit_code"] == 0
