@@ -587,3 +587,42 @@ async def test_forwarded_input_waits_for_a_child_that_does_not_read(
     assert reply.get("result") == {"session_id": sid, "bytes": size}, reply
     outputs, done = await _completed(starter, sid)
     assert "".join(o["data"] for o in outputs) == f"{size}\n" and done["exit_code"] == 0
+
+
+async def test_mcp_send_input_to_a_hung_node_is_a_lost_session(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """MCP `send_input` forwarded (Streamable HTTP, the MCP SDK's client) to a node that has
+    stopped (SIGSTOP): an `isError` result saying the session is lost, within 5 s."""
+    from mcp.client.streamable_http import streamable_http_client
+    from test_mcp import in_sdk, structured
+
+    hung, relay = "ccx-2", "ccx-1"
+
+    def mcp_url(node: str) -> str:
+        return f"http://127.0.0.1:{fleet.nodes[node].port}/mcp"
+
+    async def start(session: Any) -> dict[str, Any]:
+        return structured(await session.call_tool("start", {
+            "command": ["cat"], "stdin": True, "linger": 60}))
+
+    sid = (await in_sdk(lambda: streamable_http_client(mcp_url(hung)), start))["session_id"]
+    pid = fleet.nodes[hung].pid
+
+    async def drive(session: Any) -> tuple[Any, float]:
+        structured(await session.call_tool("send_input", {"session_id": sid, "data": "one\n"}))
+        os.kill(pid, signal.SIGSTOP)
+        sent_at = time.monotonic()
+        result = await session.call_tool("send_input", {"session_id": sid, "data": "two\n"})
+        return result, time.monotonic() - sent_at
+
+    try:
+        result, took = await in_sdk(lambda: streamable_http_client(mcp_url(relay)), drive)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result.isError, result
+    assert "session lost" in result.content[0].text, result.content
+    assert '"reason": "unreachable"' in result.content[0].text, result.content
+    assert took < 5, took
+    direct = await fleet.dial(nursery, fleet.nodes[hung].port)
+    await direct.result("control", session_id=sid, type="CANCEL")
+    await fleet.lb.await_states({n: "UP" for n in fleet.nodes})
