@@ -21,29 +21,21 @@ import structlog
 import trio
 
 from ccx import __version__
+from ccx.errors import InternalError, InvalidParams, InvalidState, MethodNotFound, RpcError
 from ccx.log import get_logger
 from ccx.manager import SessionManager
-from ccx.protocol import (
+from ccx.params import (
     AttachParams,
     ControlParams,
     DrainParams,
     ExecuteParams,
     InputParams,
-    InternalError,
-    InvalidParams,
-    InvalidState,
-    MethodNotFound,
     NoParams,
-    Request,
-    RequestId,
     ResizeParams,
-    RpcError,
     SessionParams,
     SessionsParams,
-    error_response,
-    response,
-    structure_params,
 )
+from ccx.protocol import Request, RequestId, error_response, response, structure_params
 from ccx.session import CHANNEL_CHUNKS, CHUNK_BYTES, Owner, Session
 
 log = get_logger("ccx.api")

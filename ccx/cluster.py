@@ -46,9 +46,10 @@ import trio
 
 from ccx.client import NOTIFICATION_PREFIX, Client, ConnectionLost, ServerError, node_of
 from ccx.config import Settings
+from ccx.errors import InternalError, PassedOn, SessionLost
 from ccx.log import get_logger
 from ccx.owner import Owner, OwnerGone
-from ccx.protocol import InternalError, PassedOn, SessionLost, encode_utf8, notification
+from ccx.protocol import encode_utf8, notification
 
 log = get_logger("ccx.cluster")
 

@@ -35,23 +35,23 @@ import trio
 from ccx.cluster import Cluster
 from ccx.config import Settings
 from ccx.descendants import SESSION_ENV, adopted_by_session
-from ccx.log import get_logger
-from ccx.mcp_buffer import OutputBuffer
-from ccx.metrics import Metrics
-from ccx.outbox import HeldBudget
-from ccx.owner import Owner, OwnerGone
-from ccx.process import Group, StopStep, resolve_executable, spawn, stop_group
-from ccx.procfs import shared_snapshot
-from ccx.protocol import (
-    ExecuteParams,
+from ccx.errors import (
     InvalidParams,
     LimitReached,
     NodeDraining,
     NotAllowed,
     SessionNotFound,
     SpawnFailed,
-    notification,
 )
+from ccx.log import get_logger
+from ccx.mcp_buffer import OutputBuffer
+from ccx.metrics import Metrics
+from ccx.outbox import HeldBudget
+from ccx.owner import Owner, OwnerGone
+from ccx.params import ExecuteParams
+from ccx.process import Group, StopStep, resolve_executable, spawn, stop_group
+from ccx.procfs import shared_snapshot
+from ccx.protocol import notification
 from ccx.session import Session, SessionOptions
 from ccx.spool import SpoolDir
 from ccx.state import GroupRecord, StateFile

@@ -32,21 +32,17 @@ import trio
 from ccx import __version__
 from ccx.api import error_reply
 from ccx.config import Settings
+from ccx.errors import InvalidParams, InvalidRequest, MethodNotFound, RpcError, SessionNotFound
 from ccx.log import add_tap, get_logger, remove_tap
 from ccx.manager import SessionManager
 from ccx.mcp_buffer import OutputBuffer
 from ccx.mcp_tools import TOOLS, ToolCall
 from ccx.owner import OwnerGone
+from ccx.params import ExecuteParams
 from ccx.protocol import (
-    ExecuteParams,
     Frame,
     Invalid,
-    InvalidParams,
-    InvalidRequest,
-    MethodNotFound,
     Request,
-    RpcError,
-    SessionNotFound,
     error_response,
     notification,
     parse_frame,

@@ -29,9 +29,9 @@ from __future__ import annotations
 import attrs
 import trio
 
+from ccx.errors import InvalidParams
 from ccx.outbox import HeldBudget
 from ccx.owner import OwnerGone
-from ccx.protocol import InvalidParams
 
 STREAMS = ("stdout", "stderr")
 UTF8_MAX_CHAR_BYTES = 4

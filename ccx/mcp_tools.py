@@ -20,10 +20,12 @@ import trio
 
 from ccx import api
 from ccx.config import Settings
+from ccx.errors import InvalidParams, RpcError
 from ccx.manager import SessionManager
 from ccx.mcp_buffer import STREAMS, OutputBuffer, Tail
 from ccx.owner import Owner
-from ccx.protocol import ExecuteParams, InvalidParams, RpcError, structure_params
+from ccx.params import ExecuteParams
+from ccx.protocol import structure_params
 from ccx.session import Session
 
 MAX_READ_BYTES = 4 * 1024 * 1024  # largest max_bytes / tail_bytes a call may ask for

@@ -78,7 +78,7 @@ async def _self_check() -> None:
     ends the node at once instead of after kill_grace."""
     import os
 
-    from ccx.protocol import ExecuteParams
+    from ccx.params import ExecuteParams
 
     trap = ["sh", "-c", "trap '' TERM; echo ready; sleep 60"]
     node = Node(Settings(state_dir="", kill_grace=30.0))

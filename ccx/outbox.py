@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 import attrs
 import trio
 
-from ccx.protocol import ReplayUnavailable
+from ccx.errors import ReplayUnavailable
 from ccx.spool import Spool
 
 

@@ -1,8 +1,8 @@
 """JSON-RPC 2.0 for ccx, sans-IO: frame text in, typed requests (or ready errors) out, JSON back.
 
 Inputs: the text of one WebSocket frame; result/error/notification values to encode.
-Outputs: `Frame` (requests in order, errors for the invalid ones, batch flag), the `RpcError`
-family with each error's code, typed params (attrs) structured and validated by one cattrs
+Outputs: `Frame` (requests in order, errors for the invalid ones, batch flag; the `RpcError`
+family lives in `ccx.errors`), typed params (attrs) structured and validated by one cattrs
 converter, and compact JSON encoders.
 Docs: https://www.jsonrpc.org/specification
       https://catt.rs/en/stable/validation.html
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import cattrs
@@ -23,102 +23,11 @@ import msgspec
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import format_exception
 
+from ccx.errors import InvalidParams, InvalidRequest, ParseError, RpcError
+from ccx.params import ControlParams, ControlType, Encoding, ExecuteParams, PtySize
+
 JSONRPC_VERSION = "2.0"
 RequestId = str | int | float | None
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors: handlers raise, the dispatcher answers with `code`, `message` and `data`.
-
-
-class RpcError(Exception):
-    """A JSON-RPC error with its code; anything else a handler raises becomes -32603."""
-
-    code: ClassVar[int] = -32603
-
-    def __init__(self, message: str, data: Mapping[str, object] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.data = data
-
-    def to_json(self) -> dict[str, object]:
-        error: dict[str, object] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            error["data"] = dict(self.data)
-        return error
-
-
-class ParseError(RpcError):
-    code = -32700
-
-
-class InvalidRequest(RpcError):
-    code = -32600
-
-
-class MethodNotFound(RpcError):
-    code = -32601
-
-
-class InvalidParams(RpcError):
-    code = -32602
-
-
-class InternalError(RpcError):
-    code = -32603
-
-
-class NotAllowed(RpcError):
-    code = -32001
-
-
-class SessionNotFound(RpcError):
-    code = -32002
-
-
-class LimitReached(RpcError):
-    code = -32003
-
-
-class InvalidState(RpcError):
-    code = -32004
-
-
-class SpawnFailed(RpcError):
-    code = -32005
-
-
-class ReplayUnavailable(RpcError):
-    code = -32006
-
-
-class NodeDraining(RpcError):
-    """execute on a draining node (PROTOCOL.md 10); `data: {"node"}`."""
-
-    code = -32007
-
-
-class SessionLost(RpcError):
-    """The session's node cannot be reached or has restarted (PROTOCOL.md 10);
-    `data: {"node", "reason": "unreachable" | "restarted"}`. Never -32002 for such an id."""
-
-    code = -32008
-
-
-class PassedOn(RpcError):
-    """An error the owning node answered to a forwarded request (PROTOCOL.md 10): passed on
-    as it is, whatever its code (-32002 included)."""
-
-    def __init__(self, code: int, message: str, data: object = None) -> None:
-        super().__init__(message)
-        self.passed_code = code
-        self.passed_data = data
-
-    def to_json(self) -> dict[str, object]:
-        error: dict[str, object] = {"code": self.passed_code, "message": self.message}
-        if self.passed_data is not None:
-            error["data"] = self.passed_data
-        return error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,94 +167,6 @@ def encode_utf8(message: Mapping[str, object] | list[dict[str, object]]) -> byte
     if isinstance(message, list):
         return b"[" + b",".join(map(_dumps_utf8, message)) + b"]"
     return _dumps_utf8(message)
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed params. Unknown extra params are ignored (PROTOCOL.md section 2).
-
-Encoding = Literal["utf-8", "base64"]
-ControlType = Literal["PAUSE", "RESUME", "CANCEL"]
-
-
-MAX_WINDOW_CELLS = 0xFFFF  # the kernel's struct winsize holds unsigned shorts
-
-
-def _window_cells(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 1 <= value <= MAX_WINDOW_CELLS:
-        raise ValueError(f"{attribute.name} must be between 1 and {MAX_WINDOW_CELLS}")
-
-
-@attrs.frozen
-class PtySize:
-    """A terminal window size in character cells (PROTOCOL.md section 9)."""
-
-    cols: int = attrs.field(validator=_window_cells)
-    rows: int = attrs.field(validator=_window_cells)
-
-
-@attrs.frozen
-class ExecuteParams:
-    command: str | list[str]
-    shell: bool = False
-    cwd: str | None = None
-    env: dict[str, str] = attrs.Factory(dict)
-    timeout: float | None = None
-    stdin: bool = False
-    encoding: Encoding = "utf-8"
-    kill_grace: float | None = None
-    linger: float = 0.0
-    tag: str | None = None
-    pty: PtySize | None = None
-
-
-@attrs.frozen
-class ControlParams:
-    type: ControlType
-    session_id: str | None = None
-
-
-@attrs.frozen
-class InputParams:
-    session_id: str
-    data: str
-    encoding: Encoding = "utf-8"
-    eof: bool = False
-
-
-@attrs.frozen
-class SessionParams:
-    session_id: str
-
-
-@attrs.frozen
-class DrainParams:
-    timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(
-        attrs.validators.ge(0)))
-    undo: bool = False
-
-
-@attrs.frozen
-class SessionsParams:
-    tag: str | None = None
-    scope: Literal["node", "cluster"] = "node"  # PROTOCOL.md 10: "cluster" asks every node
-
-
-@attrs.frozen
-class ResizeParams:
-    session_id: str
-    cols: int = attrs.field(validator=_window_cells)
-    rows: int = attrs.field(validator=_window_cells)
-
-
-@attrs.frozen
-class AttachParams:
-    session_id: str
-    since_seq: int = -1
-
-
-@attrs.frozen
-class NoParams:
-    pass
 
 
 def _strict(kind: type) -> Any:

@@ -56,6 +56,7 @@ import structlog
 import trio
 
 from ccx.descendants import Tracker, signal_procs, still_alive
+from ccx.errors import InvalidState
 from ccx.log import get_logger
 from ccx.outbox import Held, HeldBudget, Outbox, SpoolOutbox
 from ccx.owner import Owner as Owner  # re-exported: ccx.api and older imports
@@ -69,7 +70,7 @@ from ccx.process import (
     signal_name,
     stop_group,
 )
-from ccx.protocol import InvalidState, encode_utf8, notification
+from ccx.protocol import encode_utf8, notification
 from ccx.spool import SpoolDir
 from ccx.tree import pause_tree, refresh, resume_tree, stop_arrivals
 

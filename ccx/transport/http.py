@@ -22,7 +22,7 @@ import attrs
 import h11
 import trio
 
-from ccx.protocol import RpcError
+from ccx.errors import RpcError
 
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; more is answered 431
 READ_BYTES = 4096  # per receive while reading the head

@@ -34,20 +34,13 @@ import structlog
 import trio
 
 from ccx.config import Settings
+from ccx.errors import InvalidRequest, ReplayUnavailable
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import SUPPORTED_VERSIONS, McpEndpoint
 from ccx.outbox import Outbox, SpoolOutbox
 from ccx.owner import OwnerGone
-from ccx.protocol import (
-    Invalid,
-    InvalidRequest,
-    ReplayUnavailable,
-    Request,
-    encode,
-    error_response,
-    parse_frame,
-)
+from ccx.protocol import Invalid, Request, encode, error_response, parse_frame
 from ccx.transport.http import SSE_TYPE, Exchange, Head, HttpError
 from ccx.transport.policy import origin_ok, token_ok
 from ccx.transport.sse import EventStream, sse_event

@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from ccx.errors import ReplayUnavailable
 from ccx.outbox import Held, Outbox, SpoolOutbox
 from ccx.owner import OwnerGone
-from ccx.protocol import ReplayUnavailable, encode_utf8
+from ccx.protocol import encode_utf8
 
 
 @attrs.define(eq=False)

@@ -28,12 +28,13 @@ import structlog
 import trio
 
 from ccx.config import Settings
+from ccx.errors import InvalidRequest
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
 from ccx.node import Node
 from ccx.owner import OwnerGone
-from ccx.protocol import Frame, InvalidRequest, encode, error_response, parse_frame
+from ccx.protocol import Frame, encode, error_response, parse_frame
 from ccx.transport.input_budget import InputBudget, carries_input
 
 log = get_logger("ccx.stdio")

@@ -11,15 +11,10 @@ from typing import Any
 
 import pytest
 
+from ccx.errors import InvalidParams, InvalidRequest, ParseError
+from ccx.params import AttachParams, ControlParams, ExecuteParams, PtySize
 from ccx.protocol import (
-    AttachParams,
-    ControlParams,
-    ExecuteParams,
     Invalid,
-    InvalidParams,
-    InvalidRequest,
-    ParseError,
-    PtySize,
     Request,
     encode,
     encode_utf8,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from ccx.errors import ReplayUnavailable
 from ccx.outbox import Held, Outbox
-from ccx.protocol import ReplayUnavailable
 
 
 def output(box: Outbox, raw: int = 4, frame: bytes = b"f") -> Held:
