@@ -259,6 +259,7 @@ class Client:
     ws: trio_websocket.WebSocketConnection | None = None
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     _waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = attrs.field(factory=dict)
+    _on_reply: dict[int, Callable[[], None]] = attrs.field(factory=dict)  # see `call`
     _sessions: dict[str, RemoteSession] = attrs.field(factory=dict)
     _early: dict[str, list[Event]] = attrs.field(factory=dict)
     _held: int = 0  # output bytes in sessions' channels, not yet read (MAX_HELD_OUTPUT_BYTES)
@@ -393,6 +394,9 @@ class Client:
         channel = self._waiting.pop(message.get("id"), None)  # type: ignore[arg-type]
         if channel is not None:
             channel.send_nowait(message)
+            hook = self._on_reply.pop(message["id"], None)
+            if hook is not None:
+                hook()
 
     def _hold(self, size: int) -> None:
         self._held += size
@@ -404,14 +408,19 @@ class Client:
 
     # ------------------------------------------------------------------------- calls
 
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Send one request and return its result; raise `ServerError` for an error."""
+    async def call(self, method: str, params: dict[str, Any] | None = None, *,
+                   on_reply: Callable[[], None] | None = None) -> Any:
+        """Send one request and return its result; raise `ServerError` for an error.
+        *on_reply* runs in the reader as the reply is read, before any later frame is (a
+        relaying node holds back what follows a forwarded attach's result: `ccx.cluster`)."""
         ws = self.ws
         if self.closed or ws is None:
             raise ConnectionLost("connection is closed")
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[request_id] = send
+        if on_reply is not None:
+            self._on_reply[request_id] = on_reply
         self._room.set()  # its reply may sit behind held output: read on until it comes
         message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
         try:
@@ -421,6 +430,7 @@ class Client:
             raise ConnectionLost(f"connection closed during {method}") from None
         finally:
             self._waiting.pop(request_id, None)
+            self._on_reply.pop(request_id, None)
         if "error" in reply:
             error = reply["error"]
             raise ServerError(error.get("code", 0), error.get("message", ""), error.get("data"))

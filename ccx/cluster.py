@@ -37,8 +37,10 @@ Docs: ../shared/PROTOCOL.md section 10; https://trio.readthedocs.io/en/stable/re
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -92,8 +94,11 @@ class Conn:
     node: str | None
     incarnation: str | None
     url: str
-    # Set for a link: closed until the forwarded attach/watch result is out, so relayed
-    # notifications never overtake it on the client's connection.
+    # Set for a link: a forwarded attach/watch whose result the link has read but this node
+    # has not yet sent to the client; the link relays nothing more until it is sent, so what
+    # followed the result on the owning node never overtakes it on the client's connection.
+    # (Added as the result is read, not as the request goes: what the link reads before the
+    # result goes on, else the result would wait behind it.)
     gates: list[trio.Event] = attrs.field(factory=list)
     # A link's sessions whose notifications it relays (attached, watched through it): told
     # `process.detached` with the -32008 data if the link is lost (docs/protocol-notes.md,
@@ -106,6 +111,10 @@ class Conn:
     @property
     def alive(self) -> bool:
         return not self.client.closed
+
+    def hold(self, gate: trio.Event) -> None:
+        """Relay nothing more until *gate* is set (a forwarded result was just read)."""
+        self.gates.append(gate)
 
 
 @attrs.define(eq=False)
@@ -162,11 +171,11 @@ class Cluster:
             conn = await self._conn(target.node, owner if linked else None)
             if conn.incarnation != target.incarnation:
                 raise lost(target.node, "restarted")
-            if gate is not None and gate not in conn.gates:
-                conn.gates.append(gate)
             try:
                 result = await self._call(conn, target.node, method, params,
-                                          patient=method == "input")
+                                          patient=method == "input",
+                                          on_reply=None if gate is None else
+                                          functools.partial(conn.hold, gate))
             except ServerError as exc:
                 raise PassedOn(exc.code, exc.message, exc.data) from None
             except trio.TooSlowError:
@@ -192,13 +201,13 @@ class Cluster:
         raise AssertionError("not reached")  # pragma: no cover
 
     async def _call(self, conn: Conn, node: str, method: str, params: dict[str, Any], *,
-                    patient: bool = False) -> Any:
+                    patient: bool = False, on_reply: Callable[[], None] | None = None) -> Any:
         """*method* on *conn*, answered within CALL_TIMEOUT_S, or, *patient* (input, which
         waits for the child), for as long as *node* answers pings; `trio.TooSlowError`
         otherwise. One deadline (or one prober) per request: nothing per relayed frame."""
         if not patient:
             with trio.fail_after(CALL_TIMEOUT_S):
-                return await conn.client.call(method, params)
+                return await conn.client.call(method, params, on_reply=on_reply)
         assert self._nursery is not None
         with trio.CancelScope() as waiting:
             prober = trio.CancelScope()
@@ -210,7 +219,7 @@ class Cluster:
 
             self._nursery.start_soon(probe)
             try:
-                return await conn.client.call(method, params)
+                return await conn.client.call(method, params, on_reply=on_reply)
             finally:
                 prober.cancel()
         raise trio.TooSlowError

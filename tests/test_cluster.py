@@ -626,3 +626,34 @@ async def test_mcp_send_input_to_a_hung_node_is_a_lost_session(
     direct = await fleet.dial(nursery, fleet.nodes[hung].port)
     await direct.result("control", session_id=sid, type="CANCEL")
     await fleet.lb.await_states({n: "UP" for n in fleet.nodes})
+
+
+async def test_watch_and_attach_over_a_link_busy_relaying_output(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """One client connection, one link: while the link relays a flood of output of a session
+    it attached, further `watch`/`attach` requests over that link are answered (the relayed
+    output read before their answers is not held back waiting for them, which would leave
+    the answers unread behind it until -32008)."""
+    owner, relay = "ccx-0", "ccx-1"
+    starter = await fleet.dial(nursery, fleet.nodes[owner].port)
+    flood = py("import sys\nwhile True:\n    sys.stdout.write('y' * 4096)\n    sys.stdout.flush()\n")
+    quiet = [PY, "-c", "import time; print('ready', flush=True); time.sleep(1000)"]
+    flooding = (await starter.result("execute", command=flood, linger=60))["session_id"]
+    others = [(await starter.result("execute", command=quiet, linger=60))["session_id"]
+              for _ in range(2)]
+    client = await fleet.dial(nursery, fleet.nodes[relay].port)
+    try:
+        await client.result("attach", session_id=flooding)
+        with trio.fail_after(15):
+            await client.notification("process.output", flooding)
+        with trio.fail_after(30):
+            for _ in range(3):
+                for sid in others:
+                    watched = await client.request("watch", session_id=sid)
+                    assert watched.get("result", {}).get("session_id") == sid, watched
+                    client.notifications.clear()  # keep the flood from piling up here
+            attached = await client.request("attach", session_id=others[0])
+            assert attached.get("result", {}).get("session_id") == others[0], attached
+    finally:
+        for sid in (flooding, *others):
+            await starter.result("control", session_id=sid, type="CANCEL")
