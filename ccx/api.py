@@ -24,6 +24,8 @@ from ccx import __version__
 from ccx.errors import InternalError, InvalidParams, InvalidState, MethodNotFound, RpcError
 from ccx.log import get_logger
 from ccx.manager import SessionManager
+from ccx.output import CHANNEL_CHUNKS, CHUNK_BYTES
+from ccx.owner import Owner
 from ccx.params import (
     AttachParams,
     ControlParams,
@@ -36,7 +38,7 @@ from ccx.params import (
     SessionsParams,
 )
 from ccx.protocol import Request, RequestId, error_response, response, structure_params
-from ccx.session import CHANNEL_CHUNKS, CHUNK_BYTES, Owner, Session
+from ccx.session import Session
 
 log = get_logger("ccx.api")
 
@@ -238,6 +240,7 @@ async def server_info(call: Call) -> dict[str, object]:
         "node": settings.node_name,
         "incarnation": call.manager.incarnation if settings.node_name else None,
         "draining": call.manager.draining,
+        "busy": len(call.manager.busy()),  # what `drain` answers as `sessions`, read-only
     }
 
 
@@ -294,7 +297,8 @@ async def _self_check() -> None:
     import trio
 
     from ccx.config import Settings
-    from ccx.protocol import parse_frame
+    from ccx.events import Event
+    from ccx.protocol import encode_event, parse_frame
 
     sent: list[dict[str, Any]] = []
 
@@ -304,6 +308,9 @@ async def _self_check() -> None:
 
         async def send_frame(self, frame: bytes) -> None:
             sent.append(json.loads(frame))
+
+        async def send_event(self, event: Event) -> None:
+            await self.send_frame(encode_event(event))
 
     owner = Collector()
     manager = SessionManager(Settings(state_dir="", kill_grace=0.5))

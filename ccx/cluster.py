@@ -31,6 +31,9 @@ that ends under its client (the owning node died, or was dropped as hung) tells 
 relaying (docs/protocol-notes.md, "Node loss"). Deadlines: one per forwarded request; `input`,
 MCP `send_input` and `read_output`, which wait on the child, instead wait as long as the owning
 node answers a `ping` on the pooled connection (nothing is timed per relayed frame).
+Size (over 400 lines): peers, the pooled connections, the per-connection links and the
+forwarding rules (which method goes where, -32008) are one state machine over one map of
+connections.
 Docs: ../shared/PROTOCOL.md section 10; https://trio.readthedocs.io/en/stable/reference-core.html
       https://docs.python.org/3/library/socket.html#socket.getaddrinfo
 """

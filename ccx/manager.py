@@ -1,4 +1,4 @@
-"""The session registry: policy (allow-list, env policy, shell, limits), spawning, lookup,
+"""The session registry: limits, spawning (after `ccx.launch`'s policy), lookup, drain,
 shutdown of all (and the SIGKILL of all on a second signal).
 
 Inputs: `Settings`, validated `ExecuteParams`, and the `Owner` (connection) asking.
@@ -15,18 +15,19 @@ then `execute` gets -32003 and sessions with unsent output are throttled. Sessio
 unsent output count against CCX_MAX_SESSIONS (and per connection) as running ones do, so
 sessions that end with output nobody read cannot pile up; at most MAX_ENDED_KEPT other ended
 sessions are remembered, and their replay is capped by CCX_ENDED_REPLAY_BYTES.
+Size (over 400 lines): the registry's life cycle (execute, attach, watch, release,
+retention, drain, shutdown) works on one map of sessions and one nursery; the launch policy
+is `ccx.launch`, each session's supervision `ccx.session`.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#nurseries-and-spawning
 """
 
 from __future__ import annotations
 
 import collections
-import os
 import secrets
-import shlex
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import attrs
 import structlog
@@ -34,44 +35,35 @@ import trio
 
 from ccx.cluster import Cluster
 from ccx.config import Settings
+from ccx.crash_record import GroupRecord, StateFile
 from ccx.descendants import SESSION_ENV, adopted_by_session
 from ccx.errors import (
     InvalidParams,
     LimitReached,
     NodeDraining,
-    NotAllowed,
     SessionNotFound,
     SpawnFailed,
 )
+from ccx.events import Detached
+from ccx.launch import LaunchPolicy
 from ccx.log import get_logger
 from ccx.mcp_buffer import OutputBuffer
 from ccx.metrics import Metrics
 from ccx.outbox import HeldBudget
 from ccx.owner import Owner, OwnerGone
 from ccx.params import ExecuteParams
-from ccx.process import Group, StopStep, resolve_executable, spawn, stop_group
+from ccx.process import Group, StopStep, spawn, stop_group
 from ccx.procfs import shared_snapshot
-from ccx.protocol import notification
 from ccx.session import Session, SessionOptions
 from ccx.spool import SpoolDir
-from ccx.state import GroupRecord, StateFile
 from ccx.watch import Watcher
 
 log = get_logger("ccx.manager")
 
-SHELL = "/bin/sh"
 MAX_ENDED_KEPT = 1000  # ended sessions remembered at most, whatever CCX_RETENTION says
 SWEEP_MIN_S = 0.1  # retention sweeps: at least this far apart...
 SWEEP_MAX_S = 60.0  # ...and at most this far (an expired session lingers this long at worst)
-HIDDEN_FROM_CHILDREN = ("CCX_TOKEN", "CCX_TOKEN_FILE")  # where the token is: not theirs
 DETACH_NOTICE_TIMEOUT_S = 10.0  # how long we try to tell a connection it lost a session
-PTY_TERM = "xterm-256color"  # TERM of a PTY session unless execute's env sets one
-# With an allow-list, `env` keys that make an allowed program run other code (PROTOCOL.md 2):
-# the loader's (LD_*, DYLD_*), the shells' (BASH_FUNC_*, BASH_ENV, ENV, ...), interpreters'
-# start-up hooks and git's config injection. Refused unless named in CCX_ALLOWED_ENV.
-CODE_LOADING_ENV = frozenset({"PATH", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4",
-                              "GCONV_PATH", "RUBYOPT", "NODE_OPTIONS", "JAVA_TOOL_OPTIONS"})
-CODE_LOADING_ENV_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "PYTHON", "PERL5", "GIT_")
 
 
 def new_incarnation() -> str:
@@ -84,32 +76,11 @@ def new_incarnation() -> str:
     return f"{digits or '0'}{secrets.token_hex(3)}"
 
 
-def _normalize(path: str) -> str:
-    """Resolve symlinked directories (/bin -> /usr/bin) but not the file itself.
-
-    Following a symlinked file would let a multi-call binary (busybox) pass for any of its
-    names, so the file name is kept as written. The result is both what the allow-list
-    judges and what is exec'd: a directory symlink flipped after the check cannot change it.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(os.path.realpath(directory), name)
-
-
 async def _close_pipes(group: Group) -> None:
     with trio.CancelScope(shield=True):
         for stream in (group.process.stdin, group.process.stdout, group.process.stderr):
             if stream is not None:
                 await stream.aclose()
-
-
-@attrs.frozen
-class Launch:
-    """What execute resolved: the argv, the executable that will run, cwd and environment."""
-
-    argv: list[str]
-    executable: str
-    cwd: str | None
-    env: dict[str, str]
 
 
 @attrs.define(eq=False)
@@ -124,6 +95,7 @@ class SessionManager:
     incarnation: str = attrs.field(factory=new_incarnation)  # new on every start
     draining: bool = False  # PROTOCOL.md 10: execute refused with -32007 meanwhile
     _drain_deadline: trio.CancelScope | None = None  # a pending drain timeout
+    _drain_for_good: bool = False  # SIGTERM's drain: the node is going away, no undo
     state: StateFile = attrs.field(factory=lambda: StateFile(""))  # the crash record
     spool: SpoolDir | None = None  # held output on disk (ccx.spool); None: in memory
     started_total: int = 0
@@ -136,6 +108,9 @@ class SessionManager:
     held: HeldBudget = attrs.field(
         default=attrs.Factory(lambda self: HeldBudget(self.settings.max_held_bytes),
                               takes_self=True))
+    # the allow-list, env policy and shell rule that turn execute params into a Launch
+    policy: LaunchPolicy = attrs.field(
+        default=attrs.Factory(lambda self: LaunchPolicy(self.settings), takes_self=True))
     # the other nodes and the connections to them (PROTOCOL.md 10; ccx.cluster)
     cluster: Cluster = attrs.field(
         default=attrs.Factory(lambda self: Cluster(self.settings, self.incarnation),
@@ -209,7 +184,7 @@ class SessionManager:
     def _holds_unread(self, session: Session) -> bool:
         """Output no client has received: in the outbox, or in an MCP buffer, unread."""
         buffer = self.mcp_buffers.get(session.id)
-        return session.holds_unsent or (buffer is not None and buffer.holds_unread)
+        return session.output.holds_unsent or (buffer is not None and buffer.holds_unread)
 
     def owned_by(self, owner: Owner) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner is owner and not s.done]
@@ -255,14 +230,14 @@ class SessionManager:
         newest first: without it 1000 ended sessions could hold 1000 x CCX_REPLAY_BYTES."""
         budget = self.settings.ended_replay_bytes
         ended = sorted((s for s in self._sessions.values()
-                        if s.ended_at is not None and not s.running and s.replay_bytes_held),
+                        if s.ended_at is not None and not s.running and s.output.replay_bytes_held),
                        key=lambda s: s.ended_at or 0.0, reverse=True)
         for session in ended:
-            held = session.replay_bytes_held
+            held = session.output.replay_bytes_held
             if held <= budget:
                 budget -= held
             else:
-                session.forget_replay()
+                session.output.forget_replay()
                 log.debug("replay_forgotten", session_id=session.id, bytes=held)
 
     @property
@@ -298,81 +273,6 @@ class SessionManager:
         return {"stdout": totals["stdout"], "stderr": totals["stderr"]}
 
     # ------------------------------------------------------------------------------ policy
-
-    def _allowed_paths(self) -> set[str]:
-        allowed: set[str] = set()
-        for entry in self.settings.allowed_commands or ():
-            if "/" in entry:
-                allowed.add(_normalize(entry))
-            else:
-                found = resolve_executable(entry, path=os.environ.get("PATH"), cwd=None)
-                if found:
-                    allowed.add(_normalize(found))
-        return allowed
-
-    def resolve(self, params: ExecuteParams) -> Launch:
-        """Turn execute params into a `Launch`, or raise the documented error."""
-        if params.shell:
-            if not self.settings.allow_shell:
-                raise NotAllowed("shell is not allowed on this server (CCX_ALLOW_SHELL=0)")
-            if not isinstance(params.command, str):
-                raise InvalidParams("Invalid params: shell=true needs command as a string")
-            argv = [SHELL, "-c", params.command]
-        elif isinstance(params.command, str):
-            try:
-                argv = shlex.split(params.command)
-            except ValueError as exc:
-                raise InvalidParams(f"Invalid params: command: {exc}") from None
-        else:
-            argv = list(params.command)
-        if not argv or not argv[0]:
-            raise InvalidParams("Invalid params: command is empty")
-        if any("\0" in part for part in argv):
-            raise InvalidParams("Invalid params: command contains a NUL byte")
-        if not all(_encodable(part) for part in argv) or (
-                params.cwd is not None and not _encodable(params.cwd)):
-            raise InvalidParams("Invalid params: command or cwd is not valid Unicode "
-                                "(a lone surrogate cannot become a file name or argument)")
-        cwd = params.cwd
-        if cwd is not None and not os.path.isdir(cwd):
-            raise InvalidParams(f"Invalid params: cwd does not exist: {cwd}", {"cwd": cwd})
-        self._check_env_policy(params.env)
-        env = self._child_env(params.env)
-        if params.pty is not None:  # the server's own TERM describes its terminal, not this one
-            env["TERM"] = params.env.get("TERM", PTY_TERM)
-        found = resolve_executable(argv[0], path=env.get("PATH"), cwd=cwd)
-        # Directory symlinks are resolved once, here; the path judged is the path exec'd.
-        executable = _normalize(found) if found is not None else None
-        if self.settings.allowed_commands is not None and (
-            executable is None or executable not in self._allowed_paths()
-        ):
-            raise NotAllowed(f"command not allowed: {argv[0]}",
-                             {"executable": executable or argv[0]})
-        if executable is None:
-            raise SpawnFailed(f"executable not found: {argv[0]}", {"executable": argv[0]})
-        return Launch(argv, executable, cwd, env)
-
-    def _check_env_policy(self, extra: Mapping[str, str]) -> None:
-        """With an allow-list, refuse `env` keys that make an allowed program run other code
-        (PROTOCOL.md 2), unless the operator listed them in CCX_ALLOWED_ENV."""
-        if self.settings.allowed_commands is None:
-            return
-        for key in extra:
-            if key in self.settings.allowed_env:
-                continue
-            if key in CODE_LOADING_ENV or key.startswith(CODE_LOADING_ENV_PREFIXES):
-                raise NotAllowed(f"env variable not allowed: {key} (it can make an allowed "
-                                 "program run other code; see CCX_ALLOWED_ENV)", {"env": key})
-
-    @staticmethod
-    def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in HIDDEN_FROM_CHILDREN}
-        for key, value in extra.items():
-            if (not key or "=" in key or "\0" in key or "\0" in value
-                    or not _encodable(key) or not _encodable(value)):
-                raise InvalidParams(f"Invalid params: env: bad variable {key!r}")
-            env[key] = value
-        return env
 
     def _check_limits(self, owner: Owner | None) -> None:
         if self.draining:
@@ -413,7 +313,7 @@ class SessionManager:
         if params.linger < 0:
             raise InvalidParams("Invalid params: linger must not be negative")
         try:
-            launch = self.resolve(params)
+            launch = self.policy.resolve(params)
         except SpawnFailed:  # no such executable or cwd: a spawn failure for operators too
             self.spawn_failures_total += 1
             raise
@@ -443,8 +343,8 @@ class SessionManager:
                 tag=params.tag,
                 replay_bytes=self.settings.replay_bytes,
             )
-            session = Session(session_id, group, options, owner, on_done=self._on_done,
-                              held=self.held, spool=self.spool)
+            session = Session.create(session_id, group, options, owner, on_done=self._on_done,
+                                     held=self.held, spool=self.spool)
             # Shutdown (or a drain) may have begun while the process was starting: it
             # cancelled only the sessions it saw; the nursery may even be closed by now.
             if not self._accepting or self.draining:
@@ -506,7 +406,7 @@ class SessionManager:
         others."""
         self.cluster.release(owner)  # its links to other nodes close: the same, there
         for watched in self._sessions.values():
-            watcher = watched.watchers.pop(owner, None)
+            watcher = watched.output.watchers.pop(owner, None)
             if watcher is not None:
                 watcher.stop()
         self._notify()  # a drain or shutdown waiting for this owner's sessions looks again
@@ -531,14 +431,12 @@ class SessionManager:
         The caller must `announce()` the session once the attach result is sent.
         """
         session = self.get(session_id)
-        session.check_replay(since_seq)
+        session.output.check_replay(since_seq)
         previous = session.owner
         session.attach(owner, since_seq)
         assert self._nursery is not None
         if previous is not None and previous is not owner:
             self._nursery.start_soon(self._tell_detached, previous, session.id)
-        if not session.delivering:  # its task ended with output held: deliver it now
-            self._nursery.start_soon(session.deliver)
         log.info("attached", session_id=session.id, since_seq=since_seq,
                  next_seq=session.next_seq)
         return session
@@ -550,27 +448,31 @@ class SessionManager:
         The caller sets `watcher.gate` once the watch result is sent.
         """
         session = self.get(session_id)
-        session.check_replay(since_seq)
-        previous = session.watchers.get(owner)
+        session.output.check_replay(since_seq)
+        watchers = session.output.watchers
+        for other, lagging in list(watchers.items()):
+            if lagging.lagged and other is not owner:  # its place is free at once; its task
+                del watchers[other]  # still sends process.lagged when its socket takes it
+        previous = watchers.get(owner)
         limit = self.settings.max_watchers
-        if previous is None and len(session.watchers) >= limit:
+        if previous is None and len(watchers) >= limit:
             raise LimitReached(f"watcher limit reached ({limit} per session)",
                                {"limit": limit, "scope": "watchers"})
         if previous is not None:
             previous.stop()
         watcher = Watcher.open(session, owner, since_seq)
-        session.watchers[owner] = watcher
+        watchers[owner] = watcher
         assert self._nursery is not None
         self._nursery.start_soon(watcher.run)
         log.info("watching", session_id=session.id, since_seq=since_seq,
-                 next_seq=session.next_seq, watchers=len(session.watchers))
+                 next_seq=session.next_seq, watchers=len(watchers))
         return session, watcher
 
     def unwatch(self, session_id: str, owner: Owner) -> None:
         """End *owner*'s watch of the session, if any (idempotent; an unknown or forgotten
         session is simply not watched)."""
         session = self._sessions.get(session_id)
-        watcher = None if session is None else session.watchers.pop(owner, None)
+        watcher = None if session is None else session.output.watchers.pop(owner, None)
         if watcher is not None:
             watcher.stop()
 
@@ -578,8 +480,7 @@ class SessionManager:
     async def _tell_detached(previous: Owner, session_id: str) -> None:
         with trio.move_on_after(DETACH_NOTICE_TIMEOUT_S):
             try:
-                await previous.send_message(notification("process.detached",
-                                                         {"session_id": session_id}))
+                await previous.send_event(Detached(session_id))
             except OwnerGone:
                 pass
 
@@ -592,11 +493,18 @@ class SessionManager:
 
     # ------------------------------------------------------------------------------ drain
 
-    def drain(self, *, timeout: float | None = None, undo: bool = False) -> dict[str, object]:
+    def drain(self, *, timeout: float | None = None, undo: bool = False,
+              for_good: bool = False) -> dict[str, object]:
         """Start (or with *undo* end) draining: execute is refused with -32007, the rest
         works. With *timeout*, the sessions still busy then are cancelled (`reason`
         "drain"); a later drain with a timeout replaces a pending one, *undo* calls it off.
+        *for_good*: the node is going away (SIGTERM); from then on *undo* is refused with
+        -32007, `data.stopping` true, and the node stays draining.
         """
+        if undo and self._drain_for_good:
+            raise NodeDraining("node draining: it is stopping (SIGTERM), the drain cannot be "
+                               "undone", {"node": self.settings.node_name, "stopping": True})
+        self._drain_for_good = self._drain_for_good or for_good
         if undo:
             self.draining = False
             self._call_off_drain_timeout()
@@ -668,15 +576,6 @@ class SessionManager:
             log.warning("completions_undelivered", sessions=[s.id for s in self.live()])
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-
-
-def _encodable(text: str) -> bool:
-    """Whether *text* can reach the OS (a JSON string may hold a lone surrogate, \\ud800)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def _self_check() -> None:

@@ -11,6 +11,9 @@ without `linger`, as closing a WebSocket does (PROTOCOL.md 5), and detaches the 
 (`SessionManager.release`: linger clock, then `CCX_RETENTION`); their buffers stay. Reading a
 session's output from another endpoint moves the session there (`claim`, an MCP `attach`).
 Protocol revision 2025-11-25; 2025-06-18, 2025-03-26 and 2024-11-05 are accepted too.
+Size (over 400 lines): the MCP lifecycle (initialize, capabilities, versions), its
+dispatch and the `Owner`/`ToolHost` side of a connection belong to one endpoint object; the
+tools themselves are `ccx.mcp_tools`.
 Docs: https://modelcontextprotocol.io/specification/2025-11-25/basic/lifecycle
       https://modelcontextprotocol.io/specification/2025-11-25/basic/utilities/cancellation
       https://modelcontextprotocol.io/specification/2025-11-25/server/utilities/logging
@@ -18,14 +21,12 @@ Docs: https://modelcontextprotocol.io/specification/2025-11-25/basic/lifecycle
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
-import msgspec
 import structlog
 import trio
 
@@ -33,6 +34,7 @@ from ccx import __version__
 from ccx.api import error_reply
 from ccx.config import Settings
 from ccx.errors import InvalidParams, InvalidRequest, MethodNotFound, RpcError, SessionNotFound
+from ccx.events import Completed, Event, Output
 from ccx.log import add_tap, get_logger, remove_tap
 from ccx.manager import SessionManager
 from ccx.mcp_buffer import OutputBuffer
@@ -44,6 +46,7 @@ from ccx.protocol import (
     Invalid,
     Request,
     error_response,
+    event_params,
     notification,
     parse_frame,
     response,
@@ -161,30 +164,28 @@ class McpEndpoint:
 
     # ------------------------------------------------------------------------------ Owner
 
-    async def send_message(self, message: dict[str, object]) -> None:
-        """Take one notification of an owned session (the `Owner` side): output goes into
-        the session's buffer, waiting while it is full; completion is recorded there."""
+    async def send_event(self, event: Event) -> None:
+        """Take one event of an owned session (the `Owner` side): output goes into the
+        session's buffer as the bytes it carries (no JSON, no base64), waiting while the
+        buffer is full; completion is recorded there; other events are not for MCP peers."""
         if self.closed:
             raise OwnerGone("mcp")
-        params: Any = message.get("params") or {}
-        buffer = self.manager.mcp_buffers.get(params.get("session_id"))
+        buffer = self.manager.mcp_buffers.get(event.session_id)
         if buffer is None:  # released (its execute was cancelled): nobody will read it
             return
         if buffer.owner is not self:  # taken over by another connection, or detached
             raise OwnerGone("mcp")
-        method = message.get("method")
-        seq = params.get("seq")
-        if method == "process.output":
-            if isinstance(seq, int) and seq <= buffer.last_seq:
+        if isinstance(event, Output):
+            if event.seq <= buffer.last_seq:
                 return  # already held: a hand-over re-sent it
-            await buffer.append(params["stream"], base64.b64decode(params["data"]),
-                                seq=seq, writer=self)
-        elif method == "process.completed":
-            buffer.complete(dict(params))
+            await buffer.append(event.stream, event.data, seq=event.seq, writer=self)
+        elif isinstance(event, Completed):
+            buffer.complete(event_params(event))
 
     async def send_frame(self, frame: bytes) -> None:
-        """`send_message` for an encoded notification (sessions hold them encoded)."""
-        await self.send_message(msgspec.json.decode(frame))
+        """A native frame relayed from another node (`ccx.cluster`): never made for an MCP
+        connection (its tools forward as calls); refused as from a peer that is gone."""
+        raise OwnerGone("mcp")
 
     # ------------------------------------------------------------------------------ ToolHost
 

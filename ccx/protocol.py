@@ -12,6 +12,7 @@ Docs: https://www.jsonrpc.org/specification
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import format_exception
 
 from ccx.errors import InvalidParams, InvalidRequest, ParseError, RpcError
+from ccx.events import Completed, Event, Output
 from ccx.params import ControlParams, ControlType, Encoding, ExecuteParams, PtySize
 
 JSONRPC_VERSION = "2.0"
@@ -169,6 +171,29 @@ def encode_utf8(message: Mapping[str, object] | list[dict[str, object]]) -> byte
     return _dumps_utf8(message)
 
 
+def event_params(event: Event) -> dict[str, object]:
+    """The `params` of *event*'s notification (PROTOCOL.md sections 3, 8, 11)."""
+    if isinstance(event, Output):
+        params: dict[str, object] = {"session_id": event.session_id, "stream": event.stream}
+        if event.text:
+            params["data"] = event.data.decode("utf-8")
+        else:
+            params["data"] = base64.b64encode(event.data).decode("ascii")
+            params["encoding"] = "base64"
+        params["seq"] = event.seq
+        return params
+    params = msgspec.structs.asdict(event)
+    if isinstance(event, Completed) and event.reason is None:
+        del params["reason"]  # only a session the node ended says why
+    return params
+
+
+def encode_event(event: Event) -> bytes:
+    """*event* as the UTF-8 JSON notification a WebSocket sink sends: encoded once, when
+    it goes to that sink (`ccx.events`: sessions hold compact records, not JSON)."""
+    return _dumps_utf8(notification(event.method, event_params(event)))
+
+
 def _strict(kind: type) -> Any:
     def structure(value: object, _: type) -> object:
         if kind is float:
@@ -271,4 +296,11 @@ if __name__ == "__main__":
     assert encode_utf8(message) == b'{"jsonrpc":"2.0","id":"\\ud800","result":["\\u00e9",1]}'
     batch = [notification("x", {"a": "é"}), response(1, None)]
     assert encode_utf8(batch) == encode(batch).encode()
+    output = Output("s", "stdout", 3, "é\n".encode(), True)
+    assert encode_event(output) == (b'{"jsonrpc":"2.0","method":"process.output","params":'
+                                    b'{"session_id":"s","stream":"stdout","data":"\xc3\xa9\\n",'
+                                    b'"seq":3}}'), encode_event(output)
+    raw = Output("s", "stderr", 4, b"\xff", False)
+    assert event_params(raw) == {"session_id": "s", "stream": "stderr", "data": "/w==",
+                                 "encoding": "base64", "seq": 4}
     print("ccx.protocol: PASS")

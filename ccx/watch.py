@@ -10,7 +10,7 @@ How it never slows anyone: a watcher is a cursor (`next_seq`) into the output th
 holds anyway for its owner (`Outbox.output`: unsent output and recently sent output kept for
 replay). It copies nothing and pins nothing: the session's budgets evict sent output
 whatever watchers have read, and a watcher that finds its next output gone is lagged and
-ends. Its own task sends one frame at a time to its connection, waiting there as long as the
+ends. Its own task sends one event at a time to its connection, waiting there as long as the
 connection is slow; meanwhile the session goes on. It waits for `Session.news` when it has
 caught up. Control notifications come from the session's control log, each placed before the
 output seq that followed it, so a watcher sees them where the owner did.
@@ -23,9 +23,9 @@ from __future__ import annotations
 import attrs
 import trio
 
+from ccx.events import Event, Lagged, Paused
 from ccx.log import get_logger
 from ccx.owner import Owner, OwnerGone
-from ccx.protocol import encode_utf8, notification
 from ccx.session import Session, State
 
 log = get_logger("ccx.watch")
@@ -40,7 +40,7 @@ class Watcher:
     next_seq: int  # the next output to send
     next_control: int  # index of the next paused/resumed in the session's control log
     replay_end: int  # the session's next_seq when the watch began
-    preface: list[bytes]  # process.paused at watch time: sent once the replay is out
+    preface: list[Event]  # process.paused at watch time: sent once the replay is out
     gate: trio.Event = attrs.field(factory=trio.Event)  # set once the watch result is sent
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     ended: bool = False
@@ -50,11 +50,18 @@ class Watcher:
         """A watcher whose replay starts after *since_seq* (-1: all that is held). The
         caller checked `session.check_replay(since_seq)`."""
         # A since_seq beyond what exists yet skips nothing to come (as `attach`).
-        start = session.first_seq if since_seq < 0 else min(since_seq + 1, session.next_seq)
-        paused = session.state is State.PAUSED and session.completion is None
-        return cls(session, owner, next_seq=start, next_control=session.controls_total,
-                   replay_end=session.next_seq,
-                   preface=[session.paused_frame()] if paused else [])
+        output = session.output
+        start = output.first_seq if since_seq < 0 else min(since_seq + 1, output.next_seq)
+        paused = session.state is State.PAUSED and output.completion is None
+        return cls(session, owner, next_seq=start, next_control=output.controls_total,
+                   replay_end=output.next_seq,
+                   preface=[Paused(session.id)] if paused else [])
+
+    @property
+    def lagged(self) -> bool:
+        """The next output it owes is no longer held: all it can still send is
+        process.lagged (once its connection takes it)."""
+        return self.next_seq < self.session.output.first_seq
 
     def stop(self) -> None:
         """End the watch now (unwatch, replaced, connection closed, session forgotten)."""
@@ -75,24 +82,25 @@ class Watcher:
             except OwnerGone:
                 pass
         self.ended = True
-        if self.session.watchers.get(self.owner) is self:
-            del self.session.watchers[self.owner]
+        watchers = self.session.output.watchers
+        if watchers.get(self.owner) is self:
+            del watchers[self.owner]
 
     async def _send_all(self) -> None:
-        session = self.session
+        output = self.session.output
         while True:
-            news = session.news  # taken before looking: nothing queued after it is missed
-            frame, last = self._next()
-            if frame is None:
+            news = output.news  # taken before looking: nothing queued after it is missed
+            event, last = self._next()
+            if event is None:
                 await news.wait()
                 continue
-            await self.owner.send_frame(frame)
+            await self.owner.send_event(event)
             if last:
                 return
 
-    def _next(self) -> tuple[bytes | None, bool]:
-        """The next frame owed and whether it is the last; advances the cursor."""
-        session = self.session
+    def _next(self) -> tuple[Event | None, bool]:
+        """The next event owed and whether it is the last; advances the cursor."""
+        session = self.session.output
         if self.preface and self.next_seq >= self.replay_end:
             return self.preface.pop(0), False
         control = session.control_at(self.next_control)
@@ -100,15 +108,14 @@ class Watcher:
             self.next_control = control[1] + 1
             return control[2], False
         if self.next_seq < session.next_seq:
-            frame = session.held_output(self.next_seq)
-            if frame is None:
+            output = session.held_output(self.next_seq)
+            if output is None:
                 first = session.first_seq
-                log.info("watcher_lagged", session_id=session.id, next_seq=self.next_seq,
-                         first_seq=first)
-                return encode_utf8(notification("process.lagged", {
-                    "session_id": session.id, "first_seq": first})), True
+                log.info("watcher_lagged", session_id=session.session_id,
+                         next_seq=self.next_seq, first_seq=first)
+                return Lagged(session.session_id, first), True
             self.next_seq += 1
-            return frame, False
+            return output, False
         completion = session.completion
         if completion is not None and control is None:
             return completion, True
@@ -125,30 +132,33 @@ async def _self_check() -> None:
 
     class Collect:
         def __init__(self) -> None:
-            self.frames: list[bytes] = []
-
-        async def send_message(self, message: dict[str, object]) -> None:
-            self.frames.append(encode_utf8(message))
+            self.events: list[Event] = []
 
         async def send_frame(self, frame: bytes) -> None:
-            self.frames.append(frame)
+            raise AssertionError("sessions send events")
+
+        async def send_event(self, event: Event) -> None:
+            self.events.append(event)
 
     code = "import sys\nfor i in range(3): print(i, flush=True); sys.stdin.readline()\n"
     group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
                         env=dict(os.environ), stdin=True)
     owner, viewer = Collect(), Collect()
-    session = Session("self-check", group, SessionOptions(stdin=True), owner)
+    session = Session.create("self-check", group, SessionOptions(stdin=True), owner)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
         session.announce()
         await session.write_input(b"\n", eof=False)  # it runs on; what came is replayed
         watcher = Watcher.open(session, viewer, -1)
-        session.watchers[viewer] = watcher
+        session.output.watchers[viewer] = watcher
         watcher.gate.set()
-        nursery.start_soon(watcher.run)
-        await session.write_input(b"\n\n", eof=True)
-    assert owner.frames[1:] == viewer.frames, (owner.frames, viewer.frames)  # no "started"
-    assert b"process.completed" in viewer.frames[-1] and not session.watchers
+        async with trio.open_nursery() as watching:
+            watching.start_soon(watcher.run)  # ends after the completion
+            await session.write_input(b"\n\n", eof=True)
+        await session.wait_done()
+        session.forget()
+    assert owner.events[1:] == viewer.events, (owner.events, viewer.events)  # no "started"
+    assert viewer.events[-1].method == "process.completed" and not session.output.watchers
     print("ccx.watch: PASS")
 
 

@@ -76,7 +76,7 @@ async def test_watch_replays_then_streams_to_owner_and_watcher(
     assert owner_events == watcher_events  # the same frames, byte for byte, in one order
     assert watcher_events[-1][1]["status"] == "exited"
     # The watcher's place is freed after process.completed.
-    await wait_for(lambda: not server.manager.get(sid).watchers)
+    await wait_for(lambda: not server.manager.get(sid).output.watchers)
 
 
 async def test_watch_since_seq_resumes_without_gap(server: Server, connect: Connect) -> None:
@@ -103,7 +103,7 @@ async def test_watcher_close_ends_nothing(server: Server, connect: Connect) -> N
     await watcher.result("watch", session_id=sid)
     await until_output(watcher, sid, "ready")
     await watcher.ws.aclose()
-    await wait_for(lambda: not server.manager.get(sid).watchers)
+    await wait_for(lambda: not server.manager.get(sid).output.watchers)
     assert (await owner.result("status", session_id=sid))["status"] == "running"
     await owner.result("input", session_id=sid, data="still\n")
     await until_output(owner, sid, "STILL")
@@ -171,7 +171,7 @@ async def test_watch_errors_as_attach(start_server: Callable[..., Awaitable[Serv
     await completion(client, sid)
     error = await client.error("watch", session_id=sid, since_seq=0)
     assert error["code"] == -32006 and error["data"]["first_seq"] > 1, error
-    assert not server.manager.get(sid).watchers  # nothing subscribed
+    assert not server.manager.get(sid).output.watchers  # nothing subscribed
 
 
 async def test_watch_survives_attach_and_owner_disconnect(server: Server,
@@ -240,9 +240,34 @@ async def test_lagged_watcher_does_not_slow_the_child(
                 raise AssertionError(f"unexpected {str(message)[:200]}")
     assert received == list(range(len(received)))
     assert lagged["session_id"] == sid and lagged["first_seq"] > (received or [-1])[-1]
-    await wait_for(lambda: not server.manager.get(sid).watchers)  # its place is freed
+    await wait_for(lambda: not server.manager.get(sid).output.watchers)  # its place is freed
     await watcher.result("ping")
     assert not watcher.notifications  # nothing more of that session after process.lagged
     again = await watcher.result("watch", session_id=sid)  # and it may watch again
     assert again["next_seq"] == outputs[-1]["seq"] + 1
     await completion(watcher, sid)
+
+
+async def test_a_lagged_watcher_that_stopped_reading_gives_up_its_place(
+        start_server: Callable[..., Awaitable[Server]], connect: Connect) -> None:
+    """A watcher that reads nothing has lagged once the output it needs is evicted: its place
+    (CCX_MAX_WATCHERS) is free at once, not when its socket finally takes process.lagged."""
+    server = await start_server(replay_bytes=256 * 1024, max_watchers=1)
+    owner, stalled, other = [await connect(server) for _ in range(3)]
+    code = ("import sys\nsys.stdin.readline()\n"
+            "for i in range(384): sys.stdout.write(str(i % 10) * 65536)\n")
+    sid = (await owner.execute(py(code), stdin=True))["session_id"]
+    await stalled.result("watch", session_id=sid)  # then it reads nothing
+    await owner.result("input", session_id=sid, data="go\n")
+    _, done = await owner.run_to_completion(sid)
+    assert done["status"] == "exited"
+    watched = await other.result("watch", session_id=sid)  # the one place is free
+    assert watched["session_id"] == sid
+    assert (await completion(other, sid))["status"] == "exited"
+    lagged = None
+    with trio.fail_after(30):  # the stalled one still gets its notice when it reads
+        while lagged is None:
+            message = await stalled.receive()
+            if message.get("method") == "process.lagged":
+                lagged = message["params"]
+    assert lagged["session_id"] == sid

@@ -49,11 +49,19 @@ import trio_websocket
 
 from ccx import api
 from ccx.config import Settings
+from ccx.events import Event
 from ccx.log import clip, get_logger
 from ccx.manager import SessionManager
 from ccx.mcp import McpEndpoint
 from ccx.owner import OwnerGone
-from ccx.protocol import Frame, Invalid, encode_utf8, error_response, parse_frame
+from ccx.protocol import (
+    Frame,
+    Invalid,
+    encode_event,
+    encode_utf8,
+    error_response,
+    parse_frame,
+)
 from ccx.transport.http import Head, ReplayStream, send_plain
 from ccx.transport.input_budget import InputBudget, carries_input
 from ccx.transport.policy import BROWSER_SUBPROTOCOL, origin_ok, token_ok
@@ -149,9 +157,14 @@ class Connection:
         """
         await self.send_frame(encode_utf8(message))
 
+    async def send_event(self, event: Event) -> None:
+        """The sink of a session's events (`ccx.owner.Owner`): each is encoded once, here,
+        as it goes to this connection's writer (`encode_event`); waits as `send_message`."""
+        await self.send_frame(encode_event(event))
+
     async def send_frame(self, frame: bytes) -> None:
-        """`send_message` for a message already encoded (`encode_utf8`): sessions encode
-        their notifications once and hold them that way."""
+        """`send_message` for a message already encoded (`encode_utf8`): events, and frames
+        relayed unparsed from another node (`ccx.cluster`)."""
         if self.closed:
             raise OwnerGone(self.id)
         try:
