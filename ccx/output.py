@@ -118,6 +118,7 @@ class SessionOutput:
         budget = self.replay_bytes
         self._outbox = Outbox(budget, self.held) if self.spool is None else \
             SpoolOutbox(budget, self.held, self.spool.spool(self.session_id, budget))
+        self._outbox.set_caching(self.owner is not None)
         self._send, self._receive = trio.open_memory_channel[Item](CHANNEL_CHUNKS)
 
     # ------------------------------------------------------------------------------ reading
@@ -313,6 +314,7 @@ class SessionOutput:
         self.owner = owner
         self.owner_broken = False
         self._gate_open = False
+        self._outbox.set_caching(True)
         tail: list[Paused | Completed] = []
         if paused:
             tail.append(Paused(self.session_id))
@@ -327,6 +329,7 @@ class SessionOutput:
         self.generation += 1
         self.owner = None
         self.owner_broken = False
+        self._outbox.set_caching(False)  # what it holds waits on disk for a later attach
         self._poke()
 
     @property
@@ -406,6 +409,31 @@ class SessionOutput:
         return self._completion
 
 
+@attrs.define(eq=False)
+class EventLog:
+    """A sink that keeps what it is sent, in order (self-checks and tests): an `Owner`."""
+
+    events: list[Event] = attrs.field(factory=list)
+    _arrived: trio.Event = attrs.field(factory=trio.Event)
+
+    async def send_frame(self, frame: bytes) -> None:
+        raise AssertionError("sessions send events, not frames")
+
+    async def send_event(self, event: Event) -> None:
+        self.events.append(event)
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    async def wait_for(self, kind: type[Event]) -> Event:
+        """The first event of *kind* sent so far, waiting for it if there is none yet."""
+        while True:
+            arrived = self._arrived
+            for event in self.events:
+                if isinstance(event, kind):
+                    return event
+            await arrived.wait()
+
+
 async def _self_check() -> None:
     """Real pipes: output in order with contiguous seqs, back-pressure stops the pump while
     nobody takes events, a late owner gets the replay, and completion comes last."""
@@ -413,23 +441,13 @@ async def _self_check() -> None:
 
     from ccx.process import spawn
 
-    class Sink:
-        def __init__(self) -> None:
-            self.events: list[Event] = []
-
-        async def send_frame(self, frame: bytes) -> None:
-            raise AssertionError("sessions send events")
-
-        async def send_event(self, event: Event) -> None:
-            self.events.append(event)
-
     code = "import sys\nfor i in range(2000): sys.stdout.write('%d\\n' % i * 1000)\n"
     group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
                         env=dict(os.environ), stdin=False)
     output = SessionOutput("check", replay_bytes=64 * 1024, text=True, owner=None)
     process = group.process
     assert process.stdout is not None and process.stderr is not None
-    sink = Sink()
+    sink = EventLog()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(output.deliver)
         nursery.start_soon(output.pump, process.stdout, "stdout")

@@ -84,13 +84,16 @@ TRANSITIONS: dict[State, dict[str, State]] = {
 
 @attrs.frozen
 class SessionOptions:
+    """One session's settings, resolved by the manager from `execute` params and `Settings`
+    (whose fields hold the server defaults: none are restated here)."""
+
+    kill_grace: float  # seconds between SIGTERM and SIGKILL
+    replay_bytes: int  # each of the unsent and the recently-sent budgets (PROTOCOL.md 8)
     encoding: str = "utf-8"  # or "base64"
     timeout: float | None = None
-    kill_grace: float = 5.0
     stdin: bool = False
     linger: float = 0.0  # seconds to keep running without an owner (PROTOCOL.md section 8)
     tag: str | None = None
-    replay_bytes: int = 8 * 1024 * 1024  # each of the unsent and the recently-sent budgets
 
 
 @attrs.frozen
@@ -574,36 +577,29 @@ async def _self_check() -> None:
     import os
     import sys
 
-    from ccx.events import Event, Output
+    from ccx.events import Output
+    from ccx.output import EventLog
     from ccx.process import spawn
 
-    events: list[Event] = []
-    first_output = trio.Event()
-
-    class Collector:
-        async def send_frame(self, frame: bytes) -> None:
-            raise AssertionError("sessions send events")
-
-        async def send_event(self, event: Event) -> None:
-            events.append(event)
-            if isinstance(event, Output):
-                first_output.set()
+    sink = EventLog()
 
     code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "print('ready', flush=True); time.sleep(60)")
     group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
                         env=os.environ, stdin=False)
-    session = Session.create("check", group, SessionOptions(kill_grace=0.2), Collector())
+    options = SessionOptions(kill_grace=0.2, replay_bytes=1 << 20)
+    session = Session.create("check", group, options, sink)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
         session.announce()  # what the execute response's sending does
         with trio.fail_after(5):
-            await first_output.wait()
+            await sink.wait_for(Output)
         assert await session.pause() is State.PAUSED
         assert session.resume() is State.RUNNING
         session.cancel()
         await session.wait_done()
         session.forget()  # the deliverer would wait for a later attach until then
+    events = sink.events
     methods = [e.method for e in events]
     assert methods[0] == "process.started" and methods[-1] == "process.completed", methods
     assert {"process.paused", "process.resumed"} <= set(methods), methods
