@@ -307,8 +307,7 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
                     elif isinstance(event, Completed):
                         result = event
                     elif isinstance(event, Detached):
-                        print(f"ccx: session {session.id} was attached by another client",
-                              file=sys.stderr)
+                        print(f"ccx: {event}", file=sys.stderr)
                         return 1
             except BrokenPipeError:  # `| head -1` closed our stdout: stop the job
                 with trio.move_on_after(5):
