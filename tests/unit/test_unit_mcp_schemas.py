@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 
 from ccx.config import Settings
-from ccx.mcp_tools import TOOLS
+from ccx.errors import InvalidParams
+from ccx.mcp_tools import TOOLS, ExecuteArgs, StartArgs, _launch
+from ccx.params import ExecuteParams
+from ccx.protocol import structure_params
+from ccx.schema import doc, object_schema
 
 _COMMAND = {"description": "argv as an array, or a string split like a POSIX shell (no shell "
             "runs unless shell is true)",
@@ -110,3 +115,84 @@ def test_kill_grace_publishes_this_servers_maximum(name: str) -> None:
     unchanged: Any = TOOLS[name].describe("2025-11-25")["inputSchema"]
     assert unchanged["properties"]["kill_grace"]["maximum"] == 300.0  # not changed in place
 
+
+
+# --------------------------------------------------------------------------- the classes behind
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_the_arguments_a_schema_requires_are_what_its_class_requires(name: str) -> None:
+    tool = TOOLS[name]
+    samples = {"command": ["echo", "hi"], "session_id": "s1", "data": "x"}
+    required = EXPECTED[name].get("required", [])
+    structure_params({key: samples[key] for key in required}, tool.arguments)
+    for missing in required:
+        with pytest.raises(InvalidParams, match=f"params.{missing}"):
+            structure_params({k: samples[k] for k in required if k != missing}, tool.arguments)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_each_published_default_is_the_classes_default(name: str) -> None:
+    tool = TOOLS[name]
+    samples = {"command": ["echo", "hi"], "session_id": "s1", "data": "x"}
+    args = structure_params({k: samples[k] for k in EXPECTED[name].get("required", [])},
+                            tool.arguments)
+    for key, prop in EXPECTED[name]["properties"].items():
+        if "default" in prop:
+            assert getattr(args, key) == prop["default"], key
+        elif key not in samples:
+            assert getattr(args, key) in (None, {}), key  # left out: no value of its own
+
+
+def test_start_hands_every_launch_argument_to_execute_params() -> None:
+    args = structure_params({"command": "sleep 1", "shell": True, "cwd": "/tmp",
+                             "env": {"A": "1"}, "timeout": 2.5, "kill_grace": 0.5,
+                             "stdin": True, "tag": "t", "linger": 3}, StartArgs)
+    params = _launch(args, stdin=args.stdin, tag=args.tag, linger=args.linger)
+    assert params == ExecuteParams(command="sleep 1", shell=True, cwd="/tmp", env={"A": "1"},
+                                   timeout=2.5, kill_grace=0.5, stdin=True, encoding="base64",
+                                   tag="t", linger=3.0)
+
+
+@pytest.mark.parametrize(("arguments", "field"), [
+    ({"command": ["echo"], "timeout": "5"}, "timeout"),
+    ({"command": ["echo"], "env": {"A": 1}}, "env"),
+    ({"command": 7}, "command"),
+    ({"command": ["echo"], "tail_bytes": 1.5}, "tail_bytes"),
+])
+def test_a_value_of_the_wrong_type_is_refused_naming_its_field(arguments: dict[str, Any],
+                                                               field: str) -> None:
+    with pytest.raises(InvalidParams, match=f"params.{field}"):
+        structure_params(arguments, ExecuteArgs)
+
+
+# --------------------------------------------------------------------------- ccx.schema
+
+
+def test_a_type_without_a_json_schema_is_refused_when_the_schema_is_made() -> None:
+    @attrs.frozen
+    class Odd:
+        when: complex
+
+    with pytest.raises(TypeError, match="no JSON Schema"):
+        object_schema(Odd)
+
+
+def test_a_constraint_goes_to_the_union_branch_it_applies_to_or_is_refused() -> None:
+    @attrs.frozen
+    class Mixed:
+        size: int | list[int] = attrs.field(metadata=doc(minimum=1, maxItems=3))
+        name: str = attrs.field(default="x", metadata=doc(maximum=3))
+
+    with pytest.raises(TypeError, match="name: maximum"):
+        object_schema(Mixed)
+    with pytest.raises(TypeError, match="not a constraint keyword"):
+        doc(minimun=1)
+
+    @attrs.frozen
+    class Fine:
+        size: int | list[int] = attrs.field(metadata=doc(minimum=1, maxItems=3))
+
+    assert object_schema(Fine)["properties"]["size"] == {"anyOf": [
+        {"type": "integer", "minimum": 1},
+        {"type": "array", "items": {"type": "integer"}, "maxItems": 3}]}
