@@ -286,6 +286,16 @@ def percentile(values: list[float], fraction: float) -> float:
 # ------------------------------------------------------------------------------ workloads
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process *pid* has used (/proc/PID/stat), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stream_once(peer: Peer, argv: list[str], expected: int | None, *, encoding: str = "utf-8",
                 binary: bool = False, rate: float | None = None,
                 duration: float | None = None) -> dict[str, Any]:
@@ -298,6 +308,7 @@ def stream_once(peer: Peer, argv: list[str], expected: int | None, *, encoding: 
             extra["binary"] = binary
         with RssSampler(pid) as rss:
             [result] = run_readers([stream_spec(peer, url, argv, **extra)])
+        cpu_s = cpu_seconds(pid) if pid else None
     session = result["sessions"][0]
     elapsed = session["t1"] - session["t0"] if session["t1"] else float("nan")
     out = {"peer": peer.name, "bytes": session["bytes"], "frames": session["frames"],
@@ -307,7 +318,10 @@ def stream_once(peer: Peer, argv: list[str], expected: int | None, *, encoding: 
            "rss_growth": rss.peak - rss.start if pid else None,
            "complete": expected is None or session["bytes"] == expected,
            "rss_samples": rss.samples, "progress": result["progress"],
-           "tail": session["tail"], "completed": session["completed"]}
+           "tail": session["tail"], "completed": session["completed"],
+           # the server's own CPU time for the whole run (start-up included): steadier than
+           # wall clock on a shared host, where other load stretches `seconds`
+           "server_cpu_s": cpu_s}
     if peer.kind == "ccx" and session["completed"]:
         out["server_counted"] = session["completed"]["stdout_bytes"]
     return out
@@ -322,8 +336,9 @@ def workload_throughput(name: str, peers: list[Peer], argv: list[str], expected:
         row.pop("rss_samples")
         row.pop("progress")
         rows.append(row)
+        cpu = "" if row["server_cpu_s"] is None else f"  server CPU {row['server_cpu_s']:.2f} s"
         print(f"  {name:<12} {peer.name:<11} {row['mb_s']:8.1f} MB/s  "
-              f"{row['bytes']} bytes  complete={row['complete']}", file=sys.stderr)
+              f"{row['bytes']} bytes  complete={row['complete']}{cpu}", file=sys.stderr)
     return rows
 
 

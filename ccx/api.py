@@ -240,6 +240,7 @@ async def server_info(call: Call) -> dict[str, object]:
         "node": settings.node_name,
         "incarnation": call.manager.incarnation if settings.node_name else None,
         "draining": call.manager.draining,
+        "busy": len(call.manager.busy()),  # what `drain` answers as `sessions`, read-only
     }
 
 

@@ -7,8 +7,11 @@ Outputs: a running server (`ccx serve`), or a client action with a meaningful ex
 141 when the local stdout pipe closed); a session cancelled from elsewhere (`ccx cancel`, a
 drain, a shutdown) gets one status line on stderr and exits 128+N of the signal that ended it
 (143, `EXIT_CANCELLED`, when it exited by itself after the cancel); `ccx drain --wait` exits 0
-once the node has no live session, 1 at its deadline (a Kubernetes preStop hook: PROTOCOL.md
-10, docs/deploy.md).
+once the node has no live session, 1 at its deadline or once someone undid the drain (a
+Kubernetes preStop hook: PROTOCOL.md 10, docs/deploy.md).
+Size (over 400 lines): one module per entry point is the rule (`ccx` and its subcommands:
+serve, run, attach, pause/resume/cancel, status, ps, drain, health, selftest, mcp), each a
+short function over `ccx.client`; splitting them would only scatter the argument parser.
 Docs: https://docs.python.org/3/library/argparse.html
       https://trio.readthedocs.io/en/stable/reference-io.html#signals
 """
@@ -122,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "drain", help="stop the node taking new sessions (PROTOCOL.md 10)",
         description="Make the node refuse execute (-32007) while the rest keeps working. "
         "--timeout T: the node cancels the sessions still live after T s. --wait: return "
-        "once no session is live (exit 0), or exit 1 after T + the node's kill grace + 2 s "
-        "(forever without --timeout). --undo: take new sessions again.")
+        "once no session is live (exit 0), or exit 1 after T + the node's kill grace "
+        "(CCX_KILL_GRACE) + 2 s (no deadline without --timeout) or when the drain is undone "
+        "meanwhile. --undo: take new sessions again.")
     _add_client_options(drain)
     drain.add_argument("--timeout", type=float, metavar="T",
                        help="seconds before the node cancels what is still running")
@@ -252,7 +256,7 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
     the remote program; keystrokes and window changes are forwarded.
     """
     from ccx.client import Completed, ConnectionLost, Detached, Output, ServerError
-    from ccx.terminal import forward_keystrokes, forward_window_changes, raw_mode
+    from ccx.local_tty import forward_keystrokes, forward_window_changes, raw_mode
 
     interrupted = False
 
@@ -339,7 +343,7 @@ async def _run(args: argparse.Namespace) -> int:
     forward_stdin = not os.isatty(0) and not args.tty
     size = None
     if args.tty:
-        from ccx.terminal import window_size
+        from ccx.local_tty import window_size
 
         size = window_size()
         if "TERM" in os.environ:  # the remote terminal is ours: programs must know its kind
@@ -374,7 +378,7 @@ async def _attach(args: argparse.Namespace) -> int:
             return 1
         terminal = None
         if info.get("pty") and os.isatty(0) and info.get("status") in ("running", "paused"):
-            from ccx.terminal import window_size
+            from ccx.local_tty import window_size
 
             size = window_size()  # a PTY session takes this terminal over
             try:
@@ -453,16 +457,25 @@ def cmd_drain(args: argparse.Namespace) -> int:
                 return 0
             deadline = float("inf")
             if args.timeout is not None:
+                # The node's own CCX_KILL_GRACE (server.info), the grace its drain timeout
+                # gives sessions that did not ask for another (docs/protocol-notes.md).
                 info = await client.call("server.info", {})
                 deadline = (trio.current_time() + args.timeout
                             + float(info["limits"]["kill_grace"]) + DRAIN_WAIT_MARGIN_S)
             with trio.move_on_at(deadline):
-                while result["sessions"]:
+                busy = result["sessions"]
+                while busy:
                     await trio.sleep(DRAIN_POLL_S)
-                    result = await client.call("drain", {})  # idempotent: the count
-                print(json.dumps(result), flush=True)
+                    # Read-only (server.info), so a drain someone undid is not started again.
+                    info = await client.call("server.info", {})
+                    if not info["draining"]:
+                        print("ccx drain: the node is no longer draining (the drain was "
+                              "undone); stopped waiting", file=sys.stderr)
+                        return 1
+                    busy = info["busy"]
+                print(json.dumps({"draining": True, "sessions": busy}), flush=True)
                 return 0
-            print(f"ccx drain: {result['sessions']} sessions still live at the deadline",
+            print(f"ccx drain: {busy} sessions still live at the deadline",
                   file=sys.stderr)
             return 1
 

@@ -4,6 +4,9 @@ Inputs: a server URL (`ws://127.0.0.1:8003/ws`) and an optional token.
 Outputs: `Client` with `execute()` returning a `RemoteSession` (typed events, pause/resume/
 cancel/send, `wait()` for the `Completed` result) and the query methods `sessions`, `status`,
 `ping`, `server_info`; server errors are raised as `ServerError` (code, message, data).
+Size (over 400 lines): one connection, its reader and the `RemoteSession`s it feeds share
+the back-pressure state (bytes held unread, the pending calls); split, that state would
+have to be passed between modules.
 Docs: https://trio-websocket.readthedocs.io/en/stable/clients.html
       ../shared/PROTOCOL.md
 """

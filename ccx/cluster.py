@@ -26,6 +26,9 @@ shared token, two kinds (docs/protocol-notes.md, "Forwarding"):
 - *MCP links*: as links, but MCP connections (`tools/call` of a tool whose `session_id` names
   another node is made there, so `read_output` claims the session for the link).
 A peer that stops answering is dropped (closed in the background) and reported lost.
+Size (over 400 lines): peers, the pooled connections, the per-connection links and the
+forwarding rules (which method goes where, -32008) are one state machine over one map of
+connections.
 Docs: ../shared/PROTOCOL.md section 10; https://trio.readthedocs.io/en/stable/reference-core.html
       https://docs.python.org/3/library/socket.html#socket.getaddrinfo
 """

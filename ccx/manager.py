@@ -15,6 +15,9 @@ then `execute` gets -32003 and sessions with unsent output are throttled. Sessio
 unsent output count against CCX_MAX_SESSIONS (and per connection) as running ones do, so
 sessions that end with output nobody read cannot pile up; at most MAX_ENDED_KEPT other ended
 sessions are remembered, and their replay is capped by CCX_ENDED_REPLAY_BYTES.
+Size (over 400 lines): the registry's life cycle (execute, attach, watch, release,
+retention, drain, shutdown) works on one map of sessions and one nursery; the launch policy
+is `ccx.launch`, each session's supervision `ccx.session`.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#nurseries-and-spawning
 """
 
@@ -32,6 +35,7 @@ import trio
 
 from ccx.cluster import Cluster
 from ccx.config import Settings
+from ccx.crash_record import GroupRecord, StateFile
 from ccx.descendants import SESSION_ENV, adopted_by_session
 from ccx.errors import (
     InvalidParams,
@@ -52,7 +56,6 @@ from ccx.process import Group, StopStep, spawn, stop_group
 from ccx.procfs import shared_snapshot
 from ccx.session import Session, SessionOptions
 from ccx.spool import SpoolDir
-from ccx.state import GroupRecord, StateFile
 from ccx.watch import Watcher
 
 log = get_logger("ccx.manager")
@@ -92,6 +95,7 @@ class SessionManager:
     incarnation: str = attrs.field(factory=new_incarnation)  # new on every start
     draining: bool = False  # PROTOCOL.md 10: execute refused with -32007 meanwhile
     _drain_deadline: trio.CancelScope | None = None  # a pending drain timeout
+    _drain_for_good: bool = False  # SIGTERM's drain: the node is going away, no undo
     state: StateFile = attrs.field(factory=lambda: StateFile(""))  # the crash record
     spool: SpoolDir | None = None  # held output on disk (ccx.spool); None: in memory
     started_total: int = 0
@@ -489,11 +493,18 @@ class SessionManager:
 
     # ------------------------------------------------------------------------------ drain
 
-    def drain(self, *, timeout: float | None = None, undo: bool = False) -> dict[str, object]:
+    def drain(self, *, timeout: float | None = None, undo: bool = False,
+              for_good: bool = False) -> dict[str, object]:
         """Start (or with *undo* end) draining: execute is refused with -32007, the rest
         works. With *timeout*, the sessions still busy then are cancelled (`reason`
         "drain"); a later drain with a timeout replaces a pending one, *undo* calls it off.
+        *for_good*: the node is going away (SIGTERM); from then on *undo* is refused with
+        -32007, `data.stopping` true, and the node stays draining.
         """
+        if undo and self._drain_for_good:
+            raise NodeDraining("node draining: it is stopping (SIGTERM), the drain cannot be "
+                               "undone", {"node": self.settings.node_name, "stopping": True})
+        self._drain_for_good = self._drain_for_good or for_good
         if undo:
             self.draining = False
             self._call_off_drain_timeout()

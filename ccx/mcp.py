@@ -11,6 +11,9 @@ without `linger`, as closing a WebSocket does (PROTOCOL.md 5), and detaches the 
 (`SessionManager.release`: linger clock, then `CCX_RETENTION`); their buffers stay. Reading a
 session's output from another endpoint moves the session there (`claim`, an MCP `attach`).
 Protocol revision 2025-11-25; 2025-06-18, 2025-03-26 and 2024-11-05 are accepted too.
+Size (over 400 lines): the MCP lifecycle (initialize, capabilities, versions), its
+dispatch and the `Owner`/`ToolHost` side of a connection belong to one endpoint object; the
+tools themselves are `ccx.mcp_tools`.
 Docs: https://modelcontextprotocol.io/specification/2025-11-25/basic/lifecycle
       https://modelcontextprotocol.io/specification/2025-11-25/basic/utilities/cancellation
       https://modelcontextprotocol.io/specification/2025-11-25/server/utilities/logging

@@ -3,7 +3,7 @@
 Inputs: `Settings`.
 Outputs: `Node`, whose `running()` context makes this process the subreaper of what it
 starts (`process.become_subreaper`), stops what a ccx that died without cleaning up left
-running (`state.recover`, the crash records), then hosts the `SessionManager` (its crash
+running (`crash_record.recover`, the crash records), then hosts the `SessionManager` (its crash
 record, its session tasks) for the body, which hands the manager to its transports.
 `ccx serve` (`server.Server`) and `ccx mcp` (`transport.stdio`) both run inside one, so
 transports never touch pids. `kill()` is the second signal of a shutdown (PROTOCOL.md 6):
@@ -21,10 +21,10 @@ import attrs
 import trio
 
 from ccx.config import Settings
+from ccx.crash_record import recover
 from ccx.log import get_logger
 from ccx.manager import SessionManager
 from ccx.process import become_subreaper
-from ccx.state import recover
 
 log = get_logger("ccx.node")
 

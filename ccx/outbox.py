@@ -27,6 +27,9 @@ frame, the control notifications and a small cache of frames just queued; only t
 charged to `HeldBudget` (spooled output does not count, PROTOCOL.md section 6). A spool that
 cannot be written (disk full) makes `put` wait and retry: the collector stops taking from
 the channel and the child blocks, as with a slow client; nothing is dropped.
+Size (over 400 lines): `Outbox` and `SpoolOutbox` are two implementations of one contract
+(same methods, budgets and -32006 rule), kept side by side so a change to one is seen next
+to the other; `HeldBudget` is the server-wide count both charge.
 Docs: ../shared/PROTOCOL.md sections 6 and 8.
 """
 

@@ -33,6 +33,8 @@ output has all been delivered may still queue one record, so a client that reads
 session moving. An ended session keeps its unsent output until it is read or forgotten
 (`clear()`, at the end of CCX_RETENTION); `holds_unsent` makes it count against the session
 limits meanwhile.
+Size (over 400 lines): reading, collecting and delivering share the outbox and its
+wake-ups (each step wakes the next when room or output appears); its self-check is long.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#using-channels-to-pass-values-between-tasks
       https://docs.python.org/3/library/codecs.html#codecs.getincrementaldecoder
 """
@@ -404,6 +406,31 @@ class SessionOutput:
         return self._completion
 
 
+@attrs.define(eq=False)
+class EventLog:
+    """A sink that keeps what it is sent, in order (self-checks and tests): an `Owner`."""
+
+    events: list[Event] = attrs.field(factory=list)
+    _arrived: trio.Event = attrs.field(factory=trio.Event)
+
+    async def send_frame(self, frame: bytes) -> None:
+        raise AssertionError("sessions send events, not frames")
+
+    async def send_event(self, event: Event) -> None:
+        self.events.append(event)
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    async def wait_for(self, kind: type[Event]) -> Event:
+        """The first event of *kind* sent so far, waiting for it if there is none yet."""
+        while True:
+            arrived = self._arrived
+            for event in self.events:
+                if isinstance(event, kind):
+                    return event
+            await arrived.wait()
+
+
 async def _self_check() -> None:
     """Real pipes: output in order with contiguous seqs, back-pressure stops the pump while
     nobody takes events, a late owner gets the replay, and completion comes last."""
@@ -411,23 +438,13 @@ async def _self_check() -> None:
 
     from ccx.process import spawn
 
-    class Sink:
-        def __init__(self) -> None:
-            self.events: list[Event] = []
-
-        async def send_frame(self, frame: bytes) -> None:
-            raise AssertionError("sessions send events")
-
-        async def send_event(self, event: Event) -> None:
-            self.events.append(event)
-
     code = "import sys\nfor i in range(2000): sys.stdout.write('%d\\n' % i * 1000)\n"
     group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
                         env=dict(os.environ), stdin=False)
     output = SessionOutput("check", replay_bytes=64 * 1024, text=True, owner=None)
     process = group.process
     assert process.stdout is not None and process.stderr is not None
-    sink = Sink()
+    sink = EventLog()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(output.deliver)
         nursery.start_soon(output.pump, process.stdout, "stdout")

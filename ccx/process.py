@@ -20,6 +20,9 @@ free) and run a full scan only to confirm "empty" / "all stopped" (unless `killp
 already says the group is gone). That scan is `ccx.procfs.shared_snapshot`: the waits of
 sessions that end together (a shutdown of 1,000) share one scan instead of running one each,
 and on a big host it runs in a worker thread.
+Size (over 400 lines): spawning and the one kill escalation (`stop_group`, `stop_procs`,
+`Grace`, `StopStep`) share the group model and its waits; /proc reading is `ccx.procfs`,
+terminals are `ccx.pty`.
 Docs: https://trio.readthedocs.io/en/stable/reference-io.html#spawning-subprocesses
       https://man7.org/linux/man-pages/man2/kill.2.html
       https://man7.org/linux/man-pages/man2/PR_SET_CHILD_SUBREAPER.2const.html
@@ -388,7 +391,7 @@ async def stop_group(group: Group, *, grace: float | Grace,
 
 async def stop_procs(procs: Sequence[Proc], *, grace: float) -> StopStep:
     """`stop_group`'s timeline for recorded processes that are not our children (what a
-    dead server left running, `ccx.state.recover`): each is signalled through a pidfd after
+    dead server left running, `ccx.crash_record.recover`): each is signalled through a pidfd after
     a (pid, start time) check, never a recycled pid.
 
     **Cancellation**: shielded, as `stop_group`; bounded by grace + AFTER_KILL_TIMEOUT_S.

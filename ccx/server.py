@@ -62,6 +62,29 @@ KEEPALIVE_INTERVAL_S = 10
 KEEPALIVE_COUNT = 6
 
 
+class Connections(set[Connection]):
+    """The open WebSocket connections (`ccx.transport.websocket` adds and discards them);
+    `wait_empty()` returns once none is left, woken by each discard (no polling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._discarded = trio.Event()
+
+    def discard(self, connection: object) -> None:
+        super().discard(connection)
+        self._discarded.set()  # wakes every waiter; the next discard gets a new event
+        self._discarded = trio.Event()
+
+    def remove(self, connection: Connection) -> None:
+        super().remove(connection)
+        self._discarded.set()
+        self._discarded = trio.Event()
+
+    async def wait_empty(self) -> None:
+        while self:
+            await self._discarded.wait()
+
+
 @attrs.define(eq=False)
 class Server:
     """Serve the contract on `settings.host:settings.port` until `stop()` is called."""
@@ -70,7 +93,7 @@ class Server:
     node: Node = attrs.field(init=False)  # the composition root: subreaper, recovery, manager
     manager: SessionManager = attrs.field(init=False)
     mcp_http: McpHttp = attrs.field(init=False)
-    connections: set[Connection] = attrs.field(factory=set)
+    connections: Connections = attrs.field(factory=Connections)
     port: int | None = None
     gate: Gate = attrs.field(init=False)
     loopback_bind: bool = True  # every bound address is loopback: the Host rule applies
@@ -96,9 +119,11 @@ class Server:
         self._stopping.set()
 
     def terminate(self) -> None:
-        """What SIGTERM does: drain for CCX_DRAIN_TIMEOUT seconds, then shut down."""
+        """What SIGTERM does: drain for CCX_DRAIN_TIMEOUT seconds, then shut down. The node
+        is draining from here on whatever the timeout (0 included: `execute` gets -32007
+        during the shutdown too), and the drain cannot be undone (PROTOCOL.md 10)."""
+        self.manager.drain(for_good=True)
         if self.settings.drain_timeout > 0:
-            self.manager.drain()
             self._drain_first.set()
         else:
             self.stop()
@@ -166,8 +191,7 @@ class Server:
                     connection.close_deadline = stop_by
                     handlers.start_soon(connection.close, CLOSE_GOING_AWAY, "server shutting down")
                 with trio.move_on_at(stop_by):
-                    while self.connections:
-                        await trio.sleep(0.01)
+                    await self.connections.wait_empty()
                 handlers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
 
@@ -333,6 +357,7 @@ async def _self_check() -> None:
     a session started over the WebSocket is ended by `stop()`, and `run` then returns."""
     import json
 
+    import trio.testing
     import trio_websocket
 
     async def get(port: int, path: str) -> bytes:
@@ -358,6 +383,26 @@ async def _self_check() -> None:
             assert len(server.manager.running()) == 1
             server.stop()
     assert not server.manager.running(), "a group outlived the server"
+    assert not server.connections, "a connection outlived the server"
+
+    # The shutdown's wait for connections wakes on the last discard, not before.
+    connections, first, second = Connections(), object(), object()
+    connections.update([first, second])  # type: ignore[list-item]  # stand-ins
+    emptied = trio.Event()
+
+    async def wait_then_flag() -> None:
+        await connections.wait_empty()
+        emptied.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_then_flag)
+            await trio.testing.wait_all_tasks_blocked()
+            connections.discard(first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not emptied.is_set(), "woke with a connection left"
+            connections.discard(second)
+    assert emptied.is_set()
     print("ccx.server: PASS")
 
 

@@ -10,6 +10,9 @@ the owner, pumps to deliverer, is `ccx.output.SessionOutput` (`session.output`),
 in this session's nursery: cancelling the session's scope still empties the group first.
 A PTY session has one pump, on the terminal's master (stream "pty", counted as stdout); the
 master reports EIO once no process holds the slave: that is its EOF.
+Size (over 400 lines): the state table, the control requests and the one exit path stay
+together (each control request checks the state table and may start the exit path, which
+decides the final state); what moves bytes is in `ccx.output`, the policy in `ccx.launch`.
 Docs: https://trio.readthedocs.io/en/stable/reference-core.html#cancellation-and-timeouts
       https://trio.readthedocs.io/en/stable/reference-core.html#trio.CancelScope.shield
 """
@@ -81,13 +84,16 @@ TRANSITIONS: dict[State, dict[str, State]] = {
 
 @attrs.frozen
 class SessionOptions:
+    """One session's settings, resolved by the manager from `execute` params and `Settings`
+    (whose fields hold the server defaults: none are restated here)."""
+
+    kill_grace: float  # seconds between SIGTERM and SIGKILL
+    replay_bytes: int  # each of the unsent and the recently-sent budgets (PROTOCOL.md 8)
     encoding: str = "utf-8"  # or "base64"
     timeout: float | None = None
-    kill_grace: float = 5.0
     stdin: bool = False
     linger: float = 0.0  # seconds to keep running without an owner (PROTOCOL.md section 8)
     tag: str | None = None
-    replay_bytes: int = 8 * 1024 * 1024  # each of the unsent and the recently-sent budgets
 
 
 @attrs.frozen
@@ -571,34 +577,29 @@ async def _self_check() -> None:
     import os
     import sys
 
-    from ccx.events import Event, Output
+    from ccx.events import Output
+    from ccx.output import EventLog
     from ccx.process import spawn
 
-    events: list[Event] = []
-
-    class Collector:
-        async def send_frame(self, frame: bytes) -> None:
-            raise AssertionError("sessions send events")
-
-        async def send_event(self, event: Event) -> None:
-            events.append(event)
+    sink = EventLog()
 
     code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "print('ready', flush=True); time.sleep(60)")
     group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
                         env=os.environ, stdin=False)
-    session = Session.create("check", group, SessionOptions(kill_grace=0.2), Collector())
+    options = SessionOptions(kill_grace=0.2, replay_bytes=1 << 20)
+    session = Session.create("check", group, options, sink)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
         session.announce()  # what the execute response's sending does
         with trio.fail_after(5):
-            while not any(isinstance(e, Output) for e in events):
-                await trio.sleep(0.01)
+            await sink.wait_for(Output)
         assert await session.pause() is State.PAUSED
         assert session.resume() is State.RUNNING
         session.cancel()
         await session.wait_done()
         session.forget()  # the deliverer would wait for a later attach until then
+    events = sink.events
     methods = [e.method for e in events]
     assert methods[0] == "process.started" and methods[-1] == "process.completed", methods
     assert {"process.paused", "process.resumed"} <= set(methods), methods

@@ -43,8 +43,8 @@ import time
 
 import attrs
 
+from ccx.crash_record import prepare_dir
 from ccx.log import get_logger
-from ccx.state import prepare_dir
 
 log = get_logger("ccx.spool")
 

@@ -127,24 +127,16 @@ async def _self_check() -> None:
     import os
     import sys
 
+    from ccx.output import EventLog
     from ccx.process import spawn
     from ccx.session import SessionOptions
-
-    class Collect:
-        def __init__(self) -> None:
-            self.events: list[Event] = []
-
-        async def send_frame(self, frame: bytes) -> None:
-            raise AssertionError("sessions send events")
-
-        async def send_event(self, event: Event) -> None:
-            self.events.append(event)
 
     code = "import sys\nfor i in range(3): print(i, flush=True); sys.stdin.readline()\n"
     group = await spawn([sys.executable, "-c", code], executable=sys.executable, cwd=None,
                         env=dict(os.environ), stdin=True)
-    owner, viewer = Collect(), Collect()
-    session = Session.create("self-check", group, SessionOptions(stdin=True), owner)
+    owner, viewer = EventLog(), EventLog()
+    options = SessionOptions(kill_grace=1.0, replay_bytes=1 << 20, stdin=True)
+    session = Session.create("self-check", group, options, owner)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
         session.announce()

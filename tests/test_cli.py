@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,6 +272,37 @@ def test_drain_wait_timeout_undo_and_ps_node_column() -> None:
         stop_serve(server)
 
 
+
+
+def test_drain_wait_stops_when_the_drain_is_undone() -> None:
+    # Regression: `--wait` polled with `drain {}`, which drains again: an operator's
+    # `ccx drain --undo` meanwhile was silently reverted and the wait went on. It now polls
+    # without side effects, and stops (exit 1, saying why) once the node no longer drains.
+    server = start_serve("--kill-grace", "1")
+    runner = subprocess.Popen([CCX, "run", "--", "sh", "-c", "echo ready; sleep 1000"],
+                              env=server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    waiter = None
+    try:
+        assert runner.stdout is not None and runner.stdout.readline() == b"ready\n"
+        waiter = subprocess.Popen([CCX, "drain", "--wait"], env=server.env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert waiter.stdout is not None
+        assert json.loads(waiter.stdout.readline()) == {"draining": True, "sessions": 1}
+        undone = ccx(server, "drain", "--undo")
+        assert json.loads(undone.stdout) == {"draining": False, "sessions": 1}
+        _, err = waiter.communicate(timeout=30)
+        assert waiter.returncode == 1, err
+        assert b"no longer draining" in err, err
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/ready",
+                                    timeout=10) as ready:  # the undo held
+            assert json.loads(ready.read()) == {"ready": True}
+        assert ccx(server, "run", "--", "true").returncode == 0
+    finally:
+        for proc in (runner, waiter):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=15)
+        stop_serve(server)
 
 
 ENDLESS = "import sys\nwhile True: sys.stdout.buffer.write(b'y' * 65536)"

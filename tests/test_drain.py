@@ -49,6 +49,7 @@ async def test_draining_node_refuses_execute_and_serves_the_rest(
         assert error["code"] == -32007, (params, error)
     info = await client.result("server.info")
     assert info["draining"] is True and info["node"] == "ccx-0"
+    assert info["busy"] == 1  # the count drain gives, read-only
 
     # control, input, status, attach (from another connection) all still work
     await client.result("input", {"session_id": sid, "data": "hello\n"})
@@ -122,7 +123,7 @@ async def test_drain_timeout_cancels_with_reason_drain_and_undo_calls_it_off(
         done = await completion(client, sid)
         assert done["status"] == "cancelled" and done["reason"] == "drain", done
     info = await client.result("server.info")
-    assert info["draining"] is True  # stays draining until undone
+    assert info["draining"] is True and info["busy"] == 0  # stays draining until undone
     assert (await client.result("drain"))["sessions"] == 0
 
 

@@ -190,6 +190,55 @@ async def test_second_signal_cuts_the_drain_short(
         _kill([long["pgid"]])
 
 
+async def _stays_draining(client: RawClient, sessions: int) -> None:
+    """A node that got SIGTERM (node name ccx-0): execute -32007, `draining: true`, and an
+    undo is refused (-32007, `data.stopping`) without changing that."""
+    refused = await client.error("drain", {"undo": True})
+    assert refused["code"] == -32007 and "stopping" in refused["message"], refused
+    assert refused["data"] == {"node": "ccx-0", "stopping": True}, refused
+    error = await client.error("execute", {"command": ["true"]})
+    assert error["code"] == -32007 and error["message"] == "node draining", error
+    assert error["data"] == {"node": "ccx-0"}, error
+    assert (await client.result("server.info"))["draining"] is True
+    # a plain drain (what `ccx drain --wait` polls the count with) still answers
+    assert await client.result("drain") == {"draining": True, "sessions": sessions}
+
+
+IGNORES_TERM = py("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "print('ready', flush=True); time.sleep(1000)")
+
+
+@pytest.mark.parametrize("drain_timeout", ["0", "300"])
+async def test_a_node_that_got_sigterm_stays_draining(
+        serve: Callable[..., Serve], nursery: trio.Nursery, drain_timeout: str) -> None:
+    """Regressions: with CCX_DRAIN_TIMEOUT=0, SIGTERM went straight to the shutdown without
+    draining (`execute` during it got -32003 "server is shutting down", `draining: false`);
+    and `drain {"undo": true}` during SIGTERM's drain made the node ready again while it was
+    stopping. A node that is going away is draining (PROTOCOL.md 10), for good."""
+    # With 0, the session ignores SIGTERM: the shutdown waits CCX_KILL_GRACE for it, and
+    # meanwhile the connection is still served (closed with 1001 only after the sessions).
+    server = serve(CCX_DRAIN_TIMEOUT=drain_timeout, CCX_NODE_NAME="ccx-0",
+                   CCX_KILL_GRACE="30" if drain_timeout == "0" else "1")
+    client = await server.connect(nursery)
+    session = await _start(client, IGNORES_TERM if drain_timeout == "0" else SLEEPS)
+    try:
+        server.signal(signal.SIGTERM)
+        await server.event("shutting_down" if drain_timeout == "0" else "draining")
+        await _stays_draining(client, sessions=1)
+        if drain_timeout != "0":  # the listener is closed once the shutdown has begun
+            status, _, body = await http_get(server.port, "/ready")
+            assert (status, json.loads(body)) == (503, {"ready": False, "reason": "draining"})
+        # ends the drain (300), or SIGKILLs during the shutdown (0)
+        server.signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            done = await client.notification("process.completed", session["session_id"])
+        assert done["status"] == "cancelled" and done["reason"] == "shutdown", done
+        assert await server.exited() == 0
+        assert not alive(session["pid"])
+    finally:
+        _kill([session["pgid"]])
+
+
 async def test_sigint_does_not_drain(
         serve: Callable[..., Serve], nursery: trio.Nursery) -> None:
     server = serve(CCX_DRAIN_TIMEOUT="300")

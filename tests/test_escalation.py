@@ -4,7 +4,7 @@ Rules: real children (`sys.executable -c`), no mock clock (real processes need r
 graces are tiny instead), a deadline on every test, and every test checks that nothing it
 started is still alive (zombies count as gone: this process need not be a subreaper).
 One escalation serves both callers: `stop_group` (a session's group and its escapees) and
-`stop_procs` (what a dead server left running, `ccx.state.recover`).
+`stop_procs` (what a dead server left running, `ccx.crash_record.recover`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import trio
 from conftest import PY
 
 import ccx.process
+from ccx.crash_record import StateFile
 from ccx.descendants import still_alive
 from ccx.manager import SessionManager
 from ccx.process import Group, StopStep, live_members, spawn, stop_group, stop_procs
 from ccx.procfs import Proc, read_proc
-from ccx.state import StateFile
 
 GRACE_S = 0.3  # long enough for a TERM-obeying python to die, short enough to keep tests fast
 DEADLINE_S = 15

@@ -185,10 +185,14 @@ async def _self_check() -> None:
     port = listeners[0].socket.getsockname()[1]
     gate = Gate(max_connections=1, max_pending_heads=1)
 
+    admitted, past_head = trio.Event(), trio.Event()  # a handler runs; one read its head
+
     async def handler(stream: trio.SocketStream) -> None:
+        admitted.set()
         with gate.reading_head() as scope:
             await stream.receive_some(1)  # "the head": one byte
         if not scope.cancelled_caught:
+            past_head.set()
             await trio.sleep_forever()
 
     async def answer(stream: trio.SocketStream) -> bytes:
@@ -201,13 +205,12 @@ async def _self_check() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_limited, handler, listeners, gate, nursery)
             first = await trio.open_tcp_stream("127.0.0.1", port)
-            while gate.open < 1:
-                await trio.sleep(0.01)
+            await admitted.wait()  # the first one holds the cap, reading its head
             second = await trio.open_tcp_stream("127.0.0.1", port)
             assert await answer(first) == b"", "the unread head was not evicted"
             await second.send_all(b"x")  # past its head: it keeps its place
-            while gate.open > 1 or gate.evicted_total < 1:
-                await trio.sleep(0.01)
+            await past_head.wait()
+            assert gate.open == 1 and gate.evicted_total == 1, (gate.open, gate.evicted_total)
             third = await trio.open_tcp_stream("127.0.0.1", port)
             assert (await answer(third)).startswith(b"HTTP/1.1 503 Service Unavailable")
             assert gate.refused_total == 1

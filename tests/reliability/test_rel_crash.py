@@ -19,7 +19,7 @@ import trio
 from conftest import group_pids, py, wait_for
 from relhelp import RawWs, Serve, start_time
 
-from ccx.state import GroupRecord, recover
+from ccx.crash_record import GroupRecord, recover
 
 
 def running(pid: int, start: int | None) -> bool:

@@ -38,7 +38,7 @@ from ccx.log import get_logger
 from ccx.process import stop_procs
 from ccx.procfs import Proc, read_proc, snapshot
 
-log = get_logger("ccx.state")
+log = get_logger("ccx.crash_record")
 
 STATE_VERSION = 2
 
@@ -291,7 +291,7 @@ def _self_check() -> None:
         assert not os.listdir(directory), "the dead server's record stays"
     child.wait(timeout=5)  # already reaped by the kill path (its status lost: ours, not trio's)
     assert read_proc(child.pid) is None, "the TERM-trapping child survived"
-    print("ccx.state: PASS")
+    print("ccx.crash_record: PASS")
 
 
 if __name__ == "__main__":

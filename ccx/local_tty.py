@@ -125,7 +125,7 @@ def _self_check() -> None:
         os.close(slave)
     cols, rows = window_size()
     assert cols > 0 and rows > 0
-    print("ccx.terminal: PASS")
+    print("ccx.local_tty: PASS")
 
 
 if __name__ == "__main__":
