@@ -8,6 +8,8 @@ the request's progress token, if any).
 Outputs: structured results (dicts matching each tool's `outputSchema`), or an `RpcError`
 that the caller turns into an `isError: true` result. Control tools reuse the native methods
 of `ccx.api`, so behaviour is exactly that of the WebSocket API (PROTOCOL.md sections 2, 7).
+Size (over 400 lines): each tool's argument class, implementation, result schema and
+`tools/list` entry stay in one file, so a tool is read and changed in one place.
 Docs: https://modelcontextprotocol.io/specification/2025-11-25/server/tools
       https://modelcontextprotocol.io/specification/2025-11-25/basic/utilities/progress
 """
