@@ -161,6 +161,10 @@ class _Budgets:
     def first_seq(self) -> int:
         raise NotImplementedError
 
+    def set_caching(self, on: bool) -> None:
+        """Whether records just queued are worth keeping in memory for a reader (an owner
+        is attached); the in-memory outbox holds everything in memory anyway."""
+
     def check_replay(self, since_seq: int) -> None:
         """Raise -32006 if output after *since_seq* is no longer held (-1: never raises)."""
         first = self.first_seq
@@ -318,9 +322,9 @@ class SpoolOutbox(_Budgets):
     the output seq that followed it. Memory per session: 16 bytes per held frame (two
     `array('q')` entries), the controls, and up to `CACHE_BYTES` of frames just queued
     (contiguous from the delivery point: what a reader that keeps up reads next, without a
-    `pread`). Only those in-memory bytes are charged to the `HeldBudget` (PROTOCOL.md
-    section 6: spooled output does not count), so this outbox never holds replay in memory
-    for it to reclaim.
+    `pread`; none while no owner is attached: `set_caching`). Only those in-memory bytes are
+    charged to the `HeldBudget` (PROTOCOL.md section 6: spooled output does not count), so
+    this outbox never holds replay in memory for it to reclaim.
     """
 
     budget_bytes: int
@@ -339,6 +343,7 @@ class SpoolOutbox(_Budgets):
     cache: collections.deque[bytes] = attrs.field(factory=collections.deque)
     cache_first: int = 0  # seq of cache[0]
     cache_bytes: int = 0
+    caching: bool = True  # False while nobody is attached: records stay on disk only
 
     @property
     def next_seq(self) -> int:
@@ -362,7 +367,7 @@ class SpoolOutbox(_Budgets):
         self.raws.append(held.size)
         self.pending_bytes += held.size
         self.end += 1
-        if self.cache_bytes + len(held.frame) <= CACHE_BYTES and (
+        if self.caching and self.cache_bytes + len(held.frame) <= CACHE_BYTES and (
                 (not self.cache and held.seq == self.cursor)
                 or (self.cache and held.seq == self.cache_first + len(self.cache))):
             if not self.cache:
@@ -370,6 +375,15 @@ class SpoolOutbox(_Budgets):
             self.cache.append(held.frame)
             self.cache_bytes += len(held.frame)
             self._charge(len(held.frame))
+
+    def set_caching(self, on: bool) -> None:
+        """Off: let go of the cached records (they are on disk) and cache no more until a
+        reader is attached again; then the cache starts again at the delivery point."""
+        self.caching = on
+        if not on:
+            while self.cache:
+                self._credit(len(self.cache.popleft()))
+            self.cache_bytes = 0
 
     async def put(self, held: Held) -> None:
         """`push`, waiting (the collector stops reading: the child blocks) while the spool

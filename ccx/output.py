@@ -118,6 +118,7 @@ class SessionOutput:
         budget = self.replay_bytes
         self._outbox = Outbox(budget, self.held) if self.spool is None else \
             SpoolOutbox(budget, self.held, self.spool.spool(self.session_id, budget))
+        self._outbox.set_caching(self.owner is not None)
         self._send, self._receive = trio.open_memory_channel[Item](CHANNEL_CHUNKS)
 
     # ------------------------------------------------------------------------------ reading
@@ -313,6 +314,7 @@ class SessionOutput:
         self.owner = owner
         self.owner_broken = False
         self._gate_open = False
+        self._outbox.set_caching(True)
         tail: list[Paused | Completed] = []
         if paused:
             tail.append(Paused(self.session_id))
@@ -327,6 +329,7 @@ class SessionOutput:
         self.generation += 1
         self.owner = None
         self.owner_broken = False
+        self._outbox.set_caching(False)  # what it holds waits on disk for a later attach
         self._poke()
 
     @property

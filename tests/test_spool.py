@@ -220,3 +220,23 @@ async def test_metrics_show_the_spool_on_disk(start_server: Any, connect: Any) -
     assert values["ccx_spool_bytes"] >= len(EXPECTED), values
     held = values["ccx_held_bytes"]  # the frames cached for a reader, controls
     assert 0 < held <= CACHE_BYTES + 4 * KIB, held
+
+
+async def test_a_detached_session_holds_its_output_on_disk_only(start_server: Any,
+                                                                  connect: Any) -> None:
+    """With nobody attached, the records cached for a reader are let go: memory holds no
+    output of a detached session (the held gauge counts only control events), and an attach
+    still gets every byte, from disk."""
+    server = await start_server()
+    gone = await connect(server)
+    sid = (await gone.execute(py("import time, sys; time.sleep(0.5); "
+                                 f"sys.stdout.write(''.join('%07d\\n' % i for i in range({LINES})))"),
+                              linger=30))["session_id"]
+    await gone.ws.aclose()
+    await wait_for(lambda: (s := server.manager.find(sid)) is not None and s.state.ended
+                   and s.owner is None)
+    assert server.manager.held.held_bytes < 4 * KIB < CACHE_BYTES, server.manager.held
+    reader = await connect(server)
+    await reader.result("attach", {"session_id": sid, "since_seq": -1})
+    outputs, completed = await reader.run_to_completion(sid)
+    assert join(outputs, "stdout") == EXPECTED and completed["status"] == "exited"
