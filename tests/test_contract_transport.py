@@ -647,6 +647,8 @@ async def test_metrics_count_what_happened(server: Any, connect: Any) -> None:
     await client.run(py("import sys; sys.stdout.write('x' * 1000); sys.stderr.write('e' * 10)"))
     started = await client.execute(py("import time; print('ready', flush=True); time.sleep(60)"))
     await client.notification("process.output", started["session_id"])
+    # the first output may be "ready" alone, its "\n" read a moment later (seen under load)
+    await wait_for(lambda: server.manager.get(started["session_id"]).stdout_bytes == 6)
     await client.result("control", session_id=started["session_id"], type="PAUSE")
     await client.result("control", session_id=started["session_id"], type="RESUME")
     await client.error("execute", command=["/nonexistent/program"])
