@@ -310,8 +310,7 @@ async def _stream(session: Any, *, forward_stdin: bool, detach_on_interrupt: boo
                     elif isinstance(event, Completed):
                         result = event
                     elif isinstance(event, Detached):
-                        print(f"ccx: session {session.id} was attached by another client",
-                              file=sys.stderr)
+                        print(f"ccx: {event}", file=sys.stderr)
                         return 1
             except BrokenPipeError:  # `| head -1` closed our stdout: stop the job
                 with trio.move_on_after(5):
@@ -404,8 +403,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"ccx {args.command}: cannot reach {args.url}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except Exception as exc:  # trio-websocket handshake errors (401, 403...)
-        print(f"ccx {args.command}: {exc}", file=sys.stderr)
+        print(f"ccx {args.command}: {_describe(exc)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for a person: an exception group says what is inside it."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in exc.exceptions)
+    return f"{exc}" if str(exc) else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------- queries

@@ -124,9 +124,18 @@ class Completed:
 
 @attrs.frozen
 class Detached:
-    """Another connection attached to the session: this client gets nothing more of it."""
+    """Another connection attached to the session: this client gets nothing more of it. With
+    *reason* ("unreachable"): the session's *node*, reached through another node, was lost
+    (docs/protocol-notes.md, "Node loss"), not taken over."""
 
     session_id: str
+    node: str | None = None
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        if self.reason is not None:
+            return f"session {self.session_id} lost: node {self.node} is {self.reason}"
+        return f"session {self.session_id} was attached by another client"
 
 
 Event = Started | Output | Paused | Resumed | Completed | Detached
@@ -149,7 +158,7 @@ def _event(method: str, params: dict[str, Any]) -> Event | None:
     if method == "process.resumed":
         return Resumed(sid)
     if method == "process.detached":
-        return Detached(sid)
+        return Detached(sid, params.get("node"), params.get("reason"))
     return None
 
 
@@ -175,6 +184,7 @@ class RemoteSession:
     last_seq: int = -1
     result: Completed | None = None
     taken: bool = False  # another connection attached to it (`Detached` was delivered)
+    detached: Detached | None = None  # why, when it was
 
     def _deliver(self, event: Event) -> None:
         if isinstance(event, Output):
@@ -186,7 +196,7 @@ class RemoteSession:
                 return
             self.result = event
         elif isinstance(event, Detached):
-            self.taken = True
+            self.taken, self.detached = True, event
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(event)
             if isinstance(event, Output):  # held until events() reads it
@@ -221,7 +231,7 @@ class RemoteSession:
         async for _ in self.events():
             pass
         if self.result is None:
-            raise ConnectionLost(f"session {self.id} was attached by another connection")
+            raise ConnectionLost(str(self.detached or Detached(self.id)))
         return self.result
 
     async def pause(self) -> str:
@@ -252,6 +262,7 @@ class Client:
     ws: trio_websocket.WebSocketConnection | None = None
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     _waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = attrs.field(factory=dict)
+    _on_reply: dict[int, Callable[[], None]] = attrs.field(factory=dict)  # see `call`
     _sessions: dict[str, RemoteSession] = attrs.field(factory=dict)
     _early: dict[str, list[Event]] = attrs.field(factory=dict)
     _held: int = 0  # output bytes in sessions' channels, not yet read (MAX_HELD_OUTPUT_BYTES)
@@ -386,6 +397,9 @@ class Client:
         channel = self._waiting.pop(message.get("id"), None)  # type: ignore[arg-type]
         if channel is not None:
             channel.send_nowait(message)
+            hook = self._on_reply.pop(message["id"], None)
+            if hook is not None:
+                hook()
 
     def _hold(self, size: int) -> None:
         self._held += size
@@ -397,14 +411,19 @@ class Client:
 
     # ------------------------------------------------------------------------- calls
 
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Send one request and return its result; raise `ServerError` for an error."""
+    async def call(self, method: str, params: dict[str, Any] | None = None, *,
+                   on_reply: Callable[[], None] | None = None) -> Any:
+        """Send one request and return its result; raise `ServerError` for an error.
+        *on_reply* runs in the reader as the reply is read, before any later frame is (a
+        relaying node holds back what follows a forwarded attach's result: `ccx.cluster`)."""
         ws = self.ws
         if self.closed or ws is None:
             raise ConnectionLost("connection is closed")
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[request_id] = send
+        if on_reply is not None:
+            self._on_reply[request_id] = on_reply
         self._room.set()  # its reply may sit behind held output: read on until it comes
         message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
         try:
@@ -414,6 +433,7 @@ class Client:
             raise ConnectionLost(f"connection closed during {method}") from None
         finally:
             self._waiting.pop(request_id, None)
+            self._on_reply.pop(request_id, None)
         if "error" in reply:
             error = reply["error"]
             raise ServerError(error.get("code", 0), error.get("message", ""), error.get("data"))

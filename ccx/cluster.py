@@ -25,7 +25,12 @@ shared token, two kinds (docs/protocol-notes.md, "Forwarding"):
   one client's unread `input` never blocks another's requests.
 - *MCP links*: as links, but MCP connections (`tools/call` of a tool whose `session_id` names
   another node is made there, so `read_output` claims the session for the link).
-A peer that stops answering is dropped (closed in the background) and reported lost.
+A peer that stops answering is dropped (closed in the background) and reported lost. A link
+that ends under its client (the owning node died, or was dropped as hung) tells the client
+`process.detached {"session_id", "node", "reason": "unreachable"}` for each session it was
+relaying (docs/protocol-notes.md, "Node loss"). Deadlines: one per forwarded request; `input`,
+MCP `send_input` and `read_output`, which wait on the child, instead wait as long as the owning
+node answers a `ping` on the pooled connection (nothing is timed per relayed frame).
 Size (over 400 lines): peers, the pooled connections, the per-connection links and the
 forwarding rules (which method goes where, -32008) are one state machine over one map of
 connections.
@@ -35,28 +40,41 @@ Docs: ../shared/PROTOCOL.md section 10; https://trio.readthedocs.io/en/stable/re
 
 from __future__ import annotations
 
-import math
+import functools
+import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
 
-from ccx.client import Client, ConnectionLost, ServerError, node_of
+from ccx.client import NOTIFICATION_PREFIX, Client, ConnectionLost, ServerError, node_of
 from ccx.config import Settings
 from ccx.errors import InternalError, PassedOn, SessionLost
 from ccx.log import get_logger
 from ccx.owner import Owner, OwnerGone
+from ccx.protocol import encode_utf8, notification
 
 log = get_logger("ccx.cluster")
 
 DIAL_TIMEOUT_S = 2.0  # dial + server.info of a peer; beyond it the peer is unreachable
 CALL_TIMEOUT_S = 4.0  # a forwarded request (but input) answers within 5 s, or -32008
-MAX_TOOL_WAIT_S = 600.0  # the longest wait_s read_output honours (ccx.mcp_tools.MAX_WAIT_S)
+# A forwarded `input` (MCP `send_input`, `read_output`) waits on the child as a local one
+# does, for as long as the owning node shows it is alive: once it has waited PROBE_AFTER_S, and
+# every PROBE_AFTER_S from then on, the node is sent a `ping` on the pooled connection, which
+# must be answered within PROBE_TIMEOUT_S; else -32008 unreachable, within 5 s of a hang.
+PROBE_AFTER_S = 1.0
+PROBE_TIMEOUT_S = CALL_TIMEOUT_S - PROBE_AFTER_S
 SCOPE_TIMEOUT_S = 1.5  # `sessions {"scope": "cluster"}`: how long peers get to answer
 LINKED = frozenset({"attach", "watch", "unwatch", "input"})  # go over the caller's link
 RETRYABLE = frozenset({"status", "control", "resize", "attach", "watch", "unwatch",
                        "sessions"})  # safe to send again on a fresh connection
+# A relayed notification that is not output (the only kind a link looks into, unparsed
+# output passing by with one prefix test): the few that end what a link relays of a session.
+OUTPUT_PREFIX = NOTIFICATION_PREFIX + '"process.output"'
+ENDS_ATTACH = frozenset({"process.completed", "process.detached"})
+ENDS_WATCH = frozenset({"process.completed", "process.lagged"})
 
 
 @attrs.frozen
@@ -79,13 +97,27 @@ class Conn:
     node: str | None
     incarnation: str | None
     url: str
-    # Set for a link: closed until the forwarded attach/watch result is out, so relayed
-    # notifications never overtake it on the client's connection.
+    # Set for a link: a forwarded attach/watch whose result the link has read but this node
+    # has not yet sent to the client; the link relays nothing more until it is sent, so what
+    # followed the result on the owning node never overtakes it on the client's connection.
+    # (Added as the result is read, not as the request goes: what the link reads before the
+    # result goes on, else the result would wait behind it.)
     gates: list[trio.Event] = attrs.field(factory=list)
+    # A link's sessions whose notifications it relays (attached, watched through it): told
+    # `process.detached` with the -32008 data if the link is lost (docs/protocol-notes.md,
+    # "Node loss"), unless the client's own connection closed it (`released`).
+    attached: set[str] = attrs.field(factory=set)
+    watched: set[str] = attrs.field(factory=set)
+    released: bool = False
+    waiting: trio.CancelScope = attrs.field(factory=trio.CancelScope)  # for the link's end
 
     @property
     def alive(self) -> bool:
         return not self.client.closed
+
+    def hold(self, gate: trio.Event) -> None:
+        """Relay nothing more until *gate* is set (a forwarded result was just read)."""
+        self.gates.append(gate)
 
 
 @attrs.define(eq=False)
@@ -138,16 +170,15 @@ class Cluster:
         `PassedOn`. -32008 when the node cannot be reached or has restarted. *gate* (for
         `attach`/`watch`): notifications on the caller's link wait until it is set."""
         linked = owner is not None and method in LINKED
-        timeout = math.inf if method == "input" else CALL_TIMEOUT_S
         for attempt in (1, 2):
             conn = await self._conn(target.node, owner if linked else None)
             if conn.incarnation != target.incarnation:
                 raise lost(target.node, "restarted")
-            if gate is not None and gate not in conn.gates:
-                conn.gates.append(gate)
             try:
-                with trio.fail_after(timeout):
-                    return await conn.client.call(method, params)
+                result = await self._call(conn, target.node, method, params,
+                                          patient=method == "input",
+                                          on_reply=None if gate is None else
+                                          functools.partial(conn.hold, gate))
             except ServerError as exc:
                 raise PassedOn(exc.code, exc.message, exc.data) from None
             except trio.TooSlowError:
@@ -161,7 +192,59 @@ class Cluster:
                 if attempt == 2:
                     raise lost(target.node, "unreachable") from None
                 log.info("peer_connection_lost", node=target.node, method=method, retry=True)
+                continue
+            if linked:
+                sid = str(params["session_id"])  # a str: `route` named its node
+                kept = {"attach": conn.attached, "watch": conn.watched}.get(method)
+                if kept is not None:
+                    kept.add(sid)
+                elif method == "unwatch":
+                    conn.watched.discard(sid)
+            return result
         raise AssertionError("not reached")  # pragma: no cover
+
+    async def _call(self, conn: Conn, node: str, method: str, params: dict[str, Any], *,
+                    patient: bool = False, on_reply: Callable[[], None] | None = None) -> Any:
+        """*method* on *conn*, answered within CALL_TIMEOUT_S, or, *patient* (input, which
+        waits for the child), for as long as *node* answers pings; `trio.TooSlowError`
+        otherwise. One deadline (or one prober) per request: nothing per relayed frame."""
+        if not patient:
+            with trio.fail_after(CALL_TIMEOUT_S):
+                return await conn.client.call(method, params, on_reply=on_reply)
+        assert self._nursery is not None
+        with trio.CancelScope() as waiting:
+            prober = trio.CancelScope()
+
+            async def probe() -> None:
+                with prober:
+                    await self._until_silent(conn.url, node)
+                    waiting.cancel()
+
+            self._nursery.start_soon(probe)
+            try:
+                return await conn.client.call(method, params, on_reply=on_reply)
+            finally:
+                prober.cancel()
+        raise trio.TooSlowError
+
+    async def _until_silent(self, url: str, node: str) -> None:
+        """Return once *node* (at *url*) fails to answer a `ping` within PROBE_TIMEOUT_S,
+        asked every PROBE_AFTER_S on the pooled connection (which no client's input or
+        output holds up); the pooled connection is then dropped."""
+        while True:
+            await trio.sleep(PROBE_AFTER_S)
+            pooled = None
+            try:
+                with trio.fail_after(PROBE_TIMEOUT_S):
+                    pooled = await self._pooled_conn(url, node)
+                    await pooled.client.call("ping")
+            except ServerError:  # an answer all the same: the node is alive
+                continue
+            except (Unreachable, ConnectionLost, trio.TooSlowError) as exc:
+                log.info("peer_silent", node=node, why=str(exc) or type(exc).__name__)
+                if pooled is not None:
+                    self._drop(pooled)
+                return
 
     async def forward_tool(self, target: Target, name: str, arguments: dict[str, Any],
                            owner: Owner, version: str) -> dict[str, Any]:
@@ -174,20 +257,16 @@ class Cluster:
         links = self._links.setdefault(owner, {})
         key = f"mcp {version} {pooled.url}"
         conn = links.get(key)
-        # As for native requests, but `read_output` may wait `wait_s` by design and
-        # `send_input` waits for the child to read.
-        wait = arguments.get("wait_s") if name == "read_output" else 0
-        timeout = math.inf if name == "send_input" else CALL_TIMEOUT_S + (
-            min(float(wait), MAX_TOOL_WAIT_S) if isinstance(wait, int | float) and wait > 0
-            else 0.0)
+        # As for native requests; `read_output` may wait `wait_s` by design and `send_input`
+        # waits for the child to read: as `input`, no deadline while the node answers pings.
+        call = {"name": name, "arguments": arguments}
         try:
             if conn is None or not conn.alive:
                 with trio.fail_after(DIAL_TIMEOUT_S):
                     conn = await self._dial_mcp(pooled, version)
                 links[key] = conn
-            with trio.fail_after(timeout):
-                return dict(await conn.client.call("tools/call", {"name": name,
-                                                                  "arguments": arguments}))
+            return dict(await self._call(conn, target.node, "tools/call", call,
+                                         patient=name in ("read_output", "send_input")))
         except ServerError as exc:
             raise PassedOn(exc.code, exc.message, exc.data) from None
         except trio.TooSlowError:
@@ -273,6 +352,8 @@ class Cluster:
                 await relay_to.send_frame(text.encode("utf-8", "surrogatepass"))
             except OwnerGone:  # the client is gone: so is what it owned through this link
                 nursery.start_soon(client.aclose)
+            if not text.startswith(OUTPUT_PREFIX):  # rare: may end what the link relays
+                _relayed(conn, text)
 
         client = Client(url, self.settings.token, relay=relay if relay_to is not None else None)
         try:
@@ -289,7 +370,33 @@ class Cluster:
             raise Unreachable(f"{url} answers as node {conn.node!r}, not {node!r}")
         log.info("peer_connected", url=url, node=conn.node, incarnation=conn.incarnation,
                  link=relay_to is not None)
+        if relay_to is not None:
+            nursery.start_soon(self._tell_if_lost, conn, relay_to)
         return conn
+
+    async def _tell_if_lost(self, link: Conn, owner: Owner) -> None:
+        """Once *link* ends, unless its client's connection closed it: tell the client, for
+        each session the link was relaying, `process.detached` with the -32008 data (the
+        contract's "no further notifications of it"), after anything relayed before and any
+        forwarded attach/watch result still being sent."""
+        with link.waiting:  # cancelled by `_drop` (a node that stopped answering)
+            await link.client.ended.wait()
+        while link.gates:
+            await link.gates[0].wait()
+            link.gates = [g for g in link.gates if not g.is_set()]
+        lost = sorted(link.attached | link.watched)
+        link.attached.clear()
+        link.watched.clear()
+        if link.released or not lost:
+            return
+        log.info("peer_link_lost", node=link.node, sessions=len(lost))
+        for sid in lost:
+            frame = encode_utf8(notification("process.detached", {
+                "session_id": sid, "node": link.node, "reason": "unreachable"}))
+            try:
+                await owner.send_frame(frame)
+            except OwnerGone:
+                return
 
     def _drop(self, conn: Conn) -> None:
         """Forget a connection whose peer does not answer, and close it in the background
@@ -300,6 +407,7 @@ class Cluster:
             for key, link in list(links.items()):
                 if link is conn:
                     del links[key]
+        conn.waiting.cancel()  # a link's client hears now that its sessions are lost
         assert self._nursery is not None
         self._nursery.start_soon(conn.client.aclose)
 
@@ -308,6 +416,7 @@ class Cluster:
         or cancel to what the link owned (PROTOCOL.md 8) and ends its watches."""
         links = self._links.pop(owner, {})
         for conn in links.values():
+            conn.released = True
             for gate in conn.gates:
                 gate.set()
             if self._nursery is not None:
@@ -392,6 +501,20 @@ class Cluster:
 def lost(node: str, reason: str) -> SessionLost:
     return SessionLost(f"session lost: node {node} is {reason}",
                        {"node": node, "reason": reason})
+
+
+def _relayed(link: Conn, text: str) -> None:
+    """A notification other than output went through *link*: a completion, a move to another
+    connection (`process.detached`), or a watcher's lag ends what the link relays of it."""
+    try:
+        message = json.loads(text)
+        method, sid = message["method"], message["params"]["session_id"]
+    except (ValueError, KeyError, TypeError):
+        return
+    if method in ENDS_ATTACH:
+        link.attached.discard(sid)
+    if method in ENDS_WATCH:
+        link.watched.discard(sid)
 
 
 def _ws_url(address: str, port: int) -> str:

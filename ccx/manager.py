@@ -169,7 +169,8 @@ class SessionManager:
     # ------------------------------------------------------------------------------ lookups
 
     def live(self) -> list[Session]:
-        """Sessions whose task still runs (process alive, or output not yet handed over)."""
+        """Sessions not yet settled (process alive, or completion not yet handed over to an
+        attached owner); a settled session's task lives on only to deliver to later owners."""
         return [s for s in self._sessions.values() if not s.done]
 
     def running(self) -> list[Session]:
@@ -372,6 +373,15 @@ class SessionManager:
             await session.run()
         except Exception:  # a bug in one session must not take the server down
             log.exception("session_crashed", session_id=session.id)
+        else:
+            return
+        # Its deliverer went down with it: one more, so that what it holds still reaches an
+        # owner that attaches (until it is forgotten), as it would have without the bug.
+        try:
+            with structlog.contextvars.bound_contextvars(session_id=session.id):
+                await session.output.deliver()
+        except Exception:
+            log.exception("session_delivery_crashed", session_id=session.id)
 
     def _on_done(self, session: Session) -> None:
         outlived = session.stop_step is StopStep.OUTLIVED
@@ -406,12 +416,13 @@ class SessionManager:
         others."""
         self.cluster.release(owner)  # its links to other nodes close: the same, there
         for watched in self._sessions.values():
-            watcher = watched.output.watchers.pop(owner, None)
-            if watcher is not None:
-                watcher.stop()
+            for registry in (watched.output.watchers, watched.output.lagging):
+                watcher = registry.pop(owner, None)
+                if watcher is not None:
+                    watcher.stop()
         self._notify()  # a drain or shutdown waiting for this owner's sessions looks again
-        for session in self.owned_by(owner):
-            session.detach()
+        for session in [s for s in self._sessions.values() if s.owner is owner]:
+            session.detach()  # done ones too: they hold nothing for a closed connection
             if session.options.linger > 0 and not session.state.ended:
                 log.info("detached", session_id=session.id, linger_s=session.options.linger)
                 assert self._nursery is not None
@@ -453,6 +464,7 @@ class SessionManager:
         for other, lagging in list(watchers.items()):
             if lagging.lagged and other is not owner:  # its place is free at once; its task
                 del watchers[other]  # still sends process.lagged when its socket takes it
+                session.output.lagging[other] = lagging
         previous = watchers.get(owner)
         limit = self.settings.max_watchers
         if previous is None and len(watchers) >= limit:

@@ -1,10 +1,15 @@
-"""The MCP tools of ccx: JSON Schemas for `tools/list` and their implementations.
+"""The MCP tools of ccx: their `tools/list` entries and their implementations.
 
+Each tool's arguments are an attrs class (the launch ones shared with `execute`:
+`ccx.params.LaunchParams`); its `inputSchema` is made from that class by `ccx.schema`, and
+the raw arguments are structured into it, so each argument is written once.
 Inputs: a `ToolCall` (the calling `ToolHost`, i.e. one MCP connection, the raw arguments and
 the request's progress token, if any).
 Outputs: structured results (dicts matching each tool's `outputSchema`), or an `RpcError`
 that the caller turns into an `isError: true` result. Control tools reuse the native methods
 of `ccx.api`, so behaviour is exactly that of the WebSocket API (PROTOCOL.md sections 2, 7).
+Size (over 400 lines): each tool's argument class, implementation, result schema and
+`tools/list` entry stay in one file, so a tool is read and changed in one place.
 Docs: https://modelcontextprotocol.io/specification/2025-11-25/server/tools
       https://modelcontextprotocol.io/specification/2025-11-25/basic/utilities/progress
 """
@@ -24,8 +29,9 @@ from ccx.errors import InvalidParams, RpcError
 from ccx.manager import SessionManager
 from ccx.mcp_buffer import STREAMS, OutputBuffer, Tail
 from ccx.owner import Owner
-from ccx.params import ExecuteParams
+from ccx.params import ExecuteParams, LaunchParams
 from ccx.protocol import structure_params
+from ccx.schema import doc, object_schema
 from ccx.session import Session
 
 MAX_READ_BYTES = 4 * 1024 * 1024  # largest max_bytes / tail_bytes a call may ask for
@@ -66,50 +72,51 @@ class ToolCall:
 
 
 @attrs.frozen
-class ExecuteArgs:
-    command: str | list[str]
-    shell: bool = False
-    cwd: str | None = None
-    env: dict[str, str] = attrs.Factory(dict)
-    timeout: float | None = None
-    kill_grace: float | None = None
-    input: str | None = None
-    tail_bytes: int | None = None
+class ExecuteArgs(LaunchParams):
+    input: str | None = attrs.field(default=None, metadata=doc("written to stdin, then closed"))
+    tail_bytes: int | None = attrs.field(default=None, metadata=doc(
+        "bytes of each stream to return (the end)", minimum=1, maximum=MAX_READ_BYTES))
 
 
 @attrs.frozen
-class StartArgs:
-    command: str | list[str]
-    shell: bool = False
-    cwd: str | None = None
-    env: dict[str, str] = attrs.Factory(dict)
-    timeout: float | None = None
-    kill_grace: float | None = None
-    stdin: bool = False
-    tag: str | None = None
-    linger: float = 0.0
-
-
-@attrs.frozen
-class ReadArgs:
-    session_id: str
-    stdout_offset: int = 0
-    stderr_offset: int = 0
-    wait_s: float = 0.0
-    max_bytes: int = DEFAULT_READ_BYTES
+class StartArgs(LaunchParams):
+    stdin: bool = attrs.field(default=False, metadata=doc("keep stdin open for send_input"))
+    tag: str | None = attrs.field(default=None, metadata=doc("label for list_sessions"))
+    linger: float = attrs.field(default=0.0, metadata=doc(
+        "seconds the session survives without an MCP connection (capped by the server's "
+        "CCX_MAX_LINGER)", minimum=0))
 
 
 @attrs.frozen
 class SessionArgs:
-    session_id: str
+    session_id: str = attrs.field(metadata=doc("from start or list_sessions"))
+
+
+@attrs.frozen
+class ReadArgs(SessionArgs):
+    stdout_offset: int = attrs.field(default=0, metadata=doc(minimum=0))
+    stderr_offset: int = attrs.field(default=0, metadata=doc(minimum=0))
+    wait_s: float = attrs.field(default=0.0, metadata=doc(minimum=0, maximum=MAX_WAIT_S))
+    max_bytes: int = attrs.field(default=DEFAULT_READ_BYTES,
+                                 metadata=doc(minimum=1, maximum=MAX_READ_BYTES))
+
+
+@attrs.frozen
+class SendInputArgs(SessionArgs):
+    data: str
+    eof: bool = False
+
+
+@attrs.frozen
+class ListArgs:
+    tag: str | None = attrs.field(default=None, metadata=doc("only sessions with this tag"))
 
 
 def _launch(args: ExecuteArgs | StartArgs, *, stdin: bool, tag: str | None,
             linger: float = 0.0) -> ExecuteParams:
+    shared = {field.name: getattr(args, field.name) for field in attrs.fields(LaunchParams)}
     # base64: the buffer holds raw bytes, so offsets are byte offsets of the child's output
-    return ExecuteParams(command=args.command, shell=args.shell, cwd=args.cwd, env=args.env,
-                         timeout=args.timeout, stdin=stdin, encoding="base64",
-                         kill_grace=args.kill_grace, tag=tag, linger=linger)
+    return ExecuteParams(**shared, stdin=stdin, encoding="base64", tag=tag, linger=linger)
 
 
 def _bounded(value: int | None, default: int, name: str) -> int:
@@ -270,7 +277,7 @@ async def list_sessions(call: ToolCall) -> dict[str, object]:
 
 
 async def send_input(call: ToolCall) -> dict[str, object]:
-    structure_params(call.arguments, SessionArgs)  # session_id is required here
+    structure_params(call.arguments, SendInputArgs)  # session_id is required here
     return await _native(api.input_)(call)
 
 
@@ -280,27 +287,11 @@ async def _control(call: ToolCall, kind: str) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------- schemas
+# Input schemas are made from the argument classes above (`ccx.schema`); results have no
+# class (they are built as dicts), so their schemas are written here.
 
 ToolFn = Callable[[ToolCall], Awaitable[dict[str, object]]]
 
-_COMMAND = {"description": "argv as an array, or a string split like a POSIX shell "
-            "(no shell runs unless shell is true)",
-            "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
-                                           "minItems": 1}]}
-_LAUNCH = {
-    "command": _COMMAND,
-    "shell": {"type": "boolean", "default": False,
-              "description": "run command (a string) with /bin/sh -c; the server may refuse"},
-    "cwd": {"type": "string", "description": "working directory (must exist)"},
-    "env": {"type": "object", "additionalProperties": {"type": "string"},
-            "description": "variables added to the environment"},
-    "timeout": {"type": "number", "exclusiveMinimum": 0,
-                "description": "seconds; then the process group is cancelled (status timeout)"},
-    "kill_grace": {"type": "number", "minimum": 0, "maximum": Settings().max_kill_grace,
-                   "description": "seconds between SIGTERM and SIGKILL when cancelling "
-                   "(at most the server's CCX_MAX_KILL_GRACE)"},
-}
-_SESSION_ID = {"session_id": {"type": "string", "description": "from start or list_sessions"}}
 _NULLABLE_INT = {"type": ["integer", "null"]}
 _STATUS = {"type": "string", "description": "running, paused, cancelling, exited, killed, "
            "cancelled or timeout"}
@@ -350,10 +341,15 @@ class Tool:
     name: str
     title: str
     description: str
-    input_schema: dict[str, Any]
+    arguments: type  # the attrs class its arguments structure into; its inputSchema
     output_schema: dict[str, Any]
     run: ToolFn
     read_only: bool = False
+    input_schema: dict[str, Any] = attrs.field(init=False)
+
+    @input_schema.default
+    def _input_schema(self) -> dict[str, Any]:
+        return object_schema(self.arguments)
 
     def describe(self, version: str, settings: Settings | None = None) -> dict[str, object]:
         """The `tools/list` entry; fields newer than the negotiated version are left out.
@@ -384,12 +380,7 @@ TOOLS: dict[str, Tool] = {tool.name: tool for tool in (
          "status and the last tail_bytes of stdout and stderr; a line '[N bytes omitted]' "
          "marks a cut. With a progressToken, progress notifications carry output as it comes. "
          "For long jobs prefer start + read_output.",
-         _object({**_LAUNCH,
-                  "input": {"type": "string", "description": "written to stdin, then closed"},
-                  "tail_bytes": {"type": "integer", "minimum": 1, "maximum": MAX_READ_BYTES,
-                                 "description": "bytes of each stream to return (the end)"}},
-                 ("command",)),
-         _EXECUTE_OUT, execute),
+         ExecuteArgs, _EXECUTE_OUT, execute),
     Tool("start", "Start a long-running command",
          "Start a command in its own process group and return its session_id at once. Read "
          "its output with read_output; it is held (bounded) until read, and a command whose "
@@ -397,14 +388,7 @@ TOOLS: dict[str, Tool] = {tool.name: tool for tool in (
          "when this MCP connection closes, unless linger > 0: then it keeps running detached "
          "for up to linger seconds (its output held) and any later MCP connection can pick it "
          "up with read_output; once ended, it is kept for the server's retention time.",
-         _object({**_LAUNCH,
-                  "stdin": {"type": "boolean", "default": False,
-                            "description": "keep stdin open for send_input"},
-                  "tag": {"type": "string", "description": "label for list_sessions"},
-                  "linger": {"type": "number", "minimum": 0, "default": 0,
-                             "description": "seconds the session survives without an MCP "
-                             "connection (capped by the server's CCX_MAX_LINGER)"}},
-                 ("command",)),
+         StartArgs,
          _object({"session_id": {"type": "string"}, "status": {"type": "string"},
                   "pid": {"type": "integer"},
                   "linger": {"type": "number", "description": "as granted (capped)"}},
@@ -417,39 +401,30 @@ TOOLS: dict[str, Tool] = {tool.name: tool for tool in (
          "output was read. Reading a session started by another MCP connection (a lingering "
          "one, after a restart) makes this connection its owner: it keeps its own linger, and "
          "it is cancelled when this connection closes only if its linger is 0.",
-         _object({**_SESSION_ID,
-                  "stdout_offset": {"type": "integer", "minimum": 0, "default": 0},
-                  "stderr_offset": {"type": "integer", "minimum": 0, "default": 0},
-                  "wait_s": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S,
-                             "default": 0},
-                  "max_bytes": {"type": "integer", "minimum": 1, "maximum": MAX_READ_BYTES,
-                                "default": DEFAULT_READ_BYTES}},
-                 ("session_id",)),
-         _READ_OUT, read_output, read_only=True),
+         ReadArgs, _READ_OUT, read_output, read_only=True),
     Tool("send_input", "Write to a session's stdin",
          "Write text to the stdin of a session started with stdin=true; eof=true closes it.",
-         _object({**_SESSION_ID, "data": {"type": "string"},
-                  "eof": {"type": "boolean", "default": False}}, ("session_id", "data")),
+         SendInputArgs,
          _object({"session_id": {"type": "string"}, "bytes": {"type": "integer"}},
                  ("session_id", "bytes")),
          send_input),
     Tool("pause", "Pause a session",
          "SIGSTOP the session's whole process tree: its group and the descendants that left "
          "it (setsid); answers once all are stopped.",
-         _object(_SESSION_ID, ("session_id",)), _STATUS_RESULT,
+         SessionArgs, _STATUS_RESULT,
          lambda call: _control(call, "PAUSE")),
     Tool("resume", "Resume a session", "SIGCONT the session's whole process tree.",
-         _object(_SESSION_ID, ("session_id",)), _STATUS_RESULT,
+         SessionArgs, _STATUS_RESULT,
          lambda call: _control(call, "RESUME")),
     Tool("cancel", "Cancel a session",
          "Stop the session's whole process group: SIGTERM, then SIGKILL after kill_grace.",
-         _object(_SESSION_ID, ("session_id",)), _STATUS_RESULT,
+         SessionArgs, _STATUS_RESULT,
          lambda call: _control(call, "CANCEL")),
     Tool("list_sessions", "List sessions",
          "Every session this server knows, running and recently ended, with its status, "
          "linger, tag, whether a connection owns it (attached) and, for sessions started "
          "over MCP, the oldest output offsets still held.",
-         _object({"tag": {"type": "string", "description": "only sessions with this tag"}}),
+         ListArgs,
          _object({"sessions": {"type": "array", "items": _SESSION_INFO}}, ("sessions",)),
          list_sessions, read_only=True),
 )}
@@ -462,5 +437,11 @@ if __name__ == "__main__":
         json.dumps(tool.describe("2025-11-25"))
         assert "outputSchema" not in tool.describe("2025-03-26")
     assert ReadArgs("s").max_bytes == DEFAULT_READ_BYTES
+    read_schema = TOOLS["read_output"].input_schema
+    assert read_schema["required"] == ["session_id"], read_schema
+    assert read_schema["properties"]["max_bytes"]["default"] == DEFAULT_READ_BYTES
+    limited: Any = TOOLS["start"].describe("2025-11-25", Settings(state_dir="", kill_grace=1,
+                                                                  max_kill_grace=2))
+    assert limited["inputSchema"]["properties"]["kill_grace"]["maximum"] == 2
     assert _clip("x" * 10, 4) == "[6 bytes omitted]\nxxxx"
     print("ccx.mcp_tools: PASS")

@@ -1,21 +1,21 @@
-"""A session's held notifications: unsent ones in order, and recently sent output for replay;
-and `HeldBudget`, the server-wide count of the bytes all sessions hold.
+"""A session's held events: unsent ones in order, and recently sent output for replay; and
+`HeldBudget`, the server-wide count of the bytes all sessions hold.
 
-Inputs: notifications encoded once by the session, as the UTF-8 JSON that goes on the wire
-(output carries a `seq`).
-Outputs: the next frame to deliver to the current owner; `rewind()` to re-deliver from a
+Inputs: opaque records with their method (output carries a `seq`): a session's events as
+`ccx.events.pack` makes them (raw output and a header byte), or an SSE stream's JSON frames
+(`ccx.transport.sse`); the outbox never looks inside.
+Outputs: the next record to deliver to the current owner; `rewind()` to re-deliver from a
 given seq to a new owner (PROTOCOL.md section 8); room checks that turn into back-pressure;
 `output(seq)`, any held output by its seq (sent or not), for watchers (PROTOCOL.md 11), who
 read what is held and pin nothing: when it is evicted, it is gone for them too.
 
 Memory bounds. Per session, two budgets (`budget_bytes` each) of the raw output bytes the
-held frames carry, as PROTOCOL.md section 8 counts them: `pending` (not yet delivered; when
+held records carry, as PROTOCOL.md section 8 counts them: `pending` (not yet delivered; when
 full, the session stops reading the child) and `sent` (delivered; oldest evicted first).
-Frames are kept encoded, no `str` or dict copies, so a session holds the budgets times the
-frame's expansion over its raw bytes (about 1.05 for stream-json text, 4/3 for base64, at
-worst 6 for text of control characters escaped as backslash-u-00XX), plus one frame each.
-Server-wide, every outbox charges the bytes it really keeps (`len` of each encoded frame,
-control notifications included) to one `HeldBudget` (CCX_MAX_HELD_BYTES, PROTOCOL.md
+A session's records are its raw output plus a byte each (no JSON escaping: sinks encode
+what they send), so it holds about the budgets, plus one record each.
+Server-wide, every outbox charges the bytes it really keeps (`len` of each record, control
+events included) to one `HeldBudget` (CCX_MAX_HELD_BYTES, PROTOCOL.md
 section 6). When it is full, sent output kept for replay is forgotten first, oldest first
 (the order it was delivered in, across sessions); if that is not enough the budget stays full:
 sessions with unsent output wait (`wait_for_room`) and new sessions are refused. Unsent
@@ -49,12 +49,12 @@ from ccx.spool import Spool
 
 @attrs.frozen
 class Held:
-    """One notification exactly as it goes on the wire; output has a `seq`."""
+    """One held record and its method; output has a `seq`."""
 
     method: str
-    frame: bytes  # the whole JSON-RPC notification: compact JSON, UTF-8 (`encode_utf8`)
+    frame: bytes  # the record: `ccx.events.pack` for a session, the JSON frame for SSE
     seq: int | None = None
-    raw_bytes: int | None = None  # output bytes it carries; None: count the frame itself
+    raw_bytes: int | None = None  # output bytes it carries; None: count the record itself
 
     @property
     def is_output(self) -> bool:

@@ -109,6 +109,8 @@ class SessionOutput:
     # replaced) whenever an event is queued. `_controls` holds (before_seq, index, event)
     # of recent process.paused/resumed: the output seq they came before.
     watchers: dict[Owner, Watch] = attrs.field(factory=dict)
+    # watchers that lagged and gave up their place, still telling their connection so
+    lagging: dict[Owner, Watch] = attrs.field(factory=dict)
     news: trio.Event = attrs.field(factory=trio.Event)
     _controls: collections.deque[tuple[int, int, Paused | Resumed]] = attrs.field(
         factory=collections.deque)
@@ -123,13 +125,20 @@ class SessionOutput:
 
     # ------------------------------------------------------------------------------ reading
 
-    async def pump(self, stream: trio.abc.ReceiveStream, name: str) -> None:
-        """Move bytes from one stream into the channel until EOF, or until reading stops
-        (`stop_reading`: the group is gone), then what the pipe still holds, within bounds."""
+    def sender(self) -> trio.MemorySendChannel[Item]:
+        """A pump's end of the channel: take it before starting the pump, so a
+        `stop_reading` that comes first still lets the pump read what the pipe holds."""
+        return self._send.clone()
+
+    async def pump(self, stream: trio.abc.ReceiveStream, name: str,
+                   send: trio.MemorySendChannel[Item]) -> None:
+        """Move bytes from one stream into the channel (*send*, from `sender()`) until EOF,
+        or until reading stops (`stop_reading`: the group is gone), then what the pipe still
+        holds, within bounds."""
         max_bytes = CHUNK_BYTES
         if self.text:  # room for the bytes the decoder carries over
             max_bytes -= UTF8_CARRY_BYTES
-        async with self._send.clone() as send:
+        async with send:
             while True:
                 data = await self._read_live(stream, max_bytes)
                 if data is None:
@@ -281,6 +290,7 @@ class SessionOutput:
                 except OwnerGone:
                     if generation == self.generation:
                         self.owner_broken = True  # its connection's release decides
+                        self._outbox.set_caching(False)  # nobody reads: records on disk
                     continue
                 finally:
                     self._send_scope = None
@@ -306,7 +316,8 @@ class SessionOutput:
 
         The caller checked `check_replay(since_seq)` first. Nothing is sent to *owner* until
         `announce()`; the old owner gets nothing more from here on (an in-flight hand-over is
-        abandoned, and re-queued by the rewind).
+        abandoned, and re-queued by the rewind). The session's one deliverer, waiting since
+        it settled or sending to the old owner, goes on with the new one.
         """
         self.generation += 1
         if self._send_scope is not None:
@@ -373,7 +384,7 @@ class SessionOutput:
 
     def clear(self) -> None:
         """The session is forgotten: end its watches and let go of its output."""
-        for watcher in list(self.watchers.values()):
+        for watcher in [*self.watchers.values(), *self.lagging.values()]:
             watcher.stop()
         if self.held is not None:
             self.held.stop_waiting(self._room_changed)
@@ -450,8 +461,8 @@ async def _self_check() -> None:
     sink = EventLog()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(output.deliver)
-        nursery.start_soon(output.pump, process.stdout, "stdout")
-        nursery.start_soon(output.pump, process.stderr, "stderr")
+        nursery.start_soon(output.pump, process.stdout, "stdout", output.sender())
+        nursery.start_soon(output.pump, process.stderr, "stderr", output.sender())
         nursery.start_soon(output.collect, Started("check", group.pid, group.pgid, group.argv),
                            ["stdout", "stderr"],
                            lambda: Completed("check", "exited", 0, None, 0.0,

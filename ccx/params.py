@@ -2,7 +2,9 @@
 
 Inputs: none (types only); `ccx.protocol.structure_params` builds them from a request's JSON
 params with one cattrs converter. Outputs: `ExecuteParams` and the other params classes, which
-the methods layer hands to the session manager (so the manager never sees JSON).
+the methods layer hands to the session manager (so the manager never sees JSON);
+`LaunchParams`, the launch fields `execute` shares with the MCP tools, with the description
+and JSON Schema constraints of each (the MCP `inputSchema`s are made from them).
 Unknown extra params are ignored (PROTOCOL.md section 2).
 Docs: https://www.attrs.org/en/stable/api.html#attrs.frozen
       https://www.attrs.org/en/stable/init.html#validators
@@ -13,6 +15,9 @@ from __future__ import annotations
 from typing import Literal
 
 import attrs
+
+from ccx.config import Settings
+from ccx.schema import doc
 
 Encoding = Literal["utf-8", "base64"]
 ControlType = Literal["PAUSE", "RESUME", "CANCEL"]
@@ -35,15 +40,30 @@ class PtySize:
 
 
 @attrs.frozen
-class ExecuteParams:
-    command: str | list[str]
-    shell: bool = False
-    cwd: str | None = None
-    env: dict[str, str] = attrs.Factory(dict)
-    timeout: float | None = None
+class LaunchParams:
+    """What starts a process group, shared by `execute` and the MCP tools that start one:
+    each field's description and constraints are also its JSON Schema (`ccx.schema`)."""
+
+    command: str | list[str] = attrs.field(metadata=doc(
+        "argv as an array, or a string split like a POSIX shell (no shell runs unless shell "
+        "is true)", minItems=1))
+    shell: bool = attrs.field(default=False, metadata=doc(
+        "run command (a string) with /bin/sh -c; the server may refuse"))
+    cwd: str | None = attrs.field(default=None, metadata=doc("working directory (must exist)"))
+    env: dict[str, str] = attrs.field(factory=dict, metadata=doc(
+        "variables added to the environment"))
+    timeout: float | None = attrs.field(default=None, metadata=doc(
+        "seconds; then the process group is cancelled (status timeout)", exclusiveMinimum=0))
+    kill_grace: float | None = attrs.field(default=None, metadata=doc(
+        "seconds between SIGTERM and SIGKILL when cancelling (at most the server's "
+        "CCX_MAX_KILL_GRACE)", minimum=0,
+        maximum=attrs.fields(Settings).max_kill_grace.default))  # a server publishes its own
+
+
+@attrs.frozen
+class ExecuteParams(LaunchParams):
     stdin: bool = False
     encoding: Encoding = "utf-8"
-    kill_grace: float | None = None
     linger: float = 0.0
     tag: str | None = None
     pty: PtySize | None = None

@@ -436,7 +436,7 @@ class Session:
             async with trio.open_nursery() as nursery:
                 outputs = self._outputs()
                 for stream, name in outputs:
-                    nursery.start_soon(self.output.pump, stream, name)
+                    nursery.start_soon(self.output.pump, stream, name, self.output.sender())
                 nursery.start_soon(
                     self.output.collect,
                     Started(self.id, self.group.pid, self.group.pgid, self.group.argv),

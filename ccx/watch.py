@@ -82,9 +82,10 @@ class Watcher:
             except OwnerGone:
                 pass
         self.ended = True
-        watchers = self.session.output.watchers
-        if watchers.get(self.owner) is self:
-            del watchers[self.owner]
+        output = self.session.output
+        for registry in (output.watchers, output.lagging):
+            if registry.get(self.owner) is self:
+                del registry[self.owner]
 
     async def _send_all(self) -> None:
         output = self.session.output

@@ -469,3 +469,191 @@ async def test_a_hung_node_is_reported_in_time(fleet: Fleet, nursery: trio.Nurse
     assert (await on["ccx-0"].result("status", session_id=sid))["status"] == "running"
     await on["ccx-0"].result("control", session_id=sid, type="CANCEL")
     await fleet.lb.await_states({n: "UP" for n in fleet.nodes})
+
+
+async def test_a_client_relayed_through_a_node_is_told_when_the_owner_dies(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """kill -9 of the owning node: a client attached to one of its sessions, and watching
+    another, through a second node hears at once (`process.detached` with the -32008 data,
+    docs/protocol-notes.md "Node loss"), not only at its next request; the forwarding node
+    and the client's connection stay up. `ccx attach` through that node says so and exits 1.
+    """
+    fleet = Fleet(tmp_path, 2)
+    cli = None
+    try:
+        owner, relay = "ccx-1", "ccx-0"
+        starter = await fleet.dial(nursery, fleet.nodes[owner].port)
+        command = [PY, "-c", "import time; print('ready', flush=True); time.sleep(1000)"]
+        attached, watched, by_cli = [(await starter.result(
+            "execute", command=command, linger=60))["session_id"] for _ in range(3)]
+        cli = subprocess.Popen([CCX, "attach", "--url", fleet.nodes[relay].url, by_cli],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with trio.fail_after(15):  # attached once the session is no longer the starter's
+            await starter.notification("process.detached", by_cli)
+        client = await fleet.dial(nursery, fleet.nodes[relay].port)
+        assert (await client.result("attach", session_id=attached))["session_id"] == attached
+        assert (await client.result("watch", session_id=watched))["session_id"] == watched
+        for sid in (attached, watched):  # the relay works: each one's output came through
+            with trio.fail_after(15):
+                await client.notification("process.output", sid)
+        fleet.nodes[owner].kill9()
+        killed_at = time.monotonic()
+        told = {}
+        with trio.fail_after(30):  # hang guard; the bound is checked below
+            for sid in (attached, watched):
+                told[sid] = await client.notification("process.detached", sid)
+        assert time.monotonic() - killed_at < 5
+        for sid in (attached, watched):
+            assert told[sid] == {"session_id": sid, "node": owner, "reason": "unreachable"}
+        out, err = await trio.to_thread.run_sync(lambda: cli.communicate(timeout=30))
+        assert cli.returncode == 1 and out == "ready\n", (cli.returncode, out, err)
+        assert f"session {by_cli} lost: node {owner} is unreachable" in err, err
+        # The same connection goes on: its requests about them say lost, others are served.
+        error = await client.error("status", session_id=attached)
+        assert error["code"] == -32008 and error["data"]["reason"] == "unreachable", error
+        local = await client.result("execute", command=["echo", "still here"])
+        outputs, done = await _completed(client, local["session_id"])
+        assert "".join(o["data"] for o in outputs) == "still here\n" and done["exit_code"] == 0
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        fleet.close()
+
+
+async def test_forwarded_input_to_a_hung_node_answers_32008(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """The owning node stops (SIGSTOP: its sockets stay open, nothing answers): a forwarded
+    `input` gets -32008 `unreachable` within 5 s instead of waiting for ever; the attached
+    client is told its session is lost; once the node runs again, input goes through."""
+    hung, relay = "ccx-2", "ccx-0"
+    starter = await fleet.dial(nursery, fleet.nodes[hung].port)
+    sid = (await starter.result("execute", command=["cat"], stdin=True,
+                                linger=60))["session_id"]
+    client = await fleet.dial(nursery, fleet.nodes[relay].port)
+    await client.result("attach", session_id=sid)
+    assert (await client.result("input", session_id=sid, data="one\n"))["bytes"] == 4
+    with trio.fail_after(15):
+        assert (await client.notification("process.output", sid))["data"] == "one\n"
+    os.kill(fleet.nodes[hung].pid, signal.SIGSTOP)
+    try:
+        sent_at = time.monotonic()
+        with trio.fail_after(30):  # hang guard; the bound is checked below
+            error = await client.error("input", session_id=sid, data="two\n")
+        assert time.monotonic() - sent_at < 5
+        assert error["code"] == -32008, error
+        assert error["data"] == {"node": hung, "reason": "unreachable"}, error
+        with trio.fail_after(15):
+            told = await client.notification("process.detached", sid)
+        assert told == {"session_id": sid, "node": hung, "reason": "unreachable"}
+        assert (await client.result("ping"))["pong"] is True  # the forwarding node is fine
+    finally:
+        os.kill(fleet.nodes[hung].pid, signal.SIGCONT)
+    # Running again: attached anew (a new link), input and output go through. ("two" may
+    # or may not have been written: the node read it when it woke, or never.)
+    with trio.fail_after(30):
+        await client.result("attach", session_id=sid, since_seq=0)
+        assert (await client.result("input", session_id=sid, data="three\n"))["bytes"] == 6
+        text = ""
+        while not text.endswith("three\n"):
+            text += (await client.notification("process.output", sid))["data"]
+    assert text in ("three\n", "two\nthree\n"), text
+    await client.result("control", session_id=sid, type="CANCEL")
+    await fleet.lb.await_states({n: "UP" for n in fleet.nodes})
+
+
+async def test_forwarded_input_waits_for_a_child_that_does_not_read(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """The deadline is on the node, not on the child: a forwarded `input` waiting for a
+    paused child (a full pipe) longer than the node's deadline is still answered, with every
+    byte written, once the child reads again."""
+    owner, relay = "ccx-1", "ccx-2"
+    starter = await fleet.dial(nursery, fleet.nodes[owner].port)
+    counter = py("import sys; print(len(sys.stdin.buffer.read()), flush=True)")
+    sid = (await starter.result("execute", command=counter, stdin=True))["session_id"]
+    assert (await starter.result("control", session_id=sid, type="PAUSE"))[
+        "status"] == "paused"
+    client = await fleet.dial(nursery, fleet.nodes[relay].port)
+    size = 512 * 1024  # well past a pipe's 64 KiB: the write waits for the child
+    request = {"jsonrpc": "2.0", "id": "big", "method": "input",
+               "params": {"session_id": sid, "data": "x" * size, "eof": True}}
+    await client.send(request)
+    with trio.move_on_after(7):  # longer than a hung node gets (the 5 s of PROTOCOL.md 10)
+        reply = await client.response("big")
+        raise AssertionError(f"input answered while the child was paused: {reply}")
+    await starter.result("control", session_id=sid, type="RESUME")
+    with trio.fail_after(30):
+        reply = await client.response("big")
+    assert reply.get("result") == {"session_id": sid, "bytes": size}, reply
+    outputs, done = await _completed(starter, sid)
+    assert "".join(o["data"] for o in outputs) == f"{size}\n" and done["exit_code"] == 0
+
+
+async def test_mcp_send_input_to_a_hung_node_is_a_lost_session(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """MCP `send_input` forwarded (Streamable HTTP, the MCP SDK's client) to a node that has
+    stopped (SIGSTOP): an `isError` result saying the session is lost, within 5 s."""
+    from mcp.client.streamable_http import streamable_http_client
+    from test_mcp import in_sdk, structured
+
+    hung, relay = "ccx-2", "ccx-1"
+
+    def mcp_url(node: str) -> str:
+        return f"http://127.0.0.1:{fleet.nodes[node].port}/mcp"
+
+    async def start(session: Any) -> dict[str, Any]:
+        return structured(await session.call_tool("start", {
+            "command": ["cat"], "stdin": True, "linger": 60}))
+
+    sid = (await in_sdk(lambda: streamable_http_client(mcp_url(hung)), start))["session_id"]
+    pid = fleet.nodes[hung].pid
+
+    async def drive(session: Any) -> tuple[Any, float]:
+        structured(await session.call_tool("send_input", {"session_id": sid, "data": "one\n"}))
+        os.kill(pid, signal.SIGSTOP)
+        sent_at = time.monotonic()
+        result = await session.call_tool("send_input", {"session_id": sid, "data": "two\n"})
+        return result, time.monotonic() - sent_at
+
+    try:
+        result, took = await in_sdk(lambda: streamable_http_client(mcp_url(relay)), drive)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result.isError, result
+    assert "session lost" in result.content[0].text, result.content
+    assert '"reason": "unreachable"' in result.content[0].text, result.content
+    assert took < 5, took
+    direct = await fleet.dial(nursery, fleet.nodes[hung].port)
+    await direct.result("control", session_id=sid, type="CANCEL")
+    await fleet.lb.await_states({n: "UP" for n in fleet.nodes})
+
+
+async def test_watch_and_attach_over_a_link_busy_relaying_output(
+        fleet: Fleet, nursery: trio.Nursery) -> None:
+    """One client connection, one link: while the link relays a flood of output of a session
+    it attached, further `watch`/`attach` requests over that link are answered (the relayed
+    output read before their answers is not held back waiting for them, which would leave
+    the answers unread behind it until -32008)."""
+    owner, relay = "ccx-0", "ccx-1"
+    starter = await fleet.dial(nursery, fleet.nodes[owner].port)
+    flood = py("import sys\nwhile True:\n    sys.stdout.write('y' * 4096)\n    sys.stdout.flush()\n")
+    quiet = [PY, "-c", "import time; print('ready', flush=True); time.sleep(1000)"]
+    flooding = (await starter.result("execute", command=flood, linger=60))["session_id"]
+    others = [(await starter.result("execute", command=quiet, linger=60))["session_id"]
+              for _ in range(2)]
+    client = await fleet.dial(nursery, fleet.nodes[relay].port)
+    try:
+        await client.result("attach", session_id=flooding)
+        with trio.fail_after(15):
+            await client.notification("process.output", flooding)
+        with trio.fail_after(30):
+            for _ in range(3):
+                for sid in others:
+                    watched = await client.request("watch", session_id=sid)
+                    assert watched.get("result", {}).get("session_id") == sid, watched
+                    client.notifications.clear()  # keep the flood from piling up here
+            attached = await client.request("attach", session_id=others[0])
+            assert attached.get("result", {}).get("session_id") == others[0], attached
+    finally:
+        for sid in (flooding, *others):
+            await starter.result("control", session_id=sid, type="CANCEL")

@@ -493,3 +493,29 @@ async def test_shutdown_within_kill_grace_plus_2_with_a_client_that_does_not_rea
     elapsed = trio.current_time() - stopping_at
     assert elapsed < kill_grace + 2, elapsed
     assert not group_pids(started["pgid"])
+
+
+async def test_a_session_whose_task_crashed_still_replays_to_an_attach(
+        start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug inside one session (injected: building its completion raises) is logged and
+    contained; what it holds still reaches a client that attaches, and the server goes on."""
+    import ccx.session
+
+    def broken(self: ccx.session.Session) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(ccx.session.Session, "_completed", broken)
+    server = await start_server()
+    gone = await connect(server)
+    sid = (await gone.execute(["sh", "-c", "sleep 0.3; echo held-output"], linger=30))[
+        "session_id"]
+    await gone.ws.aclose()
+    await wait_for(lambda: (s := server.manager.find(sid)) is not None and s.done)
+    reader = await connect(server)
+    await reader.result("attach", {"session_id": sid, "since_seq": -1})
+    with trio.fail_after(10):
+        output = await reader.notification("process.output", sid)
+    assert output["data"] == "held-output\n"
+    monkeypatch.undo()
+    _, _, completed = await reader.run(["true"])
+    assert completed["status"] == "exited"

@@ -6,6 +6,7 @@ handshakes go through trio-websocket, whose `ConnectionRejected` carries the HTT
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -646,6 +647,8 @@ async def test_metrics_count_what_happened(server: Any, connect: Any) -> None:
     await client.run(py("import sys; sys.stdout.write('x' * 1000); sys.stderr.write('e' * 10)"))
     started = await client.execute(py("import time; print('ready', flush=True); time.sleep(60)"))
     await client.notification("process.output", started["session_id"])
+    # the first output may be "ready" alone, its "\n" read a moment later (seen under load)
+    await wait_for(lambda: server.manager.get(started["session_id"]).stdout_bytes == 6)
     await client.result("control", session_id=started["session_id"], type="PAUSE")
     await client.result("control", session_id=started["session_id"], type="RESUME")
     await client.error("execute", command=["/nonexistent/program"])
@@ -750,3 +753,74 @@ def test_origin_check_is_strict_about_loopback(origin: str, allowed: bool) -> No
     from ccx.transport.websocket import origin_ok
 
     assert origin_ok(Settings(), origin) is allowed
+
+
+async def test_no_data_frame_follows_the_close_frame() -> None:
+    """RFC 6455 5.5.1: after its Close frame, an endpoint sends no data frame. The server's
+    own writer (`FrameStream.send_text_frame`) must not write one in the window between
+    trio-websocket writing Close and the close handshake ending (`ws.closed` still None):
+    a client that reads the Close and then a text frame fails (wsproto raises), which is
+    how `ccx run` once exited 69 instead of 143 at a server's SIGTERM."""
+    import wsproto.frame_protocol
+
+    from ccx.transport.websocket import FrameStream
+
+    left, right = trio.socket.socketpair()
+    server_side = FrameStream(trio.SocketStream(left), b"")
+    client = trio.SocketStream(right)
+    assert await server_side.send_text_frame(b'{"a":1}')
+    # trio-websocket's aclose() writes its Close frame through the same stream's send_all
+    close = wsproto.frame_protocol.FrameProtocol(client=False, extensions=[]).close(
+        1001, "server shutdown")
+    await server_side.send_all(close)
+    assert not await server_side.send_text_frame(b'{"late":true}'), "a frame after Close"
+    await server_side.aclose()
+    received = b""
+    while chunk := await client.receive_some(65536):
+        received += chunk
+    peer = wsproto.frame_protocol.FrameProtocol(client=True, extensions=[])
+    peer.receive_bytes(received)
+    opcodes = [frame.opcode for frame in peer.received_frames()]
+    assert opcodes == [wsproto.frame_protocol.Opcode.TEXT, wsproto.frame_protocol.Opcode.CLOSE]
+
+
+async def test_the_client_survives_a_peer_that_sends_data_after_close() -> None:
+    """A server (or proxy) that breaks RFC 6455 5.5.1 by sending a text frame after its
+    Close: ccx's client sees a closed connection (`ConnectionLost` for a call), never an
+    exception group escaping `connect()` (what made `ccx run` exit 69)."""
+    import base64 as b64
+    import hashlib as hl
+
+    import wsproto.frame_protocol
+
+    from ccx.client import ConnectionLost, connect
+
+    frames = wsproto.frame_protocol.FrameProtocol(client=False, extensions=[])
+
+    async def broken_server(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(4096)
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = b64.b64encode(hl.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
+                               .digest())
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept +
+                              b"\r\n\r\n")
+        await stream.receive_some(4096)  # the client's request
+        await stream.send_all(frames.close(1001, "bye") + frames.send_data('{"late":1}', True))
+        with trio.move_on_after(5):
+            while await stream.receive_some(4096):
+                pass
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, broken_server, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10):
+            async with connect(f"ws://127.0.0.1:{port}/ws") as client:
+                with pytest.raises(ConnectionLost):
+                    await client.call("ping")
+        nursery.cancel_scope.cancel()

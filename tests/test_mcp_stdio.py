@@ -200,8 +200,13 @@ def test_both_entry_points_adopt_and_stop_escapees(tmp_path: Path, entry: str) -
         ccx_pid = server.proc.pid
 
         async def start() -> None:
-            raw = await RawWs.connect(server.port)
-            reply = await raw.request("execute", {"command": command, "linger": 60})
+            # a hang guard that says what the server did (seen once: no reply at all)
+            try:
+                with trio.fail_after(DEADLINE_S):
+                    raw = await RawWs.connect(server.port)
+                    reply = await raw.request("execute", {"command": command, "linger": 60})
+            except trio.TooSlowError:
+                raise AssertionError(f"no answer; server log: {server.events}") from None
             assert "session_id" in reply["result"], reply
             await raw.aclose()
 

@@ -240,3 +240,49 @@ async def test_a_detached_session_holds_its_output_on_disk_only(start_server: An
     await reader.result("attach", {"session_id": sid, "since_seq": -1})
     outputs, completed = await reader.run_to_completion(sid)
     assert join(outputs, "stdout") == EXPECTED and completed["status"] == "exited"
+
+
+async def test_an_owner_whose_connection_broke_gets_no_cached_records(tmp_path: Path) -> None:
+    """The owner's sink fails (its connection broke) while output flows and the session then
+    ends before the connection is released: the records cached for that reader are let go
+    at once (they are on disk), not kept until an attach or the end of retention."""
+    from ccx.events import Completed, Event, Started
+    from ccx.outbox import HeldBudget
+    from ccx.output import SessionOutput
+    from ccx.owner import OwnerGone
+    from ccx.spool import SpoolDir
+
+    class Broken:
+        async def send_frame(self, frame: bytes) -> None:
+            raise OwnerGone("gone")
+
+        async def send_event(self, event: Event) -> None:
+            if not isinstance(event, Started):
+                raise OwnerGone("gone")
+
+    base = tmp_path / "spool"
+    base.mkdir(mode=0o700)
+    directory = SpoolDir.open(str(base), node=None, incarnation="t")
+    assert directory is not None
+    held = HeldBudget(1 << 30)
+    output = SessionOutput("s", replay_bytes=1 << 20, text=False, owner=Broken(), held=held,
+                           spool=directory)
+    read_fd, write_fd = os.pipe()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(output.deliver)
+            nursery.start_soon(output.pump, trio.lowlevel.FdStream(read_fd), "stdout",
+                               output.sender())
+            nursery.start_soon(output.collect, Started("s", 1, 1, ["x"]), ["stdout"],
+                               lambda: Completed("s", "exited", 0, None, 0.0,
+                                                 output.stdout_bytes, 0))
+            output.announce()
+            os.write(write_fd, b"a" * 60_000)
+            os.close(write_fd)
+            output.stop_reading()  # the group is gone: what the pipe holds is still read
+            await output.wait_settled()
+            assert output.owner_broken and output.holds_unsent
+            assert held.held_bytes < 4 * KIB, held  # no cached records, only control events
+            nursery.cancel_scope.cancel()
+    output.clear()
+    directory.close()

@@ -80,6 +80,7 @@ MCP_PATH = "/mcp"  # an upgrade here speaks MCP even without the subprotocol
 _connection_ids = itertools.count(1)
 
 TEXT_FIN = 0x81  # FIN + opcode 1 (text): a whole message in one frame
+CLOSE_FIN = 0x88  # FIN + opcode 8 (close): control frames are never fragmented
 
 
 def text_frame_header(length: int) -> bytes:
@@ -101,21 +102,27 @@ class FrameStream(ReplayStream):
     def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
         super().__init__(inner, prefix)
         self._write_lock = trio.StrictFIFOLock()
+        self.close_sent = False  # a Close frame is on the wire: no data frame may follow
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """trio-websocket's writes: whole frames, one per call (wsproto's bytes for one
+        event); a Close frame among them is noted (RFC 6455 5.5.1)."""
         async with self._write_lock:
+            if len(data) and data[0] == CLOSE_FIN:  # (the HTTP handshake starts "HTTP/")
+                self.close_sent = True
             await self.inner.send_all(data)
 
-    async def send_text_frame(self, payload: bytes,
-                              ws: trio_websocket.WebSocketConnection) -> bool:
-        """Write *payload* (valid UTF-8) as one text frame; False, writing nothing, once *ws*
-        is closing. Raises `trio.BrokenResourceError` / `ClosedResourceError` as `send_all`.
+    async def send_text_frame(self, payload: bytes) -> bool:
+        """Write *payload* (valid UTF-8) as one text frame; False, writing nothing, once a
+        Close frame was written (RFC 6455 5.5.1: no data frame after it; the close handshake
+        may still be under way, so trio-websocket's `closed` is not yet set). Raises
+        `trio.BrokenResourceError` / `ClosedResourceError` as `send_all`.
 
         **Cancellation**: like `send_all`, a cancelled write may leave part of a frame; only
         the connection's own teardown cancels it, and nothing is written after that.
         """
         async with self._write_lock:
-            if ws.closed is not None:
+            if self.close_sent:
                 return False
             await self.inner.send_all(text_frame_header(len(payload)) + payload)
         return True
@@ -178,7 +185,7 @@ class Connection:
             async with self._outgoing_receive:
                 async for frame in self._outgoing_receive:
                     try:
-                        sent = await self.wire.send_text_frame(frame, self.ws)
+                        sent = await self.wire.send_text_frame(frame)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         sent = False
                     if not sent:
