@@ -519,3 +519,34 @@ async def test_a_session_whose_task_crashed_still_replays_to_an_attach(
     monkeypatch.undo()
     _, _, completed = await reader.run(["true"])
     assert completed["status"] == "exited"
+
+
+async def test_a_request_under_way_at_shutdown_gets_its_answer_before_the_close(
+        start_server: Any, connect: Any, nursery: trio.Nursery) -> None:
+    """Shutdown closes connections with 1001, but a request still being handled is answered
+    first (in the wild: an `execute` whose child had just started when SIGTERM came; here a
+    fleet listing that waits for a peer that never answers): a client never sees
+    "connection closed during X" for a request the server had taken."""
+    import functools
+
+    from ccx.config import Settings
+    from ccx.transport.websocket import MAX_IN_FLIGHT
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()  # takes the TCP connection, never says a word
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, silent, 0,
+                                                      host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    peers = Settings.from_env({"CCX_PEERS": f"b=ws://127.0.0.1:{port}/ws",
+                               "CCX_NODE_NAME": "a", "CCX_STATE_DIR": ""}).peers
+    server = await start_server(node_name="a", peers=peers)
+    client = await connect(server)
+    await client.send({"jsonrpc": "2.0", "id": "fleet", "method": "sessions",
+                       "params": {"scope": "cluster"}})
+    [connection] = server.connections
+    await wait_for(lambda: connection._in_flight.value < MAX_IN_FLIGHT)  # it is under way
+    server.stop()
+    with trio.fail_after(10):
+        reply = await client.response("fleet")  # not trio_websocket.ConnectionClosed
+    assert "result" in reply, reply

@@ -304,9 +304,12 @@ class Connection:
                     return
 
     async def close(self, code: int, reason: str) -> None:
-        """Let the writer send what it was handed (completions at shutdown), then close;
-        give up after CLOSE_TIMEOUT_S or at `close_deadline` (the server's shutdown)."""
+        """Let the requests under way be answered (an `execute` whose child has started)
+        and the writer send what it was handed (completions at shutdown), then close; give
+        up after CLOSE_TIMEOUT_S or at `close_deadline` (the server's shutdown)."""
         with trio.move_on_at(min(trio.current_time() + CLOSE_TIMEOUT_S, self.close_deadline)):
+            for _ in range(MAX_IN_FLIGHT):  # every permit back: no request is being handled
+                await self._in_flight.acquire()  # (and the reader starts no new one)
             self._outgoing.close()
             if not self.ws.closed:
                 await self._drained.wait()
