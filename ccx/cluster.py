@@ -52,9 +52,9 @@ import trio
 from ccx.client import NOTIFICATION_PREFIX, Client, ConnectionLost, ServerError, node_of
 from ccx.config import Settings
 from ccx.errors import InternalError, PassedOn, SessionLost
+from ccx.events import Detached
 from ccx.log import get_logger
 from ccx.owner import Owner, OwnerGone
-from ccx.protocol import encode_utf8, notification
 
 log = get_logger("ccx.cluster")
 
@@ -391,10 +391,8 @@ class Cluster:
             return
         log.info("peer_link_lost", node=link.node, sessions=len(lost))
         for sid in lost:
-            frame = encode_utf8(notification("process.detached", {
-                "session_id": sid, "node": link.node, "reason": "unreachable"}))
             try:
-                await owner.send_frame(frame)
+                await owner.send_event(Detached(sid, link.node, "unreachable"))
             except OwnerGone:
                 return
 

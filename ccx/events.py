@@ -76,9 +76,12 @@ class Lagged(msgspec.Struct, frozen=True):
 
 
 class Detached(msgspec.Struct, frozen=True):
-    """Another connection attached the session (PROTOCOL.md 8)."""
+    """Another connection attached the session (PROTOCOL.md 8); or, with `node` and `reason`
+    (the -32008 data), the node relaying it lost the owning node (PROTOCOL.md 10)."""
 
     session_id: str
+    node: str | None = None
+    reason: str | None = None  # "unreachable"
     method: ClassVar[str] = "process.detached"
 
 

@@ -99,8 +99,7 @@ class SessionOutput:
     _live_reads: set[trio.CancelScope] = attrs.field(factory=set)
     _reading_stopped: bool = False  # the group is gone: abandon reads that would block
     _gate_open: bool = False  # closed until the execute/attach response is on its way
-    _collected_all: bool = False  # process.completed is queued; nothing more will be
-    _completion: Completed | None = None
+    _completion: Completed | None = None  # queued once set: nothing more will be
     _send_scope: trio.CancelScope | None = None
     _wake: trio.Event = attrs.field(factory=trio.Event)  # for the deliverer
     _room: trio.Event = attrs.field(factory=trio.Event)  # for the collector
@@ -216,8 +215,6 @@ class SessionOutput:
             await self._output(name, b"", decoder, final=True)
         self._completion = completion()
         self._queue(self._completion)  # a spooled outbox seals its spool: nothing follows
-        self._collected_all = True
-        self._poke()
 
     def _queue(self, event: Started | Paused | Resumed | Completed) -> None:
         if isinstance(event, Paused | Resumed):
@@ -277,7 +274,8 @@ class SessionOutput:
         while True:
             held, owner = self._outbox.head(), self.owner
             if held is None or owner is None or self.owner_broken or not self._gate_open:
-                if self._collected_all and (held is None or owner is None or self.owner_broken):
+                if self._completion is not None and (held is None or owner is None
+                                                     or self.owner_broken):
                     self._settled.set()
                 await self._wake.wait()
                 self._wake = trio.Event()

@@ -25,7 +25,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import format_exception
 
 from ccx.errors import InvalidParams, InvalidRequest, ParseError, RpcError
-from ccx.events import Completed, Event, Output
+from ccx.events import Event, Output
 from ccx.params import ControlParams, ControlType, Encoding, ExecuteParams, PtySize
 
 JSONRPC_VERSION = "2.0"
@@ -171,6 +171,9 @@ def encode_utf8(message: Mapping[str, object] | list[dict[str, object]]) -> byte
     return _dumps_utf8(message)
 
 
+OMITTED_WHEN_NONE = ("node", "reason")  # of `Completed` and `Detached`; other nulls are sent
+
+
 def event_params(event: Event) -> dict[str, object]:
     """The `params` of *event*'s notification (PROTOCOL.md sections 3, 8, 11)."""
     if isinstance(event, Output):
@@ -183,8 +186,9 @@ def event_params(event: Event) -> dict[str, object]:
         params["seq"] = event.seq
         return params
     params = msgspec.structs.asdict(event)
-    if isinstance(event, Completed) and event.reason is None:
-        del params["reason"]  # only a session the node ended says why
+    for key in OMITTED_WHEN_NONE:  # only a session the node ended (or lost) says why
+        if key in params and params[key] is None:
+            del params[key]
     return params
 
 

@@ -62,6 +62,8 @@ def test_an_output_record_is_its_raw_bytes_and_one_header_byte() -> None:
       "duration_s": 1.0, "stdout_bytes": 0, "stderr_bytes": 0, "reason": "shutdown"}),
     (Lagged(SID, 7), {"session_id": SID, "first_seq": 7}),
     (Detached(SID), {"session_id": SID}),
+    (Detached(SID, "node-b", "unreachable"),
+     {"session_id": SID, "node": "node-b", "reason": "unreachable"}),
 ], ids=lambda value: type(value).__name__ if not isinstance(value, dict) else "")
 def test_each_event_is_the_notification_the_contract_names(event: Event,
                                                            params: dict[str, object]) -> None:
